@@ -1,0 +1,55 @@
+"""Parameters and multiply-accumulates (MACs) as the papers count them.
+
+The papers' "FLOPs" are fvcore-style MACs of convolutions, linear layers and matmuls, attention matmuls included.
+torch's FlopCounterMode counts 2 x MACs and has no formula for the fused CPU attention kernel, so attention would
+count as zero; we register one (QK^T and AV: 2 * B * heads * Nq * Nk * head_dim MACs).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+@dataclass(frozen=True)
+class Profile:
+    params: int
+    macs: int
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+    @property
+    def flops(self) -> int:
+        """FLOPs as 2 x MACs (one multiply and one add each)."""
+        return 2 * self.macs
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters over unique tensors: a block applied several times counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Profile:
+    """Count ``model``'s parameters and the MACs of one eval forward on a (1, *input_size) input."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_size, device=param.device if param is not None else 'cpu',
+                    dtype=param.dtype if param is not None else torch.float32)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return Profile(params=count_params(model), macs=counter.get_total_flops() // 2)
