@@ -41,7 +41,10 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Profile:
-    """Count ``model``'s parameters and the MACs of one eval forward on a (1, *input_size) input."""
+    """Count ``model``'s parameters and the MACs of one eval forward on a (1, *input_size) input.
+
+    The forward runs on the model's device; a model moved to the 'meta' device is counted without computing.
+    """
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)

@@ -448,7 +448,9 @@ def _convert_official(state_dict: dict, model: SReT) -> dict:
     return out
 
 
-def _create_sret(variant: str, pretrained: bool = False, **kwargs) -> SReT:
+def _create_sret(variant: str, pretrained: bool, *defaults: dict, **kwargs) -> SReT:
+    """Build ``variant`` from its default arguments (later dicts win) overridden by the caller's ``kwargs``."""
+    kwargs = {k: v for d in defaults for k, v in d.items()} | kwargs
     return build_model_with_cfg(
         SReT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -515,72 +517,72 @@ UNSLICED = dict(groups=(1, 1, 1), recursive_groups=(1, 1, 1))
 @register_model
 def sret_t(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-T: 4.76 M params, 1.11 GMACs, sliced groups 8-4-1 / 2-1-1."""
-    return _create_sret('sret_t', pretrained, **dict(_T, **SLICED, **kwargs))
+    return _create_sret('sret_t', pretrained, _T, SLICED, **kwargs)
 
 
 @register_model
 def sret_lt(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-LT ("large tiny"): SReT-T with MLP ratio 4."""
-    return _create_sret('sret_lt', pretrained, **dict(_LT, **SLICED, **kwargs))
+    return _create_sret('sret_lt', pretrained, _LT, SLICED, **kwargs)
 
 
 @register_model
 def sret_s(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-S: 20.9 M params, 4.17 GMACs."""
-    return _create_sret('sret_s', pretrained, **dict(_S, **SLICED, **kwargs))
+    return _create_sret('sret_s', pretrained, _S, SLICED, **kwargs)
 
 
 @register_model
 def sret_t_unsliced(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-T without slicing (global attention everywhere); same weights layout as sret_t."""
-    return _create_sret('sret_t_unsliced', pretrained, **dict(_T, **UNSLICED, **kwargs))
+    return _create_sret('sret_t_unsliced', pretrained, _T, UNSLICED, **kwargs)
 
 
 @register_model
 def sret_lt_unsliced(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_lt_unsliced', pretrained, **dict(_LT, **UNSLICED, **kwargs))
+    return _create_sret('sret_lt_unsliced', pretrained, _LT, UNSLICED, **kwargs)
 
 
 @register_model
 def sret_s_unsliced(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_s_unsliced', pretrained, **dict(_S, **UNSLICED, **kwargs))
+    return _create_sret('sret_s_unsliced', pretrained, _S, UNSLICED, **kwargs)
 
 
 @register_model
 def sret_t_distill(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-T trained with soft-label distillation (same architecture as sret_t)."""
-    return _create_sret('sret_t_distill', pretrained, **dict(_T, **SLICED, **kwargs))
+    return _create_sret('sret_t_distill', pretrained, _T, SLICED, **kwargs)
 
 
 @register_model
 def sret_lt_distill(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_lt_distill', pretrained, **dict(_LT, **SLICED, **kwargs))
+    return _create_sret('sret_lt_distill', pretrained, _LT, SLICED, **kwargs)
 
 
 @register_model
 def sret_t_unsliced_distill(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_t_unsliced_distill', pretrained, **dict(_T, **UNSLICED, **kwargs))
+    return _create_sret('sret_t_unsliced_distill', pretrained, _T, UNSLICED, **kwargs)
 
 
 @register_model
 def sret_lt_unsliced_distill(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_lt_unsliced_distill', pretrained, **dict(_LT, **UNSLICED, **kwargs))
+    return _create_sret('sret_lt_unsliced_distill', pretrained, _LT, UNSLICED, **kwargs)
 
 
 @register_model
 def sret_t_unsliced_distill_384(pretrained: bool = False, **kwargs) -> SReT:
     """Distilled un-sliced SReT-T fine-tuned at 384 x 384 (position embedding 48 x 48)."""
-    return _create_sret('sret_t_unsliced_distill_384', pretrained, **dict(_T, **UNSLICED, img_size=384, **kwargs))
+    return _create_sret('sret_t_unsliced_distill_384', pretrained, _T, UNSLICED, dict(img_size=384), **kwargs)
 
 
 @register_model
 def sret_s_unsliced_distill_384(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_s_unsliced_distill_384', pretrained, **dict(_S, **UNSLICED, img_size=384, **kwargs))
+    return _create_sret('sret_s_unsliced_distill_384', pretrained, _S, UNSLICED, dict(img_size=384), **kwargs)
 
 
 @register_model
 def sret_s_unsliced_distill_512(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_s_unsliced_distill_512', pretrained, **dict(_S, **UNSLICED, img_size=512, **kwargs))
+    return _create_sret('sret_s_unsliced_distill_512', pretrained, _S, UNSLICED, dict(img_size=512), **kwargs)
 
 
 @register_model
@@ -588,4 +590,4 @@ def test_sret(pretrained: bool = False, **kwargs) -> SReT:
     """Tiny sliced SReT for fast tests: 64 x 64 input, token grids 8 x 8 / 4 x 4 / 2 x 2."""
     args = dict(img_size=64, head_dim=(8, 8, 8), num_heads=(1, 2, 4), num_blocks=(2, 2, 1), mlp_ratio=3.6,
                 nll_ratio=1., groups=(8, 4, 1), recursive_groups=(2, 2, 1))
-    return _create_sret('test_sret', pretrained, **dict(args, **kwargs))
+    return _create_sret('test_sret', pretrained, args, **kwargs)

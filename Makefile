@@ -1,0 +1,31 @@
+# Set-up and everyday commands. Every target creates .venv and installs leanvit on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test bench readme lock
+
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: $(INSTALLED)
+	$(BIN)/leanvit models
+	$(BIN)/leanvit profile sret_t
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(INSTALLED)
+	$(BIN)/python benchmarks/throughput.py --markdown benchmarks/results.md
+	$(BIN)/python scripts/update_readme.py benchmark < benchmarks/results.md
+
+readme: $(INSTALLED)
+	$(BIN)/leanvit models --format markdown | $(BIN)/python scripts/update_readme.py models
+
+lock: $(INSTALLED)
+	{ echo '# Pinned versions used by the Makefile and CI (pip install -c constraints.txt). Regenerate with: make lock'; \
+	  $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt

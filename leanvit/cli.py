@@ -1,0 +1,124 @@
+"""The ``leanvit`` command line."""
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+
+import torch
+
+import leanvit
+
+MODEL_COLUMNS = ('model', 'params', 'gmacs', 'input', 'paper_params', 'paper_gmacs', 'paper_top1')
+
+
+def model_rows(pattern: str = '', include_test: bool = False) -> list[dict]:
+    """One row per registered model: measured params / GMACs at the default input size beside the paper's figures."""
+    rows = []
+    for name in leanvit.list_models(pattern, include_test=include_test):
+        model = leanvit.create_model(name)
+        cfg = model.pretrained_cfg
+        # Counting needs shapes, not values: on the meta device a 40-GMAC forward costs nothing.
+        measured = leanvit.profile(model.to('meta'), cfg['input_size'])
+        rows.append(dict(
+            model=name, params=measured.params, gmacs=round(measured.gmacs, 3), input=cfg['input_size'][-1],
+            paper_params=cfg.get('paper_params'), paper_gmacs=cfg.get('paper_gmacs'), paper_top1=cfg.get('paper_top1'),
+        ))
+    return rows
+
+
+def format_rows(rows: list[dict], fmt: str) -> str:
+    if fmt == 'json':
+        return json.dumps(rows, indent=2)
+    if fmt == 'csv':
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=MODEL_COLUMNS, lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().rstrip('\n')
+    cells = [[_cell(row[c]) for c in MODEL_COLUMNS] for row in rows]
+    if fmt == 'markdown':
+        lines = ['| ' + ' | '.join(MODEL_COLUMNS) + ' |', '|' + '---|' * len(MODEL_COLUMNS)]
+        return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in cells])
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(MODEL_COLUMNS)] if cells else \
+        [len(c) for c in MODEL_COLUMNS]
+    return '\n'.join('  '.join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                     for r in [list(MODEL_COLUMNS)] + cells)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return '-'
+    if isinstance(value, int):
+        return f'{value:,}'
+    return str(value)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = model_rows(args.filter, include_test=args.all)
+    if not rows:
+        print(f'no leanvit model matches {args.filter!r}; try `leanvit models` for the full list', file=sys.stderr)
+        return 1
+    print(format_rows(rows, args.format))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    kwargs = {'img_size': args.img_size} if args.img_size else {}
+    model = leanvit.create_model(args.model, **kwargs)
+    if args.checkpoint:
+        leanvit.load_checkpoint(model, args.checkpoint)
+    model.eval()
+    channels = model.pretrained_cfg['input_size'][0]
+    input_size = (channels, args.img_size, args.img_size) if args.img_size else model.pretrained_cfg['input_size']
+    measured = leanvit.profile(model, input_size)
+    images = torch.randn(args.batch_size, *input_size)
+    with torch.inference_mode():
+        model(images)  # warm-up: first-call allocations and kernel selection
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            logits = model(images)
+        elapsed = time.perf_counter() - start
+    print(f'model      {args.model} ({"x".join(map(str, input_size))})')
+    print(f'params     {measured.params:,}')
+    print(f'GMACs      {measured.gmacs:.3f}  (FLOPs = 2 x MACs)')
+    print(f'output     {tuple(logits.shape)}, top-1 class of image 0: {int(logits[0].argmax())}')
+    print(f'images/s   {args.batch_size * args.iters / elapsed:.1f}  (eval, batch {args.batch_size}, '
+          f'{torch.get_num_threads()} threads, {args.iters} iterations)')
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='leanvit', description=__doc__)
+    parser.add_argument('--version', action='version', version=f'leanvit {leanvit.__version__}')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    models = sub.add_parser('models', help='table of registered models: measured vs published params / GMACs')
+    models.add_argument('--filter', default='', help="shell-style name pattern, e.g. 'sret_*'")
+    models.add_argument('--format', choices=('table', 'csv', 'markdown', 'json'), default='table')
+    models.add_argument('--all', action='store_true', help='include the tiny test_* configurations')
+    models.set_defaults(func=cmd_models)
+
+    profile = sub.add_parser('profile', help='params, GMACs and eval throughput of one model on random input')
+    profile.add_argument('model')
+    profile.add_argument('--img-size', type=int, default=None, help='input resolution (default: the model default)')
+    profile.add_argument('--checkpoint', default=None, help='weights to load (.safetensors, or official .pth)')
+    profile.add_argument('--batch-size', type=int, default=16)
+    profile.add_argument('--iters', type=int, default=5)
+    profile.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f'leanvit {args.command}: error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

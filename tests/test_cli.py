@@ -1,0 +1,74 @@
+"""The ``leanvit`` command line: model table formats, profiling, errors, and the README's generated table."""
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import leanvit
+from leanvit.cli import main
+
+README = os.path.join(os.path.dirname(__file__), '..', 'README.md')
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_json_reports_measured_and_published_figures(capsys):
+    code, out, _ = run_cli(capsys, 'models', '--filter', 'sret_t', '--format', 'json')
+    assert code == 0
+    (row,) = json.loads(out)
+    model = leanvit.create_model('sret_t')
+    assert row['model'] == 'sret_t'
+    assert row['params'] == leanvit.count_params(model) == row['paper_params']
+    assert row['gmacs'] == pytest.approx(row['paper_gmacs'], rel=0.02)
+    assert row['paper_top1'] == model.pretrained_cfg['paper_top1']
+
+
+def test_models_csv_lists_every_matching_model(capsys):
+    code, out, _ = run_cli(capsys, 'models', '--filter', 'sret_lt*', '--format', 'csv')
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0
+    assert [r['model'] for r in rows] == leanvit.list_models('sret_lt*')
+
+
+def test_models_hides_test_configurations_unless_asked(capsys):
+    _, out, _ = run_cli(capsys, 'models', '--filter', 'test_*', '--format', 'json', '--all')
+    assert [r['model'] for r in json.loads(out)] == leanvit.list_models('test_*')
+    code, _, err = run_cli(capsys, 'models', '--filter', 'test_*')
+    assert code == 1 and "no leanvit model matches 'test_*'" in err
+
+
+def test_profile_prints_params_macs_and_throughput(capsys):
+    code, out, _ = run_cli(capsys, 'profile', 'test_sret', '--batch-size', '2', '--iters', '1')
+    measured = leanvit.profile(leanvit.create_model('test_sret'), (3, 64, 64))
+    assert code == 0
+    assert f'params     {measured.params:,}' in out
+    assert f'GMACs      {measured.gmacs:.3f}' in out
+    assert re.search(r'images/s   \d+\.\d', out)
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    code, _, err = run_cli(capsys, 'profile', 'sret_xl')
+    assert code == 2 and 'Unknown model (sret_xl)' in err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), 'leanvit'), '--version'],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f'leanvit {leanvit.__version__}'
+
+
+def test_readme_model_table_is_the_generated_one(capsys):
+    _, out, _ = run_cli(capsys, 'models', '--format', 'markdown')
+    readme = open(README).read()
+    table = readme.split('<!-- models:start -->\n', 1)[1].split('\n<!-- models:end -->', 1)[0]
+    assert table.strip() == out.strip(), 'README model table is stale: run `make readme`'

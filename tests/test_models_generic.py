@@ -1,0 +1,279 @@
+"""timm's generic model checks, run over every model leanvit registers.
+
+The checks follow timm's own tests/test_models.py (forward, backward, default cfg, features, intermediates, FX),
+plus what leanvit promises on top: deterministic evaluation and safetensors checkpoints without aliased weights.
+Every model is parametrized from ``leanvit.list_models()``, so a new family is tested as soon as it registers.
+Architectures are full size, but built at a small resolution (the cfg's ``test_input_size``, else at most
+64 x 64) so that the module runs in a few minutes on a CPU.
+"""
+
+import copy
+import math
+from collections import defaultdict
+
+import pytest
+import timm
+import torch
+from timm.layers import get_channel_dim, get_spatial_dim
+from timm.models import get_pretrained_cfg
+from torch import nn
+
+import leanvit
+
+SMALL_SIZE = 64
+BATCH_SIZE = 2
+NUM_CLASSES = 42
+REQUIRED_CFG_KEYS = ('input_size', 'num_classes', 'first_conv', 'classifier', 'mean', 'std', 'crop_pct',
+                     'interpolation')
+
+MODEL_NAMES = leanvit.list_models()
+
+over_models = pytest.mark.parametrize('name', MODEL_NAMES)
+
+
+def small_input_size(name: str) -> tuple[int, int, int]:
+    """(C, H, W) the tests run ``name`` at: the cfg's test_input_size, else its input_size capped at SMALL_SIZE."""
+    cfg = get_pretrained_cfg(name)
+    if cfg.test_input_size:
+        return tuple(cfg.test_input_size)
+    chans, height, width = cfg.input_size
+    return chans, min(height, SMALL_SIZE), min(width, SMALL_SIZE)
+
+
+def create_small(name: str, seed: int = 0, **kwargs) -> nn.Module:
+    """``name`` built at its test resolution, weights drawn after seeding with ``seed``."""
+    _, height, width = small_input_size(name)
+    if (height, width) != tuple(get_pretrained_cfg(name).input_size[1:]):
+        kwargs.setdefault('img_size', height if height == width else (height, width))
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kwargs)
+
+
+def feature_grid(x: torch.Tensor, reduction: int) -> tuple[int, int]:
+    """Spatial size of a feature map at ``reduction`` for input ``x``: strided convs round up."""
+    return math.ceil(x.shape[-2] / reduction), math.ceil(x.shape[-1] / reduction)
+
+
+def parameter_grads(model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Gradients of ``model(x).sum()``, seeded so that random draws in training (token permutations) repeat."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    model(x).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture
+def model(name: str) -> nn.Module:
+    return create_small(name).eval()
+
+
+@pytest.fixture
+def x(name: str) -> torch.Tensor:
+    return torch.randn(BATCH_SIZE, *small_input_size(name), generator=torch.Generator().manual_seed(0))
+
+
+@over_models
+def test_forward_is_finite_and_unchanged_by_grad_checkpointing(name, model, x):
+    out = model(x)
+    assert out.shape == (BATCH_SIZE, get_pretrained_cfg(name).num_classes)
+    assert torch.isfinite(out).all(), 'eval output has NaN or inf'
+    model.set_grad_checkpointing(True)
+    torch.testing.assert_close(model(x), out)
+
+
+@over_models
+def test_backward_reaches_every_parameter(name, x):
+    model = create_small(name, num_classes=NUM_CLASSES).train()
+    torch.manual_seed(0)
+    out = model(x)
+    assert out.shape == (BATCH_SIZE, NUM_CLASSES)
+    out.sum().backward()
+    without_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    non_finite = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not without_grad, f'parameters without gradient: {without_grad}'
+    assert not non_finite, f'parameters with NaN or inf gradient: {non_finite}'
+
+
+@over_models
+def test_grad_checkpointing_gives_same_gradients(model, x):
+    model.train()
+    reference = parameter_grads(model, x)
+    model.set_grad_checkpointing(True)
+    torch.testing.assert_close(parameter_grads(model, x), reference)
+
+
+@over_models
+def test_default_cfg_matches_model(name, model):
+    cfg = model.pretrained_cfg
+    missing = [k for k in REQUIRED_CFG_KEYS if cfg.get(k) is None]
+    assert not missing, f'pretrained_cfg lacks {missing}'
+    assert len(cfg['mean']) == len(cfg['std']) == cfg['input_size'][0]
+    assert model.num_classes == cfg['num_classes']
+    state_dict = model.state_dict()
+    first_conv, classifier = cfg['first_conv'] + '.weight', cfg['classifier'] + '.weight'
+    assert first_conv in state_dict and classifier in state_dict
+    assert state_dict[first_conv].shape[1] == cfg['input_size'][0], 'first_conv does not take the input channels'
+    assert state_dict[classifier].shape[0] == cfg['num_classes'], 'classifier does not give num_classes outputs'
+    assert model.get_classifier() is model.get_submodule(cfg['classifier'])
+
+
+@over_models
+def test_cfg_pool_size_matches_feature_reduction(name, model):
+    cfg = get_pretrained_cfg(name)
+    if not cfg.pool_size:
+        pytest.skip('cfg has no pool_size')
+    reduction = model.feature_info[-1]['reduction']
+    assert tuple(cfg.pool_size) == feature_grid(torch.empty(cfg.input_size), reduction)
+
+
+@over_models
+def test_feature_and_head_sizes(model, x):
+    fmt = getattr(model, 'output_fmt', 'NCHW')
+    features = model.forward_features(x)
+    assert features.shape[get_channel_dim(fmt)] == model.num_features
+    if features.ndim == 4:
+        spatial = tuple(features.shape[d] for d in get_spatial_dim(fmt))
+        assert spatial == feature_grid(x, model.feature_info[-1]['reduction'])
+    pre_logits = model.forward_head(features, pre_logits=True)
+    assert pre_logits.shape == (BATCH_SIZE, model.head_hidden_size)
+
+
+@over_models
+def test_reset_classifier_to_features(model, x):
+    pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+    model.reset_classifier(0)
+    assert model.num_classes == 0
+    # timm's contract: without a classifier the model returns its pre-logits (head_hidden_size wide; equal to
+    # num_features unless the head has a hidden layer).
+    out = model(x)
+    assert out.shape == (BATCH_SIZE, model.head_hidden_size)
+    torch.testing.assert_close(out, pre_logits)
+
+
+@over_models
+def test_reset_classifier_without_pooling(model, x):
+    features = model.forward_features(x)
+    try:
+        model.reset_classifier(0, '')
+    except (AssertionError, ValueError, NotImplementedError) as e:
+        pytest.skip(f"no unpooled head (global_pool=''): {e}")
+    unpooled = model.forward_head(features)
+    assert unpooled.shape == features.shape
+    torch.testing.assert_close(model(x), unpooled)
+
+
+@over_models
+def test_features_only(name, model, x):
+    features_model = create_small(name, features_only=True).eval()
+    info = features_model.feature_info
+    expected_channels = [model.feature_info[i]['num_chs'] for i in info.out_indices]
+    expected_reductions = [model.feature_info[i]['reduction'] for i in info.out_indices]
+    assert info.channels() == expected_channels
+    assert info.reduction() == expected_reductions
+    outputs = features_model(x)
+    assert isinstance(outputs, list) and len(outputs) == len(info)
+    for out, channels, reduction in zip(outputs, expected_channels, expected_reductions):
+        assert out.shape == (BATCH_SIZE, channels, *feature_grid(x, reduction))
+
+
+@over_models
+def test_forward_intermediates_match_features(name, model, x):
+    final, intermediates = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    intermediates_only = model.forward_intermediates(x, intermediates_only=True)
+    assert len(intermediates_only) == len(model.feature_info)
+    torch.testing.assert_close(intermediates_only, intermediates)
+    features_model = create_small(name, features_only=True).eval()
+    expected = [intermediates[i] for i in features_model.feature_info.out_indices]
+    torch.testing.assert_close(features_model(x), expected)
+
+
+@over_models
+def test_prune_intermediate_layers_keeps_intermediates(model, x):
+    reference = model.forward_intermediates(x, intermediates_only=True)
+    keep = list(range(max(len(reference) - 1, 1)))
+    pruned = copy.deepcopy(model)
+    assert pruned.prune_intermediate_layers(indices=keep) == keep
+    assert num_params(pruned) < num_params(model), 'pruning removed nothing'
+    final, intermediates = pruned.forward_intermediates(x, indices=keep)
+    torch.testing.assert_close(intermediates, reference[:len(keep)])
+    torch.testing.assert_close(final, reference[keep[-1]])
+
+
+@over_models
+def test_fx_trace_forward_matches_eager(model, x):
+    traced = torch.fx.symbolic_trace(model)
+    assert isinstance(traced, torch.fx.GraphModule)
+    torch.testing.assert_close(traced(x), model(x))
+
+
+@over_models
+def test_fx_trace_backward_matches_eager(model, x):
+    model.train()
+    traced = torch.fx.symbolic_trace(model)
+    # The traced module shares the model's parameters; parameter_grads clears them before each backward.
+    eager = parameter_grads(model, x)
+    torch.testing.assert_close(parameter_grads(traced, x), eager)
+
+
+@over_models
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
+def test_torchscript_is_not_supported(name, model):
+    """leanvit targets FX and torch.compile, not TorchScript (deprecated in PyTorch), so no jit.script check runs.
+
+    This test documents that choice: it fails once a model does script, so that the check can be added.
+    """
+    try:
+        torch.jit.script(model)
+    except (RuntimeError, torch.jit.frontend.FrontendError):
+        return
+    pytest.fail(f'{name} now compiles with torch.jit.script: add a TorchScript forward check to this module')
+
+
+@over_models
+@torch.no_grad()
+def test_safetensors_round_trip(name, model, x, tmp_path):
+    path = tmp_path / 'w.safetensors'
+    leanvit.save_weights(model, path)
+    fresh = create_small(name, seed=1).eval()
+    assert not torch.equal(fresh(x), model(x)), 'seeds 0 and 1 give the same model: the load is not tested'
+    leanvit.load_checkpoint(fresh, path)
+    assert torch.equal(fresh(x), model(x))
+
+
+@over_models
+def test_state_dict_stores_shared_weights_once(model):
+    state_dict = model.state_dict()
+    keys_by_storage = defaultdict(list)
+    for key, tensor in state_dict.items():
+        if tensor.numel():
+            keys_by_storage[tensor.untyped_storage().data_ptr()].append(key)
+    aliased = [keys for keys in keys_by_storage.values() if len(keys) > 1]
+    assert not aliased, f'state_dict entries sharing storage: {aliased}'
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    parameter_entries = sum(t.numel() for k, t in state_dict.items() if k not in buffers)
+    assert parameter_entries == num_params(model)
+
+
+@over_models
+@torch.no_grad()
+def test_eval_is_deterministic(model, x):
+    assert torch.equal(model(x), model(x))
+
+
+@over_models
+def test_registered_in_timm(name):
+    assert name in timm.list_models()
+
+
+@over_models
+def test_leanvit_create_model_builds_timm_architecture(name):
+    from_timm = timm.create_model(name)
+    from_leanvit = leanvit.create_model(name)
+    assert type(from_leanvit) is type(from_timm)
+    shapes = {k: v.shape for k, v in from_timm.state_dict().items()}
+    assert {k: v.shape for k, v in from_leanvit.state_dict().items()} == shapes
