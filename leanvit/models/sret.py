@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
+from timm.layers import ConvNormAct, DropPath, LayerNorm2d, NormMlpClassifierHead, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from leanvit.checkpoint import unwrap_state_dict
-from leanvit.layers import GroupAttention, check_input_size
+from leanvit.layers import GroupAttention, Mlp, check_input_size
 from leanvit.models._registry import PaperCfg
 
 __all__ = ['SReT']
@@ -267,7 +267,6 @@ class SReT(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = dims[-1]
-        self.grad_checkpointing = False
 
         self.stem = ConvStem(in_chans, dims[0])
         grid = (img_size[0] // STEM_STRIDE, img_size[1] // STEM_STRIDE)
