@@ -4,7 +4,7 @@ Shared CPUs drift by tens of percent between minutes, so absolute images/s mean 
 interleaved rounds (the order rotates every round) and each ratio is the median over rounds of the ratio within
 a round, where both models ran seconds apart.
 
-    python benchmarks/throughput.py [--rounds 7] [--iters 3] [--markdown benchmarks/results.md]
+    python benchmarks/throughput.py [--rounds 15] [--iters 2] [--markdown benchmarks/results.md]
 """
 
 import argparse
@@ -31,8 +31,8 @@ def images_per_second(model: torch.nn.Module, images: torch.Tensor, iters: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--rounds', type=int, default=7)
-    parser.add_argument('--iters', type=int, default=3, help='forward passes per model per round')
+    parser.add_argument('--rounds', type=int, default=15)
+    parser.add_argument('--iters', type=int, default=2, help='forward passes per model per round')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--markdown', help='also write the results table to this file')
     args = parser.parse_args()

@@ -263,3 +263,15 @@ def test_group_count_that_does_not_divide_the_tokens_is_named():
 def test_per_stage_arguments_must_match_the_stage_count():
     with pytest.raises(ValueError, match=r'groups has 2 entries; expected one per stage \(3\)'):
         timm.create_model('sret_t', groups=(8, 4))
+
+
+def test_in_place_inference_path_equals_the_autograd_path():
+    model = timm.create_model('test_sret').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with_autograd = model(x)
+    with torch.no_grad():
+        without_autograd = model(x)
+    with torch.inference_mode():
+        in_inference_mode = model(x)
+    torch.testing.assert_close(without_autograd, with_autograd.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(in_inference_mode, with_autograd.detach(), rtol=1e-6, atol=1e-6)

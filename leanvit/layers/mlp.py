@@ -28,7 +28,8 @@ class Mlp(nn.Module):
     slow when an output width is not a multiple of 8, and SReT-T's hidden widths are 230, 460 and 921. Zero rows in
     fc1 give hidden units that are exactly zero (the activation maps 0 to 0) and meet zero columns in fc2, so the
     result is unchanged up to float summation order, and gradients reach only the true weights. Parameters keep
-    their true shapes: checkpoints and parameter counts are unaffected.
+    their true shapes: checkpoints and parameter counts are unaffected. Without autograd a GELU runs in place, sparing
+    the allocation of the largest activation (fresh allocations cost page faults on CPU).
     """
 
     def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.):
@@ -45,5 +46,10 @@ class Mlp(nn.Module):
         pad = self.hidden_padding
         if pad and _pad_hidden.get():
             w1, b1, w2 = F.pad(w1, (0, 0, 0, pad)), F.pad(b1, (0, pad)), F.pad(w2, (0, pad))
-        x = self.drop1(self.act(F.linear(x, w1, b1)))
+        x = F.linear(x, w1, b1)
+        if isinstance(self.act, nn.GELU) and not torch.is_grad_enabled():
+            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        else:
+            x = self.act(x)
+        x = self.drop1(x)
         return self.drop2(F.linear(x, w2, self.fc2.bias))

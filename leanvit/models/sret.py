@@ -38,7 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from leanvit.checkpoint import unwrap_state_dict
-from leanvit.layers import GroupAttention, Mlp, check_input_size
+from leanvit.layers import DepthwiseMultiplierConv, GroupAttention, Mlp, check_input_size, fold_batchnorm
 from leanvit.models._registry import PaperCfg
 
 __all__ = ['SReT']
@@ -50,7 +50,12 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
 class LearnableResidual(nn.Module):
-    """LRC (paper Sec. 3.2): ``shortcut_scale * x + branch_scale * branch``, two scalars initialised to 1."""
+    """LRC (paper Sec. 3.2): ``shortcut_scale * x + branch_scale * branch``, two scalars initialised to 1.
+
+    Without autograd the sum is written into ``branch``'s buffer: SReT makes many large activations, and on CPU each
+    fresh allocation costs page faults (about 3 % of eval time here). Branches are fresh outputs of the block's own
+    layers; a forward hook that keeps an attention or MLP output under no_grad must clone it.
+    """
 
     def __init__(self):
         super().__init__()
@@ -58,7 +63,9 @@ class LearnableResidual(nn.Module):
         self.branch_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(branch * self.branch_scale, x, self.shortcut_scale)
+        if torch.is_grad_enabled():
+            return torch.addcmul(branch * self.branch_scale, x, self.shortcut_scale)
+        return branch.mul_(self.branch_scale).addcmul_(x, self.shortcut_scale)
 
 
 class SharedBlock(nn.Module):
@@ -150,7 +157,8 @@ class RecursiveStage(nn.Module):
         self.random_eval_permutation = eval_permutation == 'random'
         self.grad_checkpointing = False
 
-        self.downsample = nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, groups=in_dim) if downsample else nn.Identity()
+        # PiT's pooling: depthwise 3x3 stride-2 conv doubling the channels, no norm, no activation.
+        self.downsample = DepthwiseMultiplierConv(in_dim, dim, 3, stride=2, padding=1) if downsample else nn.Identity()
         drop_path_rates = drop_path_rates or (0.,) * num_blocks
         self.blocks = nn.ModuleList([
             SharedBlock(dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rates[i])
@@ -194,7 +202,8 @@ class ConvStem(nn.Sequential):
     """DSOD-style stem: three 3x3 stride-2 conv + BN + ReLU, channels in_chans -> dim/2 -> dim -> dim.
 
     It runs in channels-last memory format: oneDNN's convolutions with few input channels are several times faster
-    so on CPU, and the (B, C, H, W) output is then already laid out as the (B, H*W, C) token sequence.
+    so on CPU, and the (B, C, H, W) output is then already laid out as the (B, H*W, C) token sequence. With frozen
+    statistics (eval mode) each norm is folded into its conv: one pass over the feature map instead of two.
     """
 
     def __init__(self, in_chans: int, dim: int):
@@ -205,7 +214,15 @@ class ConvStem(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        for layer in self:
+            if layer.bn.training:
+                x = layer(x)
+            else:
+                weight, bias = fold_batchnorm(layer.conv, layer.bn)
+                x = F.relu(F.conv2d(x, weight, bias, stride=layer.conv.stride, padding=layer.conv.padding),
+                           inplace=True)
+        return x
 
 
 class SReT(nn.Module):
