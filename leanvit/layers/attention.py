@@ -47,7 +47,7 @@ class GroupAttention(nn.Module):
         """Attend within ``groups`` slices of ``x`` (B, N, C), after gathering tokens by ``permutation`` if given."""
         B, N, C = x.shape
         if permutation is not None:
-            x = x[:, permutation]
+            x = x.index_select(1, permutation)  # several times faster than x[:, permutation] on CPU
         # 'b (g n) (three h d) -> three (b g) h n d': the slice index g joins the batch, so one fused
         # attention call covers every group.
         qkv = self.qkv(x).reshape(B * groups, N // groups, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -58,5 +58,5 @@ class GroupAttention(nn.Module):
         if permutation is not None:
             # The projection acts per token, so restoring the order before it changes nothing numerically
             # and keeps the module's output aligned with its input.
-            x = x[:, torch.argsort(permutation)]
+            x = x.index_select(1, torch.argsort(permutation))
         return self.proj_drop(self.proj(x))
