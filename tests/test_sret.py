@@ -275,3 +275,23 @@ def test_in_place_inference_path_equals_the_autograd_path():
         in_inference_mode = model(x)
     torch.testing.assert_close(without_autograd, with_autograd.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(in_inference_mode, with_autograd.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_timm_pretrained_loading_converts_an_official_file():
+    io = golden_io()
+    model = timm.create_model(
+        'test_sret', pretrained=True, num_classes=5, recursive_groups=(2, 1, 1), eval_permutation='random',
+        pretrained_cfg_overlay=dict(file=os.path.join(FIXTURES, 'sret_official_tiny.pth'), num_classes=5)).eval()
+    torch.manual_seed(GOLDEN['forward_seed'])
+    with torch.no_grad():
+        torch.testing.assert_close(model(io['x']), io['logits_sliced_seed123'], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_matches_cpu():
+    model = timm.create_model('test_sret').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        got = model.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

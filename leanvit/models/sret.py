@@ -110,7 +110,7 @@ class NonLinearProjection(nn.Module):
 
 class RecursiveStage(nn.Module):
     """One resolution stage: ``num_blocks`` shared blocks, each applied ``recursion`` times, each application
-    followed by its own NLL. Stage 1 of SReT-T runs B0, N0, B0, N1, B1, N2, B1, N3.
+    followed by its own NLL. The first stage of SReT-T runs B0, N0, B0, N1, B1, N2, B1, N3.
 
     Args:
         in_dim: Channels coming in; a depthwise stride-2 conv maps them to ``dim`` when ``downsample`` is set.
