@@ -76,17 +76,23 @@ def check_state_dict_fits(model: nn.Module, state_dict: dict, source: str = 'sta
                      + '. Is it a checkpoint of another architecture or configuration?')
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None):
-    """Write the model's state_dict as .safetensors atomically: the file at ``path`` is either old or complete."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result over ``path``: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     try:
-        save_file(state_dict, tmp, metadata=metadata)
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """Write the model's state_dict as .safetensors atomically: the file at ``path`` is either old or complete."""
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata=metadata))
