@@ -2,10 +2,12 @@
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
 import time
+import typing
 
 import torch
 
@@ -90,6 +92,32 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from leanvit.train import TrainConfig, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    final = train(config)
+    print(json.dumps(final, indent=2))
+    return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; only flags given on the command line override the recipe."""
+    from leanvit.train import TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        flag = '--' + field.name.replace('_', '-')
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        elif isinstance(default, dict):
+            parser.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, metavar='JSON')
+        else:
+            kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='leanvit', description=__doc__)
     parser.add_argument('--version', action='version', version=f'leanvit {leanvit.__version__}')
@@ -108,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument('--batch-size', type=int, default=16)
     profile.add_argument('--iters', type=int, default=5)
     profile.set_defaults(func=cmd_profile)
+
+    train = sub.add_parser('train', help='train or distil a model (resumes from the output folder if possible)')
+    train.add_argument('--config', help='YAML recipe; flags override its values')
+    _add_config_flags(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

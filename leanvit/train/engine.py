@@ -1,0 +1,278 @@
+"""The training loop: config, data, model, optimizer, loop, checkpoints — top to bottom, no framework.
+
+``train(config)`` trains (or distils) one model and returns its final validation metrics. Everything a run writes
+goes to ``config.output``: checkpoints (see ``leanvit.train.checkpoints``), ``config.yaml``, ``summary.csv`` and
+the loss / accuracy plots. A run resumes exactly where a killed run stopped: checkpoints are taken at step
+granularity, with the RNG state, and the data order of an epoch depends only on (seed, epoch).
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, random_seed
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+import leanvit
+from leanvit.checkpoint import atomic_write
+from leanvit.data import build_datasets
+from leanvit.distill import distillation_loss
+from leanvit.train.checkpoints import CheckpointManager, rng_state, set_rng_state
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run. Recipes are YAML files of these fields; command-line flags override them."""
+    model: str = 'sret_t'
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    img_size: int | None = None          # None: the model's default input size
+    data: str | None = None              # None: scikit-learn's digits; else an ImageFolder path
+    val_split: float | None = None
+    bad_images: str = 'stop'
+    output: str = 'runs/train'
+    epochs: int = 10
+    batch_size: int = 64
+    opt: str = 'adamw'
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    sched: str = 'cosine'
+    warmup_epochs: int = 0
+    min_lr: float = 1e-5
+    clip_grad: float | None = None
+    accum_steps: int = 1
+    ema_decay: float = 0.
+    drop_path: float = 0.
+    smoothing: float = 0.
+    auto_augment: str | None = None
+    re_prob: float = 0.
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_kwargs: dict = dataclasses.field(default_factory=dict)
+    kd: str = 'soft_ce'
+    kd_alpha: float = 0.5
+    kd_tau: float = 1.0
+    seed: int = 0
+    deterministic: bool = False
+    num_workers: int = 0
+    save_every_steps: int = 0            # 0: checkpoint at the end of each epoch only
+    keep_last: int = 2
+    progress: bool = True
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> 'TrainConfig':
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f'{path}: unknown recipe keys {unknown}; valid keys: '
+                             f'{sorted(f.name for f in dataclasses.fields(cls))}')
+        return cls(**{**values, **overrides})
+
+
+class EpochSampler(Sampler):
+    """A shuffled order that depends only on (seed, epoch), starting ``start`` samples in (to resume mid-epoch)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+
+    def set_position(self, epoch: int, start: int = 0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return iter(order[self.start:].tolist())
+
+    def __len__(self):
+        return self.size - self.start
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
+    model.eval()
+    total, loss, top1, top5 = 0, 0., 0, 0
+    for images, targets in loader:
+        logits = model(images)
+        loss += F.cross_entropy(logits, targets, reduction='sum').item()
+        ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top1 += (ranked[:, 0] == targets).sum().item()
+        top5 += (ranked == targets[:, None]).any(-1).sum().item()
+        total += targets.numel()
+    return {'loss': loss / total, 'top1': 100 * top1 / total, 'top5': 100 * top5 / total}
+
+
+def train(config: TrainConfig) -> dict:
+    # Config and reproducibility.
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    random_seed(config.seed)  # torch, numpy and Python's random (timm's transforms draw from the latter)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    atomic_write(output / 'config.yaml', lambda tmp: Path(tmp).write_text(yaml.safe_dump(dataclasses.asdict(config))))
+
+    # Model and data: the model's pretrained cfg decides the input pipeline.
+    model_kwargs = dict(config.model_kwargs, drop_path_rate=config.drop_path)
+    if config.img_size:
+        model_kwargs['img_size'] = config.img_size
+    probe = leanvit.create_model(config.model, **model_kwargs)
+    # The model's pretrained cfg keeps its default resolution; the pipeline must produce the one the model was built at.
+    data_cfg = dict(timm.data.resolve_data_config({}, model=probe), input_size=(3, *probe.img_size))
+    data = build_datasets(config.data, data_cfg, val_split=config.val_split, auto_augment=config.auto_augment,
+                          re_prob=config.re_prob, bad_images=config.bad_images, seed=config.seed)
+    random_seed(config.seed)
+    model = leanvit.create_model(config.model, num_classes=data.num_classes, **model_kwargs)
+    sampler = EpochSampler(len(data.train), config.seed)
+    # The loader's own generator: creating an iterator would otherwise draw from the global RNG, which a resumed
+    # run restores mid-epoch, and shift every later random draw.
+    train_loader = DataLoader(data.train, config.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
+    val_loader = DataLoader(data.val, config.batch_size, num_workers=config.num_workers)
+    steps_per_epoch = len(data.train) // config.batch_size // config.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(data.train)} training images give no full step at batch_size {config.batch_size} '
+                         f'x accum_steps {config.accum_steps}')
+
+    teacher = None
+    if config.teacher:
+        teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes,
+                                       **dict(config.teacher_kwargs, **({'img_size': config.img_size}
+                                                                        if config.img_size else {})))
+        if config.teacher_checkpoint:
+            leanvit.load_checkpoint(teacher, config.teacher_checkpoint)
+        teacher.eval().requires_grad_(False)
+
+    # Optimizer and schedule (timm's factories keep 1-D parameters, like the LRC scalars, out of weight decay).
+    optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=config.sched, num_epochs=config.epochs,
+                                       warmup_epochs=config.warmup_epochs, min_lr=config.min_lr,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
+
+    # Resume from the last complete checkpoint of this output directory, if any.
+    checkpoints = CheckpointManager(output, keep_last=config.keep_last)
+    epoch, step, history = 0, 0, []
+    if (tag := checkpoints.latest()) is not None:
+        weights, meta, state = checkpoints.load(tag)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if ema is not None:
+            ema.load_state_dict(state['ema'])
+        set_rng_state(state['rng'])
+        epoch, step, history, partial = meta['epoch'], meta['step'], meta['history'], meta['partial_epoch']
+    else:
+        partial = dict(seen=0, correct=0, loss_sum=0.)
+
+    def save(tag_epoch: int, tag_step: int, metrics: dict | None = None):
+        tag = f'step-{tag_epoch * steps_per_epoch + tag_step:07d}'
+        meta = dict(model=config.model, model_kwargs=dict(model_kwargs, num_classes=data.num_classes),
+                    epoch=tag_epoch, step=tag_step, metrics=metrics, history=history,
+                    partial_epoch=dict(seen=seen, correct=correct, loss_sum=loss_sum),
+                    config=dataclasses.asdict(config))
+        state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+                     ema=ema.state_dict() if ema is not None else None)
+        checkpoints.save(tag, model, meta, state, metric=metrics['top1'] if metrics else None)
+        return tag
+
+    # The loop.
+    last_good = checkpoints.latest()
+    while epoch < config.epochs:
+        model.train()
+        sampler.set_position(epoch, step * config.batch_size * config.accum_steps)
+        batches = iter(train_loader)
+        bar = tqdm(total=steps_per_epoch, initial=step, desc=f'epoch {epoch + 1}/{config.epochs}',
+                   disable=not config.progress, leave=False)
+        # Running training metrics of this epoch (restored on resume, so the summary matches an uninterrupted run).
+        seen, correct, loss_sum = partial['seen'], partial['correct'], partial['loss_sum']
+        partial, start, start_seen = dict(seen=0, correct=0, loss_sum=0.), time.perf_counter(), seen
+        while step < steps_per_epoch:
+            for _ in range(config.accum_steps):
+                images, targets = next(batches)
+                logits = model(images)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha,
+                                             config.kd_tau)
+                else:
+                    loss = F.cross_entropy(logits, targets, label_smoothing=config.smoothing)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(
+                        f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. The last good '
+                        f'checkpoint is {last_good or "none (no checkpoint saved yet)"} in {output}')
+                (loss / config.accum_steps).backward()
+                seen += targets.numel()
+                correct += (logits.argmax(-1) == targets).sum().item()
+                loss_sum += loss.item() * targets.numel()
+            if config.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            scheduler.step_update(epoch * steps_per_epoch + step)
+            if ema is not None:
+                ema.update(model, step=epoch * steps_per_epoch + step)
+            bar.update()
+            bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100 * correct / seen:.1f}',
+                            img_s=f'{(seen - start_seen) / (time.perf_counter() - start):.0f}')
+            if config.save_every_steps and step % config.save_every_steps == 0 and step < steps_per_epoch:
+                last_good = save(epoch, step)
+        bar.close()
+
+        metrics = evaluate(ema.module if ema is not None else model, val_loader)
+        history.append(dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
+                            train_top1=100 * correct / max(seen, 1), val_loss=metrics['loss'],
+                            val_top1=metrics['top1'], val_top5=metrics['top5'],
+                            lr=optimizer.param_groups[0]['lr']))
+        epoch, step, seen, correct, loss_sum = epoch + 1, 0, 0, 0, 0.
+        last_good = save(epoch, 0, metrics)
+        write_summary(output, history)
+        print(f'epoch {epoch}/{config.epochs}: train loss {history[-1]["train_loss"]:.4f}, '
+              f'val top-1 {metrics["top1"]:.2f}%, val loss {metrics["loss"]:.4f}', flush=True)
+
+    plot_curves(output, history)
+    final = history[-1] if history else {}
+    (output / 'final.json').write_text(json.dumps(final, indent=2) + '\n')
+    return final
+
+
+def write_summary(output: Path, history: list[dict]) -> None:
+    """``summary.csv``: one row per finished epoch, rewritten atomically."""
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+    atomic_write(output / 'summary.csv', write)
+
+
+def plot_curves(output: Path, history: list[dict]) -> None:
+    """``loss.png`` and ``accuracy.png`` of the run's epochs."""
+    if not history:
+        return
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    epochs = [row['epoch'] for row in history]
+    for name, series in (('loss', ('train_loss', 'val_loss')), ('accuracy', ('train_top1', 'val_top1'))):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key in series:
+            ax.plot(epochs, [row[key] for row in history], marker='o', label=key.replace('_', ' '))
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('top-1 (%)' if name == 'accuracy' else 'loss')
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output / f'{name}.png', dpi=120)
+        plt.close(fig)

@@ -1,0 +1,87 @@
+"""The training engine: it learns, it distils, it resumes bit-identically after SIGKILL, it stops on NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import leanvit
+from leanvit.train import TrainConfig, train
+
+TINY = dict(model='test_sret', img_size=32, batch_size=64, epochs=2, lr=2e-3, warmup_epochs=0, progress=False,
+            num_workers=0)
+
+
+def run_cli_train(output: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, '-m', 'leanvit.cli', 'train', '--output', str(output)]
+    for key, value in TINY.items():
+        flag = '--' + key.replace('_', '-')
+        args += [flag] if value is True else ['--no-progress'] if value is False else [flag, str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_training_on_digits_learns_and_writes_its_outputs(tmp_path):
+    final = train(TrainConfig(**TINY, output=str(tmp_path)))
+    assert final['val_top1'] > 30, final  # 10 balanced classes: chance is 10 %
+    for name in ('config.yaml', 'summary.csv', 'loss.png', 'accuracy.png', 'latest.json', 'best.safetensors'):
+        assert (tmp_path / name).exists(), name
+    latest = json.loads((tmp_path / 'latest.json').read_text())['tag']
+    meta = json.loads((tmp_path / f'{latest}.json').read_text())
+    model = leanvit.create_model(meta['model'], **meta['model_kwargs'])
+    leanvit.load_checkpoint(model, tmp_path / f'{latest}.safetensors')
+    assert len((tmp_path / 'summary.csv').read_text().strip().splitlines()) == 1 + TINY['epochs']
+
+
+def test_distillation_from_a_teacher_checkpoint(tmp_path):
+    teacher_dir = tmp_path / 'teacher'
+    train(TrainConfig(**dict(TINY, epochs=1), output=str(teacher_dir)))
+    final = train(TrainConfig(**dict(TINY, epochs=1), output=str(tmp_path / 'student'), teacher='test_sret',
+                              teacher_checkpoint=str(teacher_dir / 'best.safetensors'), kd='soft_ce', kd_alpha=1.0))
+    assert 0 <= final['val_top1'] <= 100
+
+
+def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
+    reference = run_cli_train(tmp_path / 'reference', '--save-every-steps', '3')
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()
+
+    killed = run_cli_train(tmp_path / 'killed', '--save-every-steps', '3')
+    deadline = time.time() + 300
+    while not list((tmp_path / 'killed').glob('step-000000[4-9].resume.pt')) and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    tag = json.loads((tmp_path / 'killed' / 'latest.json').read_text())['tag']
+    assert tag != 'step-0000044', 'the run finished before it could be killed'
+
+    resumed = run_cli_train(tmp_path / 'killed', '--save-every-steps', '3')
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    final_tag = json.loads((tmp_path / 'reference' / 'latest.json').read_text())['tag']
+    expected = load_file(tmp_path / 'reference' / f'{final_tag}.safetensors')
+    got = load_file(tmp_path / 'killed' / f'{final_tag}.safetensors')
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (tmp_path / 'reference' / 'summary.csv').read_text() == (tmp_path / 'killed' / 'summary.csv').read_text()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = TrainConfig(**dict(TINY, epochs=1), output=str(tmp_path), save_every_steps=2)
+    calls = {'n': 0}
+    original = torch.nn.functional.cross_entropy
+
+    def poisoned(logits, targets, **kwargs):
+        calls['n'] += 1
+        loss = original(logits, targets, **kwargs)
+        return loss * float('nan') if calls['n'] == 5 else loss
+
+    monkeypatch.setattr('leanvit.train.engine.F.cross_entropy', poisoned)
+    with pytest.raises(FloatingPointError, match=r'loss is nan at epoch 1, step 5.*last good checkpoint is step-0000004'):
+        train(config)
+    assert json.loads((tmp_path / 'latest.json').read_text())['tag'] == 'step-0000004'
