@@ -301,3 +301,23 @@ def test_cuda_matches_cpu():
         expected = model(x)
         got = model.cuda()(x.cuda()).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def count_projection_calls(model, x) -> int:
+    calls = []
+    hooks = [p.register_forward_hook(lambda *_: calls.append(1)) for s in model.stages for p in s.projections]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return len(calls)
+
+
+def test_mixed_depth_samples_shallower_networks_in_training_only():
+    model = timm.create_model('test_sret', recursion=4, mixed_depth=True)
+    x = torch.randn(1, 3, 64, 64)
+    full_depth = sum(len(stage.projections) for stage in model.stages)
+    torch.manual_seed(0)
+    depths = [count_projection_calls(model.train(), x) for _ in range(8)]
+    assert min(depths) >= sum(len(stage.blocks) for stage in model.stages)
+    assert max(depths) <= full_depth and len(set(depths)) > 1
+    assert count_projection_calls(model.eval(), x) == full_depth

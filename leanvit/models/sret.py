@@ -121,6 +121,7 @@ class RecursiveStage(nn.Module):
         groups: Attention slices on the first application of a block.
         recursive_groups: Attention slices on the recursive applications, which also permute the tokens.
         eval_permutation: 'fixed' (deterministic) or 'random' (official) token permutation in eval mode.
+        mixed_depth: In training, apply each shared block a random 1..recursion times per forward.
         drop_path_rates: Stochastic depth rate of each shared block.
     """
 
@@ -138,6 +139,7 @@ class RecursiveStage(nn.Module):
             nll_ratio: float,
             downsample: bool,
             eval_permutation: str = 'fixed',
+            mixed_depth: bool = False,
             drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rates: tuple[float, ...] | None = None,
@@ -155,6 +157,7 @@ class RecursiveStage(nn.Module):
         self.recursive_groups = recursive_groups
         self.recursion = recursion
         self.random_eval_permutation = eval_permutation == 'random'
+        self.mixed_depth = mixed_depth
         self.grad_checkpointing = False
 
         # PiT's pooling: depthwise 3x3 stride-2 conv doubling the channels, no norm, no activation.
@@ -185,12 +188,18 @@ class RecursiveStage(nn.Module):
             x = self.blocks[index](x, self.recursive_groups, self.permutation(x))
         return self.projections[index * self.recursion + repeat](x)
 
+    def applications(self) -> int:
+        """How many times to apply a shared block in this forward (mixed-depth training samples it)."""
+        if self.mixed_depth and self.training:
+            return int(torch.randint(1, self.recursion + 1, ()))
+        return self.recursion
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         B, C, H, W = x.shape
         x = x.flatten(2).transpose(1, 2)
         for index in range(len(self.blocks)):
-            for repeat in range(self.recursion):
+            for repeat in range(self.applications()):
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x = checkpoint(self.apply_block, x, index, repeat, use_reentrant=False)
                 else:
@@ -242,6 +251,9 @@ class SReT(nn.Module):
         mlp_ratio: Hidden / width ratio of the shared blocks' MLP (truncated to int per stage).
         nll_ratio: Hidden / width ratio of the NLL MLPs.
         eval_permutation: 'fixed' (deterministic eval, default) or 'random' (the official behaviour).
+        mixed_depth: Mixed-depth training (the paper shows it in a figure only; our reading): each training forward applies
+            every shared block a random 1..recursion times, so shallower sub-networks that share the weights train
+            too, which makes very deep recursive models trainable. Evaluation always uses the full depth.
         drop_rate: Dropout in MLPs, projections and before the classifier.
         pos_drop_rate: Dropout after adding the position embedding.
         attn_drop_rate: Dropout on attention weights.
@@ -264,6 +276,7 @@ class SReT(nn.Module):
             mlp_ratio: float = 3.6,
             nll_ratio: float = 1.,
             eval_permutation: str = 'fixed',
+            mixed_depth: bool = False,
             drop_rate: float = 0.,
             pos_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
@@ -300,7 +313,7 @@ class SReT(nn.Module):
             stages.append(RecursiveStage(
                 dims[max(i - 1, 0)], dims[i], grid, num_heads[i], num_blocks[i], recursion[i], groups[i],
                 recursive_groups[i], mlp_ratio, nll_ratio, downsample=i > 0, eval_permutation=eval_permutation,
-                drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rates=rates))
+                mixed_depth=mixed_depth, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rates=rates))
             self.feature_info.append(dict(num_chs=dims[i], reduction=STEM_STRIDE * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         # The paper normalises after pooling, so the final norm lives in the head, not in forward_features.
