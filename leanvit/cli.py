@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sys
 import time
 import typing
@@ -102,6 +103,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from leanvit.train.evaluation import evaluate_checkpoint
+
+    output = args.output or os.path.dirname(args.checkpoint) or '.'
+    report = evaluate_checkpoint(args.checkpoint, output, model_name=args.model, model_kwargs=args.model_kwargs,
+                                 data=args.data, batch_size=args.batch_size)
+    print(f'model      {report["model"]} ({"x".join(map(str, report["input_size"]))}) from {args.checkpoint}')
+    print(f'data       {report["data"]}')
+    print(f'top-1      {report["top1"]:.2f}%')
+    print(f'top-5      {report["top5"]:.2f}%')
+    print(f'loss       {report["loss"]:.4f}')
+    print(f'images/s   {report["images_per_s"]:.1f}  (eval loop with data loading, batch {args.batch_size}, '
+          f'{torch.get_num_threads()} threads)')
+    print(f'images     {report["images"]}')
+    print(f'wrote      {os.path.join(output, "eval.json")}, {os.path.join(output, "confusion_matrix.png")}')
+    return 0
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; only flags given on the command line override the recipe."""
     from leanvit.train import TrainConfig
@@ -141,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument('--config', help='YAML recipe; flags override its values')
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser('eval', help='top-1 / top-5 / loss and confusion matrix of a checkpoint on the '
+                                           'validation split')
+    evaluate.add_argument('--checkpoint', required=True, help="a leanvit run's .safetensors (its .json names the "
+                                                              "model), or any checkpoint leanvit loads, with --model")
+    evaluate.add_argument('--model', default=None, help="model name (default: from the checkpoint's .json)")
+    evaluate.add_argument('--model-kwargs', type=json.loads, default=None, metavar='JSON',
+                          help="model arguments, e.g. '{\"num_classes\": 10}'; override the checkpoint's .json")
+    evaluate.add_argument('--data', default=None, help='as in training: an image folder or torch/NAME:ROOT '
+                                                       '(default: the bundled digits)')
+    evaluate.add_argument('--batch-size', type=int, default=64)
+    evaluate.add_argument('--output', default=None,
+                          help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

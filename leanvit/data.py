@@ -79,6 +79,7 @@ def build_datasets(
         val_split: float | None = None,
         auto_augment: str | None = None,
         re_prob: float = 0.,
+        augment: bool = True,
         bad_images: str = 'stop',
         seed: int = 0,
 ) -> DataBundle:
@@ -99,6 +100,7 @@ def build_datasets(
         val_split: Fraction of each class held out for validation, for a single folder of class folders only.
         auto_augment: timm auto-augment string for training, e.g. ``'rand-m9-mstd0.5'`` (RandAugment); None for none.
         re_prob: Random-erasing probability for training.
+        augment: False gives the training split the deterministic evaluation transform (no augmentation at all).
         bad_images: What to do with image files that cannot be decoded: ``'stop'`` raises a ``BadImageError`` naming
             them, ``'skip'`` drops them with one warning and lists them in ``DataBundle.skipped``. Every file is
             decoded once here (in parallel threads), so a bad file is found before training starts.
@@ -119,6 +121,8 @@ def build_datasets(
         raise ValueError(f'val_split must be a fraction between 0 and 1, got {val_split}')
     is_digits = data in (None, 'digits')
     train_tf, val_tf = _transforms(model_cfg, auto_augment, re_prob, **(DIGITS_TRAIN_AUG if is_digits else {}))
+    if not augment:
+        train_tf = val_tf
     if is_digits or data.startswith('torch/'):
         if val_split is not None:
             raise ValueError(f'{data or "digits"} has its own validation split; val_split applies to a folder of '

@@ -85,3 +85,30 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     with pytest.raises(FloatingPointError, match=r'loss is nan at epoch 1, step 5.*last good checkpoint is step-0000004'):
         train(config)
     assert json.loads((tmp_path / 'latest.json').read_text())['tag'] == 'step-0000004'
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    # A model without batch statistics (BatchNorm would see half batches) and unaugmented inputs, so that one
+    # process and two processes compute the same global-batch gradients. SGD, because Adam turns the float noise of
+    # zero gradients (the attention key bias has one) into full-size steps.
+    common = ['train', '--model', 'test_vit', '--img-size', '32', '--batch-size', '32', '--epochs', '1',
+              '--opt', 'sgd', '--lr', '0.05', '--weight-decay', '0', '--no-augment', '--no-progress']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    single = subprocess.run([sys.executable, '-m', 'leanvit.cli', *common, '--output', str(tmp_path / 'one')],
+                            capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stdout + single.stderr
+    parallel = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', '-m', 'leanvit.cli',
+         *common, '--output', str(tmp_path / 'two')], capture_output=True, text=True, env=env)
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    tag = json.loads((tmp_path / 'one' / 'latest.json').read_text())['tag']
+    assert json.loads((tmp_path / 'two' / 'latest.json').read_text())['tag'] == tag
+    one = load_file(tmp_path / 'one' / f'{tag}.safetensors')
+    two = load_file(tmp_path / 'two' / f'{tag}.safetensors')
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    summaries = [(tmp_path / run / 'summary.csv').read_text().splitlines()[1].split(',') for run in ('one', 'two')]
+    assert [float(v) for v in summaries[1]] == pytest.approx([float(v) for v in summaries[0]], rel=1e-4)
+    changed = load_file(tmp_path / 'one' / f'{tag}.safetensors')
+    assert any(not torch.equal(changed[k], v) for k, v in leanvit.create_model(
+        'test_vit', img_size=32, num_classes=10).state_dict().items() if k in changed)

@@ -78,16 +78,19 @@ class CheckpointManager:
             for suffix in ('.safetensors', '.json', '.resume.pt'):
                 (self.directory / f'{old}{suffix}').unlink(missing_ok=True)
 
-    def latest(self) -> str | None:
-        """The tag of the last complete checkpoint, or None for a new run."""
-        path = self.directory / 'latest.json'
+    @staticmethod
+    def latest_in(directory: str | os.PathLike) -> str | None:
+        """The tag of the last complete checkpoint in ``directory``, or None for a new run."""
+        path = Path(directory) / 'latest.json'
         return json.loads(path.read_text())['tag'] if path.exists() else None
 
-    def load(self, tag: str) -> tuple[dict, dict, dict]:
+    @staticmethod
+    def load_from(directory: str | os.PathLike, tag: str) -> tuple[dict, dict, dict]:
         """(weights, metadata, resume state) of ``tag``; pickled state is read weights-only."""
-        weights = read_checkpoint(self.directory / f'{tag}.safetensors')
-        metadata = json.loads((self.directory / f'{tag}.json').read_text())
-        return weights, metadata, read_checkpoint(self.directory / f'{tag}.resume.pt')
+        directory = Path(directory)
+        weights = read_checkpoint(directory / f'{tag}.safetensors')
+        metadata = json.loads((directory / f'{tag}.json').read_text())
+        return weights, metadata, read_checkpoint(directory / f'{tag}.resume.pt')
 
     def _history(self) -> list[str]:
         path = self.directory / 'latest.json'

@@ -6,20 +6,26 @@ the loss / accuracy plots. A run resumes exactly where a killed run stopped: che
 granularity, with the RNG state, and the data order of an epoch depends only on (seed, epoch).
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
+import os
 import time
+from functools import partial
 from pathlib import Path
 
-import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -28,6 +34,10 @@ from leanvit.checkpoint import atomic_write
 from leanvit.data import build_datasets
 from leanvit.distill import distillation_loss
 from leanvit.train.checkpoints import CheckpointManager, rng_state, set_rng_state
+from leanvit.train.evaluation import data_config, evaluate_model
+
+
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 @dataclasses.dataclass
@@ -53,8 +63,11 @@ class TrainConfig:
     ema_decay: float = 0.
     drop_path: float = 0.
     smoothing: float = 0.
+    augment: bool = True                 # False: train on the evaluation transform (deterministic inputs)
     auto_augment: str | None = None
     re_prob: float = 0.
+    mixup: float = 0.                    # Mixup / CutMix alphas (timm's Mixup); 0 disables each
+    cutmix: float = 0.
     teacher: str | None = None
     teacher_checkpoint: str | None = None
     teacher_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -63,6 +76,10 @@ class TrainConfig:
     kd_tau: float = 1.0
     seed: int = 0
     deterministic: bool = False
+    device: str | None = None            # None: CUDA if available, else CPU (torchrun: this rank's GPU)
+    amp: str = 'none'                    # 'none', 'bf16' (CPU or CUDA) or 'fp16' (CUDA, with loss scaling)
+    channels_last: bool = False
+    compile: bool = False
     num_workers: int = 0
     save_every_steps: int = 0            # 0: checkpoint at the end of each epoch only
     keep_last: int = 2
@@ -80,76 +97,87 @@ class TrainConfig:
 
 
 class EpochSampler(Sampler):
-    """A shuffled order that depends only on (seed, epoch), starting ``start`` samples in (to resume mid-epoch)."""
+    """A shuffled order that depends only on (seed, epoch), starting ``start`` samples in (to resume mid-epoch).
 
-    def __init__(self, size: int, seed: int):
+    Under data parallelism each global batch of ``batch_size`` samples is cut into ``world_size`` contiguous
+    slices and this rank reads its slice, so N processes see exactly the samples one process would.
+    """
+
+    def __init__(self, size: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1):
         self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def set_position(self, epoch: int, start: int = 0):
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        return iter(order[self.start:].tolist())
+        order = order[self.start:]
+        usable = len(order) // self.batch_size * self.batch_size
+        local = self.batch_size // self.world_size
+        batches = order[:usable].view(-1, self.world_size, local)[:, self.rank]
+        return iter(batches.flatten().tolist())
 
     def __len__(self):
-        return self.size - self.start
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
-    model.eval()
-    total, loss, top1, top5 = 0, 0., 0, 0
-    for images, targets in loader:
-        logits = model(images)
-        loss += F.cross_entropy(logits, targets, reduction='sum').item()
-        ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        top1 += (ranked[:, 0] == targets).sum().item()
-        top5 += (ranked == targets[:, None]).any(-1).sum().item()
-        total += targets.numel()
-    return {'loss': loss / total, 'top1': 100 * top1 / total, 'top5': 100 * top5 / total}
+        return (self.size - self.start) // self.batch_size * (self.batch_size // self.world_size)
 
 
 def train(config: TrainConfig) -> dict:
-    # Config and reproducibility.
+    # Processes: one, or one per device under torchrun (gloo on CPU, NCCL on CUDA); rank 0 logs and saves.
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    device = torch.device(config.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and world_size > 1:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if config.batch_size % world_size:
+        raise ValueError(f'batch_size {config.batch_size} (global) must be divisible by the {world_size} processes')
+    is_main = rank == 0
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    random_seed(config.seed)  # torch, numpy and Python's random (timm's transforms draw from the latter)
+    if is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write(output / 'config.yaml',
+                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(dataclasses.asdict(config))))
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-    atomic_write(output / 'config.yaml', lambda tmp: Path(tmp).write_text(yaml.safe_dump(dataclasses.asdict(config))))
 
-    # Model and data: the model's pretrained cfg decides the input pipeline.
+    # Model and data: the model's pretrained cfg decides the input pipeline, at the resolution the model is built for.
     model_kwargs = dict(config.model_kwargs, drop_path_rate=config.drop_path)
     if config.img_size:
         model_kwargs['img_size'] = config.img_size
     probe = leanvit.create_model(config.model, **model_kwargs)
-    # The model's pretrained cfg keeps its default resolution; the pipeline must produce the one the model was built at.
-    data_cfg = dict(timm.data.resolve_data_config({}, model=probe), input_size=(3, *probe.img_size))
-    data = build_datasets(config.data, data_cfg, val_split=config.val_split, auto_augment=config.auto_augment,
-                          re_prob=config.re_prob, bad_images=config.bad_images, seed=config.seed)
-    random_seed(config.seed)
-    model = leanvit.create_model(config.model, num_classes=data.num_classes, **model_kwargs)
-    sampler = EpochSampler(len(data.train), config.seed)
+    data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split, augment=config.augment,
+                          auto_augment=config.auto_augment, re_prob=config.re_prob, bad_images=config.bad_images,
+                          seed=config.seed)
+    random_seed(config.seed)  # torch, numpy and Python's random (timm's transforms draw from the latter)
+    model = leanvit.create_model(config.model, num_classes=data.num_classes, **model_kwargs).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    random_seed(config.seed + rank)  # ranks draw different augmentations; DDP broadcasts rank 0's weights
+    sampler = EpochSampler(len(data.train), config.seed, config.batch_size, rank, world_size)
     # The loader's own generator: creating an iterator would otherwise draw from the global RNG, which a resumed
     # run restores mid-epoch, and shift every later random draw.
-    train_loader = DataLoader(data.train, config.batch_size, sampler=sampler, drop_last=True,
+    train_loader = DataLoader(data.train, config.batch_size // world_size, sampler=sampler, drop_last=True,
                               num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
     val_loader = DataLoader(data.val, config.batch_size, num_workers=config.num_workers)
     steps_per_epoch = len(data.train) // config.batch_size // config.accum_steps
     if steps_per_epoch == 0:
         raise ValueError(f'{len(data.train)} training images give no full step at batch_size {config.batch_size} '
                          f'x accum_steps {config.accum_steps}')
+    mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
+                  num_classes=data.num_classes) if config.mixup or config.cutmix else None
+    # Mixup's targets are distributions that already carry the label smoothing.
+    label_loss = SoftTargetCrossEntropy() if mixup is not None else \
+        partial(F.cross_entropy, label_smoothing=config.smoothing)
 
     teacher = None
     if config.teacher:
-        teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes,
-                                       **dict(config.teacher_kwargs, **({'img_size': config.img_size}
-                                                                        if config.img_size else {})))
+        teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
+        teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs)
         if config.teacher_checkpoint:
             leanvit.load_checkpoint(teacher, config.teacher_checkpoint)
-        teacher.eval().requires_grad_(False)
+        teacher.to(device).eval().requires_grad_(False)
 
     # Optimizer and schedule (timm's factories keep 1-D parameters, like the LRC scalars, out of weight decay).
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
@@ -157,66 +185,92 @@ def train(config: TrainConfig) -> dict:
                                        warmup_epochs=config.warmup_epochs, min_lr=config.min_lr,
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
+    if config.amp not in AMP_DTYPES:
+        raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)}, got {config.amp!r}')
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
 
     # Resume from the last complete checkpoint of this output directory, if any.
-    checkpoints = CheckpointManager(output, keep_last=config.keep_last)
-    epoch, step, history = 0, 0, []
-    if (tag := checkpoints.latest()) is not None:
-        weights, meta, state = checkpoints.load(tag)
+    checkpoints = CheckpointManager(output, keep_last=config.keep_last) if is_main else None
+    epoch, step, history, epoch_stats = 0, 0, [], dict(seen=0, correct=0, loss_sum=0.)
+    if (tag := CheckpointManager.latest_in(output)) is not None:
+        weights, meta, state = CheckpointManager.load_from(output, tag)
         model.load_state_dict(weights)
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
+        scaler.load_state_dict(state['scaler'])
         if ema is not None:
             ema.load_state_dict(state['ema'])
-        set_rng_state(state['rng'])
-        epoch, step, history, partial = meta['epoch'], meta['step'], meta['history'], meta['partial_epoch']
-    else:
-        partial = dict(seen=0, correct=0, loss_sum=0.)
+        if is_main:
+            set_rng_state(state['rng'])
+        else:  # only rank 0's generators are saved; the others restart from (seed, rank, position)
+            random_seed(config.seed + rank + 7919 * (meta['epoch'] * steps_per_epoch + meta['step']))
+        epoch, step, history, epoch_stats = meta['epoch'], meta['step'], meta['history'], meta['epoch_stats']
 
-    def save(tag_epoch: int, tag_step: int, metrics: dict | None = None):
+    forward_model = model
+    if world_size > 1:
+        # Mixed-depth or other input-dependent paths may leave parameters unused in a step.
+        forward_model = DistributedDataParallel(model, find_unused_parameters=True)
+    if config.compile:
+        forward_model = torch.compile(forward_model)
+
+    def save(tag_epoch: int, tag_step: int, metrics: dict | None = None) -> str:
         tag = f'step-{tag_epoch * steps_per_epoch + tag_step:07d}'
-        meta = dict(model=config.model, model_kwargs=dict(model_kwargs, num_classes=data.num_classes),
-                    epoch=tag_epoch, step=tag_step, metrics=metrics, history=history,
-                    partial_epoch=dict(seen=seen, correct=correct, loss_sum=loss_sum),
-                    config=dataclasses.asdict(config))
-        state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
-                     ema=ema.state_dict() if ema is not None else None)
-        checkpoints.save(tag, model, meta, state, metric=metrics['top1'] if metrics else None)
+        if is_main:
+            meta = dict(model=config.model, model_kwargs=dict(model_kwargs, num_classes=data.num_classes),
+                        epoch=tag_epoch, step=tag_step, metrics=metrics, history=history,
+                        epoch_stats=dict(seen=seen, correct=correct, loss_sum=loss_sum),
+                        config=dataclasses.asdict(config))
+            state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(), rng=rng_state(),
+                         ema=ema.state_dict() if ema is not None else None)
+            checkpoints.save(tag, model, meta, state, metric=metrics['top1'] if metrics else None)
         return tag
 
     # The loop.
-    last_good = checkpoints.latest()
+    last_good = CheckpointManager.latest_in(output)
     while epoch < config.epochs:
         model.train()
         sampler.set_position(epoch, step * config.batch_size * config.accum_steps)
         batches = iter(train_loader)
         bar = tqdm(total=steps_per_epoch, initial=step, desc=f'epoch {epoch + 1}/{config.epochs}',
-                   disable=not config.progress, leave=False)
+                   disable=not (config.progress and is_main), leave=False)
         # Running training metrics of this epoch (restored on resume, so the summary matches an uninterrupted run).
-        seen, correct, loss_sum = partial['seen'], partial['correct'], partial['loss_sum']
-        partial, start, start_seen = dict(seen=0, correct=0, loss_sum=0.), time.perf_counter(), seen
+        seen, correct, loss_sum = epoch_stats['seen'], epoch_stats['correct'], epoch_stats['loss_sum']
+        epoch_stats, start, start_seen = dict(seen=0, correct=0, loss_sum=0.), time.perf_counter(), seen
         while step < steps_per_epoch:
-            for _ in range(config.accum_steps):
+            for micro_step in range(config.accum_steps):
                 images, targets = next(batches)
-                logits = model(images)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
-                    loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha,
-                                             config.kd_tau)
-                else:
-                    loss = F.cross_entropy(logits, targets, label_smoothing=config.smoothing)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(
-                        f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. The last good '
-                        f'checkpoint is {last_good or "none (no checkpoint saved yet)"} in {output}')
-                (loss / config.accum_steps).backward()
-                seen += targets.numel()
-                correct += (logits.argmax(-1) == targets).sum().item()
-                loss_sum += loss.item() * targets.numel()
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if config.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = targets
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                # Gradients are averaged across processes only on the last micro-step of an accumulation.
+                sync = micro_step == config.accum_steps - 1 or world_size == 1
+                with contextlib.nullcontext() if sync else forward_model.no_sync():
+                    with torch.autocast(device.type, dtype=AMP_DTYPES[config.amp], enabled=config.amp != 'none'):
+                        logits = forward_model(images).float()
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(images).float()
+                            loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha,
+                                                     config.kd_tau)
+                        else:
+                            loss = label_loss(logits, targets)
+                    if not math.isfinite(loss.item()):
+                        raise FloatingPointError(
+                            f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. The last good '
+                            f'checkpoint is {last_good or "none (no checkpoint saved yet)"} in {output}')
+                    scaler.scale(loss / config.accum_steps).backward()
+                seen += labels.numel()
+                correct += (logits.argmax(-1) == labels).sum().item()
+                loss_sum += loss.item() * labels.numel()
             if config.clip_grad:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             scheduler.step_update(epoch * steps_per_epoch + step)
@@ -224,25 +278,33 @@ def train(config: TrainConfig) -> dict:
                 ema.update(model, step=epoch * steps_per_epoch + step)
             bar.update()
             bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100 * correct / seen:.1f}',
-                            img_s=f'{(seen - start_seen) / (time.perf_counter() - start):.0f}')
+                            img_s=f'{world_size * (seen - start_seen) / (time.perf_counter() - start):.0f}')
             if config.save_every_steps and step % config.save_every_steps == 0 and step < steps_per_epoch:
                 last_good = save(epoch, step)
         bar.close()
 
-        metrics = evaluate(ema.module if ema is not None else model, val_loader)
+        if world_size > 1:  # the epoch's training metrics over every process's share
+            totals = torch.tensor([seen, correct, loss_sum], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            seen, correct, loss_sum = int(totals[0]), int(totals[1]), float(totals[2])
+        metrics = evaluate_model(ema.module if ema is not None else model, val_loader, device).metrics()
         history.append(dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
                             train_top1=100 * correct / max(seen, 1), val_loss=metrics['loss'],
                             val_top1=metrics['top1'], val_top5=metrics['top5'],
                             lr=optimizer.param_groups[0]['lr']))
         epoch, step, seen, correct, loss_sum = epoch + 1, 0, 0, 0, 0.
         last_good = save(epoch, 0, metrics)
-        write_summary(output, history)
-        print(f'epoch {epoch}/{config.epochs}: train loss {history[-1]["train_loss"]:.4f}, '
-              f'val top-1 {metrics["top1"]:.2f}%, val loss {metrics["loss"]:.4f}', flush=True)
+        if is_main:
+            write_summary(output, history)
+            print(f'epoch {epoch}/{config.epochs}: train loss {history[-1]["train_loss"]:.4f}, '
+                  f'val top-1 {metrics["top1"]:.2f}%, val loss {metrics["loss"]:.4f}', flush=True)
 
-    plot_curves(output, history)
     final = history[-1] if history else {}
-    (output / 'final.json').write_text(json.dumps(final, indent=2) + '\n')
+    if is_main:
+        plot_curves(output, history)
+        (output / 'final.json').write_text(json.dumps(final, indent=2) + '\n')
+    if world_size > 1:
+        dist.barrier()
     return final
 
 

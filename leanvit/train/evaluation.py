@@ -1,0 +1,183 @@
+"""Evaluating a trained model: predictions, confusion matrix and metrics over a validation split, and their plot.
+
+``evaluate_checkpoint`` is what ``leanvit eval`` runs. It rebuilds the model a checkpoint holds (from the
+``{tag}.json`` beside a leanvit run's ``{tag}.safetensors``, or from a model name for any checkpoint
+``leanvit.load_checkpoint`` reads), evaluates it on the validation split at the model's own resolution and writes
+``eval.json`` and ``confusion_matrix.png``.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import leanvit
+from leanvit.checkpoint import atomic_write
+from leanvit.data import build_datasets
+from leanvit.train.checkpoints import write_json
+
+# Past 20 classes the counts no longer fit in their cells; past 50 the names on the axes overlap, so the axes show
+# class indices instead.
+ANNOTATE_MAX_CLASSES = 20
+NAMED_AXES_MAX_CLASSES = 50
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What a model predicted over a loader, and the metrics that follow from it.
+
+    Attributes:
+        targets: True label of each image, in loader order.
+        predictions: Top-1 predicted label of each image.
+        confusion: ``confusion[true, predicted]``: image counts, ``num_classes x num_classes``.
+        top1: Top-1 accuracy (%).
+        top5: Top-k accuracy (%), k = min(5, num_classes).
+        loss: Mean cross-entropy.
+        seconds: Wall time of the loop over the loader, data loading included.
+    """
+    targets: torch.Tensor
+    predictions: torch.Tensor
+    confusion: torch.Tensor
+    top1: float
+    top5: float
+    loss: float
+    seconds: float
+
+    @property
+    def images(self) -> int:
+        return self.targets.numel()
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    def metrics(self) -> dict:
+        """Loss, top-1 and top-5 as one dict."""
+        return {'loss': self.loss, 'top1': self.top1, 'top5': self.top5}
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device | str = 'cpu') -> Evaluation:
+    """Predictions, confusion matrix and metrics of ``model`` (put in eval mode, on ``device``) over ``loader``."""
+    model.eval()
+    targets, predictions, loss, top5 = [], [], 0., 0
+    start = time.perf_counter()
+    for images, labels in loader:
+        logits = model(images.to(device)).float().cpu()
+        loss += F.cross_entropy(logits, labels, reduction='sum').item()
+        ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top5 += (ranked == labels[:, None]).any(-1).sum().item()
+        targets.append(labels)
+        predictions.append(ranked[:, 0])
+    seconds = time.perf_counter() - start
+    if not targets:
+        raise ValueError('the loader holds no images to evaluate')
+    targets, predictions = torch.cat(targets), torch.cat(predictions)
+    num_classes, total = logits.shape[-1], targets.numel()
+    confusion = torch.bincount(targets * num_classes + predictions, minlength=num_classes ** 2)
+    confusion = confusion.view(num_classes, num_classes)
+    return Evaluation(targets, predictions, confusion, top1=100 * confusion.trace().item() / total,
+                      top5=100 * top5 / total, loss=loss / total, seconds=seconds)
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, class_names: list[str], path: str | os.PathLike) -> None:
+    """Write ``confusion[true, predicted]`` as a PNG: class names on the axes, counts in the cells up to 20 classes."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    counts = confusion.cpu().numpy()
+    n = len(class_names)
+    side = min(3 + 0.4 * n, 20)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig.colorbar(ax.imshow(counts, cmap='Blues'), ax=ax, fraction=0.046, pad=0.04)
+    if n <= NAMED_AXES_MAX_CLASSES:
+        ax.set_xticks(range(n), class_names, rotation=90 if max(map(len, class_names)) > 3 else 0)
+        ax.set_yticks(range(n), class_names)
+    if n <= ANNOTATE_MAX_CLASSES:
+        dark = counts.max() / 2
+        for (true, predicted), count in np.ndenumerate(counts):
+            ax.text(predicted, true, str(count), ha='center', va='center', fontsize=8,
+                    color='white' if count > dark else 'black')
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+    plt.close(fig)
+
+
+def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = None,
+                       model_kwargs: dict | None = None) -> tuple[nn.Module, str, dict]:
+    """The model ``checkpoint`` holds, with its weights loaded, and the name and kwargs it was built from.
+
+    A leanvit run's ``{tag}.safetensors`` has a ``{tag}.json`` beside it that names the model and its kwargs
+    (``num_classes`` included). ``model_name`` overrides the name (the sidecar's kwargs then apply only if it is the
+    same model) and ``model_kwargs`` override the kwargs key by key. Any other checkpoint needs ``model_name``.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    sidecar = path.with_suffix('.json')
+    meta = json.loads(sidecar.read_text()) if path.suffix == '.safetensors' and sidecar.is_file() else {}
+    name = model_name or meta.get('model')
+    if name is None:
+        raise ValueError(f'{path} has no {sidecar.name} beside it that names its model: pass the model name '
+                         f'(--model), and its non-default arguments such as num_classes (--model-kwargs)')
+    kwargs = dict(meta.get('model_kwargs', {}) if name == meta.get('model') else {}, **(model_kwargs or {}))
+    model = leanvit.create_model(name, **kwargs)
+    leanvit.load_checkpoint(model, path)
+    return model, name, kwargs
+
+
+def data_config(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> dict:
+    """The model's data config at the resolution it was built at, not its pretrained cfg's default.
+
+    ``img_size`` is that resolution; leanvit models know it themselves (``model.img_size``).
+    """
+    cfg = timm.data.resolve_data_config({}, model=model)
+    img_size = img_size or getattr(model, 'img_size', None)
+    if img_size is not None:
+        cfg['input_size'] = (cfg['input_size'][0], *((img_size, img_size) if isinstance(img_size, int) else img_size))
+    return cfg
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, model_name: str | None = None,
+                        model_kwargs: dict | None = None, data: str | None = None, batch_size: int = 64) -> dict:
+    """Evaluate ``checkpoint`` on the validation split of ``data`` and write ``eval.json`` + ``confusion_matrix.png``.
+
+    Args:
+        checkpoint: Weights, see ``load_trained_model`` (which ``model_name`` and ``model_kwargs`` go to).
+        output: Folder for the two files.
+        data: As ``leanvit.data.build_datasets`` takes it; None: the bundled digits.
+        batch_size: Images per forward pass.
+
+    Returns:
+        The contents of ``eval.json``: the metrics, what was evaluated, the class names and the confusion matrix.
+
+    Raises:
+        FileNotFoundError: The checkpoint or the data is not there.
+        ValueError: The model cannot be named, the weights do not fit it, or its class count is not the data's.
+    """
+    model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs)
+    cfg = data_config(model)
+    bundle = build_datasets(data, cfg)
+    if model.num_classes != bundle.num_classes:
+        raise ValueError(f'class count mismatch: checkpoint {checkpoint} ({name}) has {model.num_classes} classes, '
+                         f'the data has {bundle.num_classes} ({bundle.description})')
+    result = evaluate_model(model, DataLoader(bundle.val, batch_size))
+    output = Path(output)
+    report = dict(checkpoint=str(checkpoint), model=name, model_kwargs=kwargs, input_size=list(cfg['input_size']),
+                  data=bundle.description, images=result.images, batch_size=batch_size, **result.metrics(),
+                  images_per_s=result.images_per_s, class_names=bundle.class_names,
+                  confusion_matrix=result.confusion.tolist())
+    plot_confusion_matrix(result.confusion, bundle.class_names, output / 'confusion_matrix.png')
+    write_json(output / 'eval.json', report)
+    return report

@@ -1,0 +1,120 @@
+"""``leanvit eval``: its numbers match an independent computation, its confusion matrix adds up, its errors are clear."""
+
+import json
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import leanvit
+from leanvit.cli import main
+from leanvit.data import build_datasets
+
+KWARGS = dict(img_size=32, num_classes=10)
+DIGITS_VAL_IMAGES = 360
+
+
+def save_run_checkpoint(folder, model_kwargs: dict, seed: int = 0):
+    """A ``test_sret`` checkpoint laid out like a leanvit run's: weights + a sibling json naming the model."""
+    torch.manual_seed(seed)
+    model = leanvit.create_model('test_sret', **model_kwargs)
+    with torch.no_grad():  # a fresh model predicts one class for every digit; noise spreads its predictions
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    folder.mkdir(parents=True, exist_ok=True)
+    leanvit.save_weights(model, folder / 'best.safetensors')
+    (folder / 'best.json').write_text(json.dumps(dict(model='test_sret', model_kwargs=model_kwargs)))
+    return model, folder / 'best.safetensors'
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    return save_run_checkpoint(tmp_path_factory.mktemp('run'), KWARGS)
+
+
+@pytest.fixture(scope='module')
+def reference(run):
+    """Top-1 / top-5 counts and mean loss over the digits val split, computed here without leanvit's evaluation."""
+    model, _ = run
+    cfg = dict(timm.data.resolve_data_config({}, model=model), input_size=(3, 32, 32))
+    loader = DataLoader(build_datasets(None, cfg).val, batch_size=64)
+    model.eval()
+    correct, correct5, loss, total = 0, 0, 0., 0
+    with torch.no_grad():
+        for images, targets in loader:
+            logits = model(images)
+            loss += F.cross_entropy(logits, targets, reduction='sum').item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            correct5 += (logits.topk(5).indices == targets[:, None]).any(-1).sum().item()
+            total += len(targets)
+    return dict(correct=correct, top1=100 * correct / total, top5=100 * correct5 / total, loss=loss / total,
+                images=total)
+
+
+def run_eval(capsys, *argv) -> tuple[int, str, str]:
+    code = main(['eval', *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_prints_and_writes_the_metrics_of_an_independent_computation(run, reference, capsys, tmp_path):
+    _, checkpoint = run
+    code, out, err = run_eval(capsys, '--checkpoint', checkpoint, '--output', tmp_path)
+    assert code == 0, err
+    assert reference['images'] == DIGITS_VAL_IMAGES
+    report = json.loads((tmp_path / 'eval.json').read_text())
+    assert report['images'] == DIGITS_VAL_IMAGES
+    assert report['top1'] == pytest.approx(reference['top1'])
+    assert report['top5'] == pytest.approx(reference['top5'])
+    assert report['loss'] == pytest.approx(reference['loss'], rel=1e-5)
+    assert report['input_size'] == [3, 32, 32]
+    assert f'top-1      {reference["top1"]:.2f}%' in out
+    assert f'top-5      {reference["top5"]:.2f}%' in out
+    assert f'loss       {reference["loss"]:.4f}' in out
+    assert f'images     {DIGITS_VAL_IMAGES}' in out
+    assert float(re.search(r'images/s   (\d+\.\d)', out).group(1)) > 0
+
+    confusion = torch.tensor(report['confusion_matrix'])
+    assert confusion.shape == (10, 10)
+    assert confusion.sum() == DIGITS_VAL_IMAGES
+    assert confusion.trace() == reference['correct']
+    assert (confusion.sum(0) > 0).sum() > 2, 'predictions of a single class would make these checks weak'
+    assert report['class_names'] == [str(d) for d in range(10)]
+    assert (tmp_path / 'confusion_matrix.png').read_bytes().startswith(b'\x89PNG')
+
+
+def test_eval_writes_beside_the_checkpoint_by_default(tmp_path, capsys):
+    _, checkpoint = save_run_checkpoint(tmp_path, KWARGS)
+    code, _, err = run_eval(capsys, '--checkpoint', checkpoint, '--batch-size', 128)
+    assert code == 0, err
+    assert (tmp_path / 'eval.json').exists() and (tmp_path / 'confusion_matrix.png').exists()
+
+
+def test_a_checkpoint_without_json_needs_model_and_kwargs(run, reference, tmp_path, capsys):
+    model, _ = run
+    checkpoint = tmp_path / 'weights.pth'
+    torch.save({'model': model.state_dict()}, checkpoint)
+    code, _, err = run_eval(capsys, '--checkpoint', checkpoint)
+    assert code == 2 and 'pass the model name (--model)' in err
+
+    code, _, err = run_eval(capsys, '--checkpoint', checkpoint, '--model', 'test_sret',
+                            '--model-kwargs', json.dumps(KWARGS), '--output', tmp_path)
+    assert code == 0, err
+    assert json.loads((tmp_path / 'eval.json').read_text())['top1'] == pytest.approx(reference['top1'])
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code, _, err = run_eval(capsys, '--checkpoint', tmp_path / 'nope.safetensors')
+    assert code == 2
+    assert f'leanvit eval: error: checkpoint {tmp_path / "nope.safetensors"} does not exist' in err
+
+
+def test_class_count_mismatch_names_both_numbers(tmp_path, capsys):
+    _, checkpoint = save_run_checkpoint(tmp_path, dict(KWARGS, num_classes=7))
+    code, _, err = run_eval(capsys, '--checkpoint', checkpoint)
+    assert code == 2
+    assert 'class count mismatch' in err and 'has 7 classes, the data has 10' in err
+    assert not (tmp_path / 'eval.json').exists()
