@@ -12,9 +12,19 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
+DEMO := runs/demo
+
+# The main job: train a teacher on the embedded digits, distil SReT-T from it, evaluate both, report in the README.
+# Everything lands in $(DEMO) (replaced on each run).
 demo: $(INSTALLED)
-	$(BIN)/leanvit models
-	$(BIN)/leanvit profile sret_t
+	rm -rf $(DEMO)
+	$(BIN)/leanvit train --config recipes/digits_teacher.yaml --output $(DEMO)/teacher
+	$(BIN)/leanvit train --config recipes/digits_sret_t_kd.yaml --output $(DEMO)/student \
+		--teacher-checkpoint $(DEMO)/teacher/best.safetensors
+	$(BIN)/leanvit eval --checkpoint $(DEMO)/teacher/best.safetensors
+	$(BIN)/leanvit eval --checkpoint $(DEMO)/student/best.safetensors
+	$(BIN)/python scripts/demo_report.py $(DEMO) | tee $(DEMO)/report.md
+	$(BIN)/python scripts/update_readme.py demo < $(DEMO)/report.md
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -n 2 -q

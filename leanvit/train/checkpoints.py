@@ -64,13 +64,17 @@ class CheckpointManager:
         self.higher_is_better = higher_is_better
 
     def save(self, tag: str, model: torch.nn.Module, metadata: dict, resume_state: dict,
-             metric: float | None = None) -> None:
-        """Write weights, metadata and resume state for ``tag``, then point ``latest.json`` at it."""
+             metric: float | None = None, evaluated_model: torch.nn.Module | None = None) -> None:
+        """Write weights, metadata and resume state for ``tag``, then point ``latest.json`` at it.
+
+        ``metric`` is the validation score of ``evaluated_model`` (default ``model``; an EMA copy when one is
+        kept): if it is the best so far, those weights become ``best.safetensors``.
+        """
         save_weights(model, self.directory / f'{tag}.safetensors')
         write_json(self.directory / f'{tag}.json', metadata)
         atomic_write(self.directory / f'{tag}.resume.pt', lambda tmp: torch.save(resume_state, tmp))
         if metric is not None and self._improves(metric):
-            save_weights(model, self.directory / 'best.safetensors')
+            save_weights(evaluated_model or model, self.directory / 'best.safetensors')
             write_json(self.directory / 'best.json', dict(metadata, tag=tag, metric=metric))
         history = [t for t in self._history() if t != tag] + [tag]
         write_json(self.directory / 'latest.json', {'tag': tag, 'history': history[-self.keep_last:]})

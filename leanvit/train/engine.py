@@ -223,7 +223,8 @@ def train(config: TrainConfig) -> dict:
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), rng=rng_state(),
                          ema=ema.state_dict() if ema is not None else None)
-            checkpoints.save(tag, model, meta, state, metric=metrics['top1'] if metrics else None)
+            checkpoints.save(tag, model, meta, state, metric=metrics['top1'] if metrics else None,
+                             evaluated_model=ema.module if ema is not None else model)
         return tag
 
     # The loop.
@@ -282,6 +283,7 @@ def train(config: TrainConfig) -> dict:
             if config.save_every_steps and step % config.save_every_steps == 0 and step < steps_per_epoch:
                 last_good = save(epoch, step)
         bar.close()
+        train_speed = (seen - start_seen) / (time.perf_counter() - start)  # this process, training steps only
 
         if world_size > 1:  # the epoch's training metrics over every process's share
             totals = torch.tensor([seen, correct, loss_sum], dtype=torch.float64, device=device)
@@ -291,7 +293,7 @@ def train(config: TrainConfig) -> dict:
         history.append(dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
                             train_top1=100 * correct / max(seen, 1), val_loss=metrics['loss'],
                             val_top1=metrics['top1'], val_top5=metrics['top5'],
-                            lr=optimizer.param_groups[0]['lr']))
+                            lr=optimizer.param_groups[0]['lr'], train_images_per_s=round(train_speed, 1)))
         epoch, step, seen, correct, loss_sum = epoch + 1, 0, 0, 0, 0.
         last_good = save(epoch, 0, metrics)
         if is_main:
