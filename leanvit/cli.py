@@ -121,6 +121,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_logits(args: argparse.Namespace) -> int:
+    from leanvit.data import build_datasets
+    from leanvit.distill import compute_teacher_logits, save_teacher_logits
+    from leanvit.train.evaluation import data_config, load_trained_model
+
+    teacher, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs)
+    # The evaluation transform on the training split: one deterministic view per image, in the split's order.
+    data = build_datasets(args.data, data_config(teacher, kwargs.get('img_size')), val_split=args.val_split,
+                          augment=False, seed=args.seed)
+    logits = compute_teacher_logits(teacher, data.train, args.batch_size)
+    save_teacher_logits(args.out, logits, dict(teacher=name, teacher_kwargs=kwargs, checkpoint=str(args.checkpoint),
+                                               data=data.description))
+    print(f'wrote {args.out}: logits of {name} for {logits.shape[0]} training images x {logits.shape[1]} classes '
+          f'({data.description})')
+    return 0
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; only flags given on the command line override the recipe."""
     from leanvit.train import TrainConfig
@@ -174,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--output', default=None,
                           help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
     evaluate.set_defaults(func=cmd_eval)
+
+    logits = sub.add_parser('teacher-logits', help="store a teacher's logits for the training split once, so that "
+                                                   "students train with --teacher-logits instead of a live teacher")
+    logits.add_argument('--checkpoint', required=True, help="the teacher's weights (a leanvit run's .safetensors, "
+                                                            "or any checkpoint with --model)")
+    logits.add_argument('--model', default=None, help="teacher model name (default: from the checkpoint's .json)")
+    logits.add_argument('--model-kwargs', type=json.loads, default=None, metavar='JSON')
+    logits.add_argument('--data', default=None, help='the student\'s training data (default: the bundled digits)')
+    logits.add_argument('--val-split', type=float, default=None, help='as the student run will use it')
+    logits.add_argument('--seed', type=int, default=0, help='as the student run will use it (val-split order)')
+    logits.add_argument('--batch-size', type=int, default=64)
+    logits.add_argument('--out', required=True, help='output .safetensors file')
+    logits.set_defaults(func=cmd_teacher_logits)
     return parser
 
 

@@ -72,6 +72,21 @@ class LabelledImages(Dataset):
         return self.transform(image), self.labels[index]
 
 
+class WithIndex(Dataset):
+    """``dataset``'s samples with their index appended, ``(image, label, index)``: for per-sample lookups such as
+    precomputed teacher logits."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
 def build_datasets(
         data: str | None,
         model_cfg: dict,

@@ -1,4 +1,4 @@
-"""``leanvit eval``: its numbers match an independent computation, its confusion matrix adds up, its errors are clear."""
+"""``leanvit eval``: numbers match an independent computation, the confusion matrix adds up, errors are clear."""
 
 import json
 import re

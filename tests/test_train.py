@@ -89,7 +89,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         return loss * float('nan') if calls['n'] == 5 else loss
 
     monkeypatch.setattr('leanvit.train.engine.F.cross_entropy', poisoned)
-    with pytest.raises(FloatingPointError, match=r'loss is nan at epoch 1, step 5.*last good checkpoint is step-0000004'):
+    with pytest.raises(FloatingPointError,
+                       match=r'loss is nan at epoch 1, step 5.*last good checkpoint is step-0000004'):
         train(config)
     assert json.loads((tmp_path / 'latest.json').read_text())['tag'] == 'step-0000004'
 
@@ -120,3 +121,35 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     changed = load_file(tmp_path / 'one' / f'{tag}.safetensors')
     assert any(not torch.equal(changed[k], v) for k, v in leanvit.create_model(
         'test_vit', img_size=32, num_classes=10).state_dict().items() if k in changed)
+
+
+def test_precomputed_teacher_logits_train_like_the_live_teacher(tmp_path):
+    teacher = leanvit.create_model('test_sret', img_size=32, num_classes=10)
+    leanvit.save_weights(teacher, tmp_path / 'teacher.safetensors')
+    (tmp_path / 'teacher.json').write_text(json.dumps(dict(model='test_sret',
+                                                           model_kwargs=dict(img_size=32, num_classes=10))))
+    from leanvit.cli import main
+    assert main(['teacher-logits', '--checkpoint', str(tmp_path / 'teacher.safetensors'),
+                 '--out', str(tmp_path / 'logits.safetensors')]) == 0
+    common = dict(TINY, epochs=1, augment=False, kd='soft_ce', kd_alpha=0.5, kd_tau=2.0)
+    live = train(TrainConfig(**common, output=str(tmp_path / 'live'), teacher='test_sret',
+                             teacher_checkpoint=str(tmp_path / 'teacher.safetensors')))
+    stored = train(TrainConfig(**common, output=str(tmp_path / 'stored'),
+                               teacher_logits=str(tmp_path / 'logits.safetensors')))
+    assert stored['val_loss'] == pytest.approx(live['val_loss'], rel=1e-4)
+    tag = json.loads((tmp_path / 'live' / 'latest.json').read_text())['tag']
+    a = load_file(tmp_path / 'live' / f'{tag}.safetensors')
+    b = load_file(tmp_path / 'stored' / f'{tag}.safetensors')
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_teacher_logits_for_other_data_are_refused(tmp_path):
+    from leanvit.distill import save_teacher_logits
+    save_teacher_logits(tmp_path / 'logits.safetensors', torch.zeros(100, 10), dict(data='elsewhere'))
+    with pytest.raises(ValueError, match=r'hold \(100, 10\) .* training split has 1437 images of 10 classes.*'
+                                         r'elsewhere'):
+        train(TrainConfig(**TINY, output=str(tmp_path / 'run'), teacher_logits=str(tmp_path / 'logits.safetensors')))
+    with pytest.raises(ValueError, match='cannot be used with mixup'):
+        train(TrainConfig(**TINY, output=str(tmp_path / 'run2'), mixup=0.8,
+                          teacher_logits=str(tmp_path / 'logits.safetensors')))

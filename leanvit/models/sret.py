@@ -251,9 +251,9 @@ class SReT(nn.Module):
         mlp_ratio: Hidden / width ratio of the shared blocks' MLP (truncated to int per stage).
         nll_ratio: Hidden / width ratio of the NLL MLPs.
         eval_permutation: 'fixed' (deterministic eval, default) or 'random' (the official behaviour).
-        mixed_depth: Mixed-depth training (the paper shows it in a figure only; our reading): each training forward applies
-            every shared block a random 1..recursion times, so shallower sub-networks that share the weights train
-            too, which makes very deep recursive models trainable. Evaluation always uses the full depth.
+        mixed_depth: Mixed-depth training (the paper shows it in a figure only; our reading): each training forward
+            applies every shared block a random 1..recursion times, so the shallower sub-networks that share the
+            weights train too; meant to make very deep recursive models trainable. Evaluation uses the full depth.
         drop_rate: Dropout in MLPs, projections and before the classifier.
         pos_drop_rate: Dropout after adding the position embedding.
         attn_drop_rate: Dropout on attention weights.

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 import leanvit
 from leanvit.checkpoint import atomic_write
-from leanvit.data import build_datasets
-from leanvit.distill import distillation_loss
+from leanvit.data import WithIndex, build_datasets
+from leanvit.distill import distillation_loss, load_teacher_logits
 from leanvit.train.checkpoints import CheckpointManager, rng_state, set_rng_state
 from leanvit.train.evaluation import data_config, evaluate_model
 
@@ -71,6 +71,7 @@ class TrainConfig:
     teacher: str | None = None
     teacher_checkpoint: str | None = None
     teacher_kwargs: dict = dataclasses.field(default_factory=dict)
+    teacher_logits: str | None = None    # precomputed by `leanvit teacher-logits`, instead of a live teacher
     kd: str = 'soft_ce'
     kd_alpha: float = 0.5
     kd_tau: float = 1.0
@@ -147,9 +148,32 @@ def train(config: TrainConfig) -> dict:
     if config.img_size:
         model_kwargs['img_size'] = config.img_size
     probe = leanvit.create_model(config.model, **model_kwargs)
-    data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split, augment=config.augment,
-                          auto_augment=config.auto_augment, re_prob=config.re_prob, bad_images=config.bad_images,
-                          seed=config.seed)
+    data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
+                          augment=config.augment, auto_augment=config.auto_augment, re_prob=config.re_prob,
+                          bad_images=config.bad_images, seed=config.seed)
+    mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
+                  num_classes=data.num_classes) if config.mixup or config.cutmix else None
+    # Mixup's targets are distributions that already carry the label smoothing.
+    label_loss = SoftTargetCrossEntropy() if mixup is not None else \
+        partial(F.cross_entropy, label_smoothing=config.smoothing)
+
+    # The teacher is built before the training generators are seeded: its presence must not change the student's
+    # initialisation or random draws (KD and label-only runs of one seed start identically).
+    teacher, teacher_table = None, None
+    if config.teacher_logits:
+        if config.teacher:
+            raise ValueError('give either a teacher model or precomputed teacher_logits, not both')
+        if mixup is not None:
+            raise ValueError('precomputed teacher logits describe unmixed images; they cannot be used with '
+                             'mixup/cutmix')
+        teacher_table, _ = load_teacher_logits(config.teacher_logits, len(data.train), data.num_classes)
+    if config.teacher:
+        teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
+        teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs)
+        if config.teacher_checkpoint:
+            leanvit.load_checkpoint(teacher, config.teacher_checkpoint)
+        teacher.to(device).eval().requires_grad_(False)
+
     random_seed(config.seed)  # torch, numpy and Python's random (timm's transforms draw from the latter)
     model = leanvit.create_model(config.model, num_classes=data.num_classes, **model_kwargs).to(device)
     if config.channels_last:
@@ -158,26 +182,14 @@ def train(config: TrainConfig) -> dict:
     sampler = EpochSampler(len(data.train), config.seed, config.batch_size, rank, world_size)
     # The loader's own generator: creating an iterator would otherwise draw from the global RNG, which a resumed
     # run restores mid-epoch, and shift every later random draw.
-    train_loader = DataLoader(data.train, config.batch_size // world_size, sampler=sampler, drop_last=True,
-                              num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
+    train_loader = DataLoader(WithIndex(data.train), config.batch_size // world_size, sampler=sampler,
+                              drop_last=True, num_workers=config.num_workers,
+                              generator=torch.Generator().manual_seed(config.seed))
     val_loader = DataLoader(data.val, config.batch_size, num_workers=config.num_workers)
     steps_per_epoch = len(data.train) // config.batch_size // config.accum_steps
     if steps_per_epoch == 0:
         raise ValueError(f'{len(data.train)} training images give no full step at batch_size {config.batch_size} '
                          f'x accum_steps {config.accum_steps}')
-    mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
-                  num_classes=data.num_classes) if config.mixup or config.cutmix else None
-    # Mixup's targets are distributions that already carry the label smoothing.
-    label_loss = SoftTargetCrossEntropy() if mixup is not None else \
-        partial(F.cross_entropy, label_smoothing=config.smoothing)
-
-    teacher = None
-    if config.teacher:
-        teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
-        teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs)
-        if config.teacher_checkpoint:
-            leanvit.load_checkpoint(teacher, config.teacher_checkpoint)
-        teacher.to(device).eval().requires_grad_(False)
 
     # Optimizer and schedule (timm's factories keep 1-D parameters, like the LRC scalars, out of weight decay).
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
@@ -240,7 +252,7 @@ def train(config: TrainConfig) -> dict:
         epoch_stats, start, start_seen = dict(seen=0, correct=0, loss_sum=0.), time.perf_counter(), seen
         while step < steps_per_epoch:
             for micro_step in range(config.accum_steps):
-                images, targets = next(batches)
+                images, targets, indices = next(batches)
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if config.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -252,9 +264,12 @@ def train(config: TrainConfig) -> dict:
                 with contextlib.nullcontext() if sync else forward_model.no_sync():
                     with torch.autocast(device.type, dtype=AMP_DTYPES[config.amp], enabled=config.amp != 'none'):
                         logits = forward_model(images).float()
-                        if teacher is not None:
-                            with torch.no_grad():
-                                teacher_logits = teacher(images).float()
+                        if teacher is not None or teacher_table is not None:
+                            if teacher_table is not None:
+                                teacher_logits = teacher_table[indices].to(device)
+                            else:
+                                with torch.no_grad():
+                                    teacher_logits = teacher(images).float()
                             loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha,
                                                      config.kd_tau)
                         else:
