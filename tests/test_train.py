@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -153,3 +154,29 @@ def test_teacher_logits_for_other_data_are_refused(tmp_path):
     with pytest.raises(ValueError, match='cannot be used with mixup'):
         train(TrainConfig(**TINY, output=str(tmp_path / 'run2'), mixup=0.8,
                           teacher_logits=str(tmp_path / 'logits.safetensors')))
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    # test_vit has no batch statistics, so two micro-batches of 32 make the same step as one batch of 64.
+    common = dict(TINY, model='test_vit', epochs=1, augment=False, opt='sgd', lr=0.05, weight_decay=0.)
+    train(TrainConfig(**dict(common, batch_size=64), output=str(tmp_path / 'large')))
+    train(TrainConfig(**dict(common, batch_size=32), accum_steps=2, output=str(tmp_path / 'accumulated')))
+    tag = json.loads((tmp_path / 'large' / 'latest.json').read_text())['tag']
+    assert json.loads((tmp_path / 'accumulated' / 'latest.json').read_text())['tag'] == tag
+    large = load_file(tmp_path / 'large' / f'{tag}.safetensors')
+    accumulated = load_file(tmp_path / 'accumulated' / f'{tag}.safetensors')
+    for key in large:
+        torch.testing.assert_close(accumulated[key], large[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bf16_autocast_ema_mixup_and_channels_last_train(tmp_path):
+    final = train(TrainConfig(**dict(TINY, epochs=1), output=str(tmp_path), amp='bf16', ema_decay=0.9,
+                              mixup=0.8, cutmix=1.0, smoothing=0.1, channels_last=True))
+    assert all(math.isfinite(final[k]) for k in ('train_loss', 'val_loss'))
+    best = json.loads((tmp_path / 'best.json').read_text())
+    assert best['metric'] == final['val_top1']  # best is scored on the EMA weights it saves
+
+
+def test_unknown_amp_mode_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"amp must be one of \['bf16', 'fp16', 'none'\], got 'fp8'"):
+        train(TrainConfig(**dict(TINY, epochs=1), output=str(tmp_path), amp='fp8'))
