@@ -154,6 +154,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS)
 
 
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """Which trained model to run, and on which data (shared by eval and teacher-logits)."""
+    parser.add_argument('--checkpoint', required=True, help="a leanvit run's .safetensors (its .json names the "
+                                                            "model), or any checkpoint leanvit loads, with --model")
+    parser.add_argument('--model', default=None, help="model name (default: from the checkpoint's .json)")
+    parser.add_argument('--model-kwargs', type=json.loads, default=None, metavar='JSON',
+                        help="model arguments, e.g. '{\"num_classes\": 10}'; override the checkpoint's .json")
+    parser.add_argument('--data', default=None, help='an image folder or torch/NAME:ROOT, as in training '
+                                                     '(default: the bundled digits)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='leanvit', description=__doc__)
     parser.add_argument('--version', action='version', version=f'leanvit {leanvit.__version__}')
@@ -180,13 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser('eval', help='top-1 / top-5 / loss and confusion matrix of a checkpoint on the '
                                            'validation split')
-    evaluate.add_argument('--checkpoint', required=True, help="a leanvit run's .safetensors (its .json names the "
-                                                              "model), or any checkpoint leanvit loads, with --model")
-    evaluate.add_argument('--model', default=None, help="model name (default: from the checkpoint's .json)")
-    evaluate.add_argument('--model-kwargs', type=json.loads, default=None, metavar='JSON',
-                          help="model arguments, e.g. '{\"num_classes\": 10}'; override the checkpoint's .json")
-    evaluate.add_argument('--data', default=None, help='as in training: an image folder or torch/NAME:ROOT '
-                                                       '(default: the bundled digits)')
+    _add_checkpoint_args(evaluate)
     evaluate.add_argument('--batch-size', type=int, default=64)
     evaluate.add_argument('--output', default=None,
                           help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
@@ -194,11 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     logits = sub.add_parser('teacher-logits', help="store a teacher's logits for the training split once, so that "
                                                    "students train with --teacher-logits instead of a live teacher")
-    logits.add_argument('--checkpoint', required=True, help="the teacher's weights (a leanvit run's .safetensors, "
-                                                            "or any checkpoint with --model)")
-    logits.add_argument('--model', default=None, help="teacher model name (default: from the checkpoint's .json)")
-    logits.add_argument('--model-kwargs', type=json.loads, default=None, metavar='JSON')
-    logits.add_argument('--data', default=None, help='the student\'s training data (default: the bundled digits)')
+    _add_checkpoint_args(logits)
     logits.add_argument('--val-split', type=float, default=None, help='as the student run will use it')
     logits.add_argument('--seed', type=int, default=0, help='as the student run will use it (val-split order)')
     logits.add_argument('--batch-size', type=int, default=64)

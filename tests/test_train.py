@@ -30,6 +30,19 @@ def run_cli_train(output: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
+def final_weights(*runs: Path) -> list[dict]:
+    """The last checkpoint's weights of each run, after checking that all runs ended at the same step."""
+    tags = [json.loads((run / 'latest.json').read_text())['tag'] for run in runs]
+    assert len(set(tags)) == 1, tags
+    return [load_file(run / f'{tag}.safetensors') for run, tag in zip(runs, tags)]
+
+
+def assert_close_weights(expected: dict, got: dict):
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 def summary_without_timing(run: Path) -> list[dict]:
     """summary.csv rows minus the measured speed, which differs between any two runs."""
     with open(run / 'summary.csv') as f:
@@ -71,9 +84,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path):
 
     resumed = run_cli_train(tmp_path / 'killed', '--save-every-steps', '3')
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
-    final_tag = json.loads((tmp_path / 'reference' / 'latest.json').read_text())['tag']
-    expected = load_file(tmp_path / 'reference' / f'{final_tag}.safetensors')
-    got = load_file(tmp_path / 'killed' / f'{final_tag}.safetensors')
+    expected, got = final_weights(tmp_path / 'reference', tmp_path / 'killed')
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert summary_without_timing(tmp_path / 'reference') == summary_without_timing(tmp_path / 'killed')
@@ -110,18 +121,13 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', '-m', 'leanvit.cli',
          *common, '--output', str(tmp_path / 'two')], capture_output=True, text=True, env=env)
     assert parallel.returncode == 0, parallel.stdout + parallel.stderr
-    tag = json.loads((tmp_path / 'one' / 'latest.json').read_text())['tag']
-    assert json.loads((tmp_path / 'two' / 'latest.json').read_text())['tag'] == tag
-    one = load_file(tmp_path / 'one' / f'{tag}.safetensors')
-    two = load_file(tmp_path / 'two' / f'{tag}.safetensors')
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    one, two = final_weights(tmp_path / 'one', tmp_path / 'two')
+    assert_close_weights(one, two)
     one_row, two_row = (summary_without_timing(tmp_path / run)[0] for run in ('one', 'two'))
     assert {k: float(v) for k, v in two_row.items()} == pytest.approx({k: float(v) for k, v in one_row.items()},
                                                                       rel=1e-4)
-    changed = load_file(tmp_path / 'one' / f'{tag}.safetensors')
-    assert any(not torch.equal(changed[k], v) for k, v in leanvit.create_model(
-        'test_vit', img_size=32, num_classes=10).state_dict().items() if k in changed)
+    assert any(not torch.equal(one[k], v) for k, v in leanvit.create_model(
+        'test_vit', img_size=32, num_classes=10).state_dict().items() if k in one)
 
 
 def test_precomputed_teacher_logits_train_like_the_live_teacher(tmp_path):
@@ -138,11 +144,7 @@ def test_precomputed_teacher_logits_train_like_the_live_teacher(tmp_path):
     stored = train(TrainConfig(**common, output=str(tmp_path / 'stored'),
                                teacher_logits=str(tmp_path / 'logits.safetensors')))
     assert stored['val_loss'] == pytest.approx(live['val_loss'], rel=1e-4)
-    tag = json.loads((tmp_path / 'live' / 'latest.json').read_text())['tag']
-    a = load_file(tmp_path / 'live' / f'{tag}.safetensors')
-    b = load_file(tmp_path / 'stored' / f'{tag}.safetensors')
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_close_weights(*final_weights(tmp_path / 'live', tmp_path / 'stored'))
 
 
 def test_teacher_logits_for_other_data_are_refused(tmp_path):
@@ -161,12 +163,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     common = dict(TINY, model='test_vit', epochs=1, augment=False, opt='sgd', lr=0.05, weight_decay=0.)
     train(TrainConfig(**dict(common, batch_size=64), output=str(tmp_path / 'large')))
     train(TrainConfig(**dict(common, batch_size=32), accum_steps=2, output=str(tmp_path / 'accumulated')))
-    tag = json.loads((tmp_path / 'large' / 'latest.json').read_text())['tag']
-    assert json.loads((tmp_path / 'accumulated' / 'latest.json').read_text())['tag'] == tag
-    large = load_file(tmp_path / 'large' / f'{tag}.safetensors')
-    accumulated = load_file(tmp_path / 'accumulated' / f'{tag}.safetensors')
-    for key in large:
-        torch.testing.assert_close(accumulated[key], large[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_close_weights(*final_weights(tmp_path / 'large', tmp_path / 'accumulated'))
 
 
 def test_bf16_autocast_ema_mixup_and_channels_last_train(tmp_path):
