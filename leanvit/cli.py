@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ import typing
 import torch
 
 import leanvit
+from leanvit.export import DEFAULT_ATOL, FORMATS, export_model
 
 MODEL_COLUMNS = ('model', 'params', 'gmacs', 'input', 'paper_params', 'paper_gmacs', 'paper_top1')
 
@@ -138,6 +140,28 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from leanvit.train.evaluation import data_config, load_trained_model
+
+    # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the verification checks the file.
+    logging.getLogger('onnxscript').setLevel(logging.ERROR)
+    model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs)
+    input_size = data_config(model, args.img_size or kwargs.get('img_size'))['input_size']
+    report = export_model(model, args.out, args.format, input_size, batch_size=args.batch_size,
+                          dynamic_batch=not args.static_batch, opset=args.opset, atol=args.atol, reparam=args.reparam)
+    print(f'model      {name} ({"x".join(map(str, input_size))}) from {args.checkpoint}')
+    if report.reparam_modules is not None:
+        print(f'reparam    {report.reparam_modules} modules folded; max abs diff vs the original model '
+              f'{report.reparam_max_diff:.3g}')
+    opset = f', opset {report.opset}' if report.opset is not None else ''
+    batch = 'any batch size' if report.dynamic_batch else f'batch size {report.input_shape[0]} only'
+    print(f'format     {report.format}{opset}, {batch}')
+    print(f'verified   max abs diff vs PyTorch {report.max_diff:.3g} (tolerance {report.atol:g}, batch sizes '
+          f'{", ".join(map(str, report.batch_sizes))})')
+    print(f'wrote      {report.path} ({report.path.stat().st_size / 2 ** 20:.1f} MiB)')
+    return 0
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; only flags given on the command line override the recipe."""
     from leanvit.train import TrainConfig
@@ -154,15 +178,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS)
 
 
-def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """Which trained model to run, and on which data (shared by eval and teacher-logits)."""
+def _add_checkpoint_args(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    """Which trained model to run (shared by eval, teacher-logits and export), and on which data if ``data``."""
     parser.add_argument('--checkpoint', required=True, help="a leanvit run's .safetensors (its .json names the "
                                                             "model), or any checkpoint leanvit loads, with --model")
     parser.add_argument('--model', default=None, help="model name (default: from the checkpoint's .json)")
     parser.add_argument('--model-kwargs', type=json.loads, default=None, metavar='JSON',
                         help="model arguments, e.g. '{\"num_classes\": 10}'; override the checkpoint's .json")
-    parser.add_argument('--data', default=None, help='an image folder or torch/NAME:ROOT, as in training '
-                                                     '(default: the bundled digits)')
+    if data:
+        parser.add_argument('--data', default=None, help='an image folder or torch/NAME:ROOT, as in training '
+                                                         '(default: the bundled digits)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     logits.add_argument('--batch-size', type=int, default=64)
     logits.add_argument('--out', required=True, help='output .safetensors file')
     logits.set_defaults(func=cmd_teacher_logits)
+
+    export = sub.add_parser(
+        'export', help='write a checkpoint as ONNX or TorchScript and verify the file reproduces the model',
+        description='Export a trained model, run the written file (ONNX Runtime / torch.jit.load) and the PyTorch '
+                    'model on seeded random inputs, and fail, leaving --out as it was, if their outputs differ by '
+                    'more than --atol. TorchScript is traced (torch.jit.trace), not scripted: leanvit models do not '
+                    'script, and a trace records one path through the code, so it is verified like the ONNX file; '
+                    'torch deprecates TorchScript, prefer ONNX. ONNX export needs pip install "leanvit[export]".')
+    _add_checkpoint_args(export, data=False)
+    export.add_argument('--format', choices=FORMATS, default='onnx',
+                        help='onnx (dynamic batch axis, verified in ONNX Runtime) or torchscript (torch.jit.trace)')
+    export.add_argument('--out', required=True, help='output file; replaced only once the new one passes')
+    export.add_argument('--reparam', action='store_true',
+                        help='re-parameterize for inference first (fuse()/reparameterize() of each module, e.g. '
+                             'RepVGG branches, RIFormer mixers); checked against the original model too')
+    export.add_argument('--img-size', type=int, default=None,
+                        help='input resolution (default: the one the model was built for; to build it at another, '
+                             'pass img_size in --model-kwargs)')
+    export.add_argument('--batch-size', type=int, default=2, help='batch size of the sample inputs')
+    export.add_argument('--static-batch', action='store_true',
+                        help='fix the batch size to --batch-size (default: any batch size, verified at two)')
+    export.add_argument('--opset', type=int, default=None, help="ONNX opset (default: torch's exporter's)")
+    export.add_argument('--atol', type=float, default=DEFAULT_ATOL,
+                        help='largest absolute output difference allowed (default: %(default)g)')
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -11,10 +11,12 @@ from timm.models import PretrainedCfg, is_model, model_entrypoint
 class PaperCfg(PretrainedCfg):
     """timm's pretrained cfg plus the figures the paper reports for this configuration.
 
-    ``paper_params`` is the exact count of the official implementation, ``paper_gmacs`` the multiply-accumulates
+    ``paper_params`` is the exact count of the official implementation (``paper_deploy_params`` after
+    ``reparameterize()``, for models with a re-parameterizable training form), ``paper_gmacs`` the multiply-accumulates
     (attention matmuls included) at ``input_size``, ``paper_top1`` the ImageNet-1k top-1 (%) of the official weights.
     """
     paper_params: int | None = None
+    paper_deploy_params: int | None = None
     paper_gmacs: float | None = None
     paper_top1: float | None = None
 

@@ -33,6 +33,8 @@ import leanvit
 from leanvit.checkpoint import atomic_write
 from leanvit.data import WithIndex, build_datasets
 from leanvit.distill import distillation_loss, load_teacher_logits
+from leanvit.distill.imitation import BLOCK_PATTERN, ImitationWeights, ModuleImitation
+from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.train.checkpoints import CheckpointManager, rng_state, set_rng_state
 from leanvit.train.evaluation import data_config, evaluate_model
 
@@ -75,6 +77,13 @@ class TrainConfig:
     kd: str = 'soft_ce'
     kd_alpha: float = 0.5
     kd_tau: float = 1.0
+    # RIFormer module imitation (leanvit.distill.imitation): one weight per term, 0 turns it off; needs a live teacher
+    imitate_block_output: float = 0.
+    imitate_mixer_output: float = 0.
+    imitate_relation: float = 0.
+    imitation_blocks: str = BLOCK_PATTERN          # regex naming the student's blocks (groups: stage, block)
+    teacher_imitation_blocks: str = BLOCK_PATTERN  # the same for the teacher
+    init_from_teacher: bool = False      # copy every same-name, same-shape teacher weight but the token mixers
     seed: int = 0
     deterministic: bool = False
     device: str | None = None            # None: CUDA if available, else CPU (torchrun: this rank's GPU)
@@ -178,6 +187,18 @@ def train(config: TrainConfig) -> dict:
     model = leanvit.create_model(config.model, num_classes=data.num_classes, **model_kwargs).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    imitation_weights = ImitationWeights(config.imitate_block_output, config.imitate_mixer_output,
+                                         config.imitate_relation)
+    if (config.init_from_teacher or imitation_weights) and teacher is None:
+        raise ValueError('init_from_teacher and module imitation (imitate_*) need a live teacher model (teacher: '
+                         'NAME), not precomputed teacher_logits')
+    if config.init_from_teacher:
+        report = init_from_teacher(model, teacher)
+        if is_main:
+            print(f'student initialised from {config.teacher}: {report.summary()}', flush=True)
+            (output / 'teacher_init.json').write_text(json.dumps(dataclasses.asdict(report), indent=2) + '\n')
+    imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks,
+                                config.teacher_imitation_blocks) if imitation_weights else None
     random_seed(config.seed + rank)  # ranks draw different augmentations; DDP broadcasts rank 0's weights
     sampler = EpochSampler(len(data.train), config.seed, config.batch_size, rank, world_size)
     # The loader's own generator: creating an iterator would otherwise draw from the global RNG, which a resumed
@@ -272,6 +293,8 @@ def train(config: TrainConfig) -> dict:
                                     teacher_logits = teacher(images).float()
                             loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha,
                                                      config.kd_tau)
+                            if imitation is not None:
+                                loss = loss + imitation.loss()
                         else:
                             loss = label_loss(logits, targets)
                     if not math.isfinite(loss.item()):

@@ -1,0 +1,141 @@
+"""RIFormer's module imitation (paper Sec. 3.4): the student's blocks imitate a teacher's with a token mixer.
+
+Total loss (riformer.md) = L_soft + w_block * L'_in + w_mixer * L_out + w_relation * L_rel, where
+- L'_in (`feature_mse` on block outputs): the student's block outputs match the teacher's. The paper matches the
+  token mixers' inputs and relaxes that to the block outputs, which are the next block's input;
+- L_out (`mixer_output_mse`): fed the teacher's normalised input, the student's affine mixer reproduces the teacher's
+  token-mixer output (the affine learns what pooling or attention did);
+- L_rel (`relation_mse`): the token-to-token similarity (Gram) matrices of block outputs match. The paper does not
+  define the relation matrix; our reading is the cosine similarity between the tokens of one image, which needs no
+  equal channel counts, so it also works for a teacher of other widths (GFNet-H-B beside RIFormer-S12).
+No code was released and the weights, the temperature and the pairing of layers are unpublished: each term has its
+own weight (0 turns it off), blocks are named by a pattern, and stages pair by order (same resolution). Inside a stage
+of another depth, student block j of d_s pairs with teacher block ceil((j + 1) * d_t / d_s) - 1, so the last blocks
+of each stage always pair.
+"""
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanvit.distill.taps import FeatureTaps
+
+BLOCK_PATTERN = r'stages\.(\d+)\.blocks\.(\d+)'   # MetaFormer / RIFormer / timm poolformer module names
+
+
+def as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) tokens of a (B, C, H, W) map or of (B, N, C) tokens."""
+    if x.ndim == 4:
+        return x.flatten(2).transpose(1, 2)
+    if x.ndim == 3:
+        return x
+    raise ValueError(f'expected a (B, C, H, W) map or (B, N, C) tokens, got shape {tuple(x.shape)}')
+
+
+def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between two features of one shape (L'_in on block outputs, L_out on mixer outputs)."""
+    if student.shape != teacher.shape:
+        raise ValueError(f'student feature {tuple(student.shape)} and teacher feature {tuple(teacher.shape)} differ; '
+                         'feature matching needs equal shapes (use the relation term for teachers of other widths)')
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def relation_matrix(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) cosine similarities between the tokens of each image."""
+    tokens = F.normalize(as_tokens(x).float(), dim=-1)
+    return tokens @ tokens.transpose(1, 2)
+
+
+def relation_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L_rel: mean squared error between the token relation matrices of two features of one resolution."""
+    s, t = relation_matrix(student), relation_matrix(teacher)
+    if s.shape != t.shape:
+        raise ValueError(f'relation matrices {tuple(s.shape)} and {tuple(t.shape)} differ: the paired features need '
+                         'the same number of tokens')
+    return F.mse_loss(s, t)
+
+
+def mixer_output_mse(student_mixer: nn.Module, teacher_input: torch.Tensor, teacher_output: torch.Tensor):
+    """L_out: the student's token mixer applied to the teacher mixer's input, against the teacher mixer's output."""
+    return feature_mse(student_mixer(teacher_input.detach()), teacher_output.detach())
+
+
+def blocks_by_stage(model: nn.Module, pattern: str = BLOCK_PATTERN) -> list[list[str]]:
+    """Module names matching ``pattern`` (two groups: stage, block), grouped by stage in order."""
+    stages = defaultdict(list)
+    for name, _ in model.named_modules():
+        if match := re.fullmatch(pattern, name):
+            stages[int(match.group(1))].append((int(match.group(2)), name))
+    if not stages:
+        raise ValueError(f'no module of {type(model).__name__} matches the block pattern {pattern!r}')
+    return [[name for _, name in sorted(stages[s])] for s in sorted(stages)]
+
+
+def pair_blocks(student: list[list[str]], teacher: list[list[str]]) -> list[tuple[str, str]]:
+    """(student block, teacher block) pairs: stage by stage, proportionally by depth inside a stage."""
+    if len(student) != len(teacher):
+        raise ValueError(f'the student has {len(student)} stages and the teacher {len(teacher)}; module imitation '
+                         'pairs blocks stage by stage')
+    pairs = []
+    for s_blocks, t_blocks in zip(student, teacher):
+        for j, name in enumerate(s_blocks):
+            pairs.append((name, t_blocks[math.ceil((j + 1) * len(t_blocks) / len(s_blocks)) - 1]))
+    return pairs
+
+
+@dataclass(frozen=True)
+class ImitationWeights:
+    block_output: float = 0.
+    mixer_output: float = 0.
+    relation: float = 0.
+
+    def __bool__(self) -> bool:
+        return any((self.block_output, self.mixer_output, self.relation))
+
+
+class ModuleImitation:
+    """Taps the paired blocks of a student and a teacher; `loss` after both forwards gives the weighted terms.
+
+    Usage: ``imitation = ModuleImitation(student, teacher, weights)``; per step run ``student(x)`` and ``teacher(x)``,
+    then ``total = kd_loss + imitation.loss()``. ``imitation.remove()`` detaches the hooks.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, weights: ImitationWeights,
+                 student_blocks: str = BLOCK_PATTERN, teacher_blocks: str = BLOCK_PATTERN):
+        self.weights = weights
+        self.pairs = pair_blocks(blocks_by_stage(student, student_blocks), blocks_by_stage(teacher, teacher_blocks))
+        self.student_mixers = {}
+        if weights.mixer_output:
+            self.student_mixers = {s: student.get_submodule(s + '.token_mixer') for s, _ in self.pairs}
+        self.student_taps = FeatureTaps(student, [s for s, _ in self.pairs])
+        self.teacher_taps = FeatureTaps(teacher, [t for _, t in self.pairs])
+        self.teacher_mixer_taps = FeatureTaps(teacher, [t + '.token_mixer' for _, t in self.pairs], inputs=True) \
+            if weights.mixer_output else None
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        """Each enabled term, averaged over the block pairs, from the last student and teacher forwards."""
+        student, teacher = self.student_taps.outputs, self.teacher_taps.outputs
+        terms = {}
+        if self.weights.block_output:
+            terms['block_output'] = torch.stack([feature_mse(student[s], teacher[t]) for s, t in self.pairs]).mean()
+        if self.weights.relation:
+            terms['relation'] = torch.stack([relation_mse(student[s], teacher[t]) for s, t in self.pairs]).mean()
+        if self.weights.mixer_output:
+            inputs, outputs = self.teacher_mixer_taps.inputs, self.teacher_mixer_taps.outputs
+            terms['mixer_output'] = torch.stack([
+                mixer_output_mse(self.student_mixers[s], inputs[t + '.token_mixer'], outputs[t + '.token_mixer'])
+                for s, t in self.pairs]).mean()
+        return terms
+
+    def loss(self) -> torch.Tensor:
+        return sum(getattr(self.weights, name) * value for name, value in self.terms().items())
+
+    def remove(self):
+        for taps in (self.student_taps, self.teacher_taps, self.teacher_mixer_taps):
+            if taps is not None:
+                taps.remove()

@@ -1,0 +1,61 @@
+"""MetaFormer token mixers: the PoolFormer pooling mixer and the RIFormer affine mixer, with its exact fold.
+
+Both return ``mix(x) - x``: the block adds the input back through its residual, so a mixer that returned ``x`` would
+count it twice (PoolFormer, Sec. 3.1).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PoolingTokenMixer(nn.Module):
+    """PoolFormer's mixer: 3 x 3 average pooling (padding excluded from the mean) minus the identity."""
+
+    def __init__(self, dim: int | None = None, pool_size: int = 3):
+        super().__init__()
+        self.pool_size = pool_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.pool_size, 1, self.pool_size // 2, count_include_pad=False) - x
+
+
+class AffineTokenMixer(nn.Module):
+    """RIFormer's training-time mixer (Sec. 3.3): a per-channel affine ``s * x + t`` minus the identity.
+
+    The parameters live in a depthwise 1 x 1 convolution (``affine.weight`` [C, 1, 1, 1] is s, ``affine.bias`` is t)
+    so that the state_dict matches the official mmpretrain layout; the forward is one fused multiply-add.
+    The official code leaves the initial values to a config whose truncated-normal init makes s almost 0 (the mixer
+    starts as -x). leanvit starts at s = 1, t = 0: the mixer adds nothing, so training starts from the
+    token-mixer-free network the paper is about and the affine learns only what helps.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.affine = nn.Conv2d(dim, dim, kernel_size=1, groups=dim, bias=True)
+        nn.init.ones_(self.affine.weight)
+        nn.init.zeros_(self.affine.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale_minus_one = (self.affine.weight.view(1, -1, 1, 1) - 1)
+        return torch.addcmul(self.affine.bias.view(1, -1, 1, 1), x, scale_minus_one)
+
+
+def fold_affine_into_norm(
+        norm_weight: torch.Tensor,
+        norm_bias: torch.Tensor,
+        affine_weight: torch.Tensor,
+        affine_bias: torch.Tensor,
+        layer_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one norm equal to ``AffineTokenMixer(norm(x))`` (times ``layer_scale`` if given).
+
+    With the norm's per-channel weight g and bias b, ``s * (g * n + b) + t - (g * n + b)`` for the normalised n is
+    ``g (s - 1) * n + b (s - 1) + t``: the same normalisation with weight g (s - 1) and bias b (s - 1) + t. A layer
+    scale l multiplies both. Exact up to float rounding, for any input.
+    """
+    scale_minus_one = affine_weight.reshape(-1) - 1
+    weight, bias = norm_weight * scale_minus_one, norm_bias * scale_minus_one + affine_bias.reshape(-1)
+    if layer_scale is not None:
+        weight, bias = weight * layer_scale.reshape(-1), bias * layer_scale.reshape(-1)
+    return weight, bias

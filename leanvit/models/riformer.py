@@ -1,0 +1,498 @@
+"""RIFormer: a MetaFormer with no token mixer at inference.
+
+Paper: Jiahao Wang, Songyang Zhang, Yong Liu, Taiqiang Wu, Yujiu Yang, Xihui Liu, Kai Chen, Ping Luo, Dahua Lin,
+"RIFormer: Keep Your Vision Backbone Effective But Removing Token Mixer", CVPR 2023, https://arxiv.org/abs/2304.05659
+Official code (backbone and re-parameterization only): github.com/open-mmlab/mmpretrain. Macro design from PoolFormer
+(Yu et al., "MetaFormer Is Actually What You Need for Vision", CVPR 2022, github.com/sail-sg/poolformer).
+
+The idea in one screen (paper Sec. 3):
+- The PoolFormer macro design: a 7 x 7 stride-4 conv stem, four stages of blocks with 3 x 3 stride-2 convs between
+  them, GroupNorm(1) everywhere, a GroupNorm on the final map, average pooling and a linear classifier.
+- Training block: ``x + ls1 * (Affine(GN1(x)) - GN1(x))`` then ``x + ls2 * MLP(GN2(x))``. The token mixer is a
+  per-channel affine (`leanvit.layers.AffineTokenMixer`); it sees one position at a time, so no token talks to another.
+- Structural re-parameterization (Sec. 3.3): an affine of a normalised input is a normalisation with other weights, so
+  `RIFormer.reparameterize` folds the mixer into GN1 exactly (`fold_affine_into_norm`) and the deploy block is
+  ``x + ls1 * GN1'(x)``: no token mixer at all. Optionally the layer scale folds in as well.
+- The accuracy comes from the training method, not from this file: soft-label distillation from a teacher with a
+  token mixer, module imitation and teacher-weight initialisation (`leanvit.distill.imitation`).
+
+The same class builds the teacher: ``token_mixer='pooling'`` is PoolFormer exactly as its authors release it (norm on
+the map before pooling, unlike timm's ``poolformer_*``, which pools first), so official PoolFormer checkpoints load
+into ``riformer_s12(token_mixer='pooling')`` and a PoolFormer teacher shares every module name with its student.
+"""
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from leanvit.checkpoint import unwrap_state_dict
+from leanvit.layers import AffineTokenMixer, ConvMlp, PoolingTokenMixer, check_input_size, fold_affine_into_norm
+from leanvit.models._registry import PaperCfg
+
+__all__ = ['RIFormer', 'RIFormerBlock']
+
+torch.fx.wrap('check_input_size')
+TOKEN_MIXERS = {'affine': AffineTokenMixer, 'pooling': PoolingTokenMixer, 'none': None}
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (``scale`` [C], as in timm's MetaFormer)."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class RIFormerBlock(nn.Module):
+    """One MetaFormer block: ``x + ls1 * mixer(norm1(x))`` then ``x + ls2 * mlp(norm2(x))``.
+
+    ``token_mixer='none'`` is the deploy form: ``norm1`` then carries the folded affine (and, after
+    ``reparameterize(fold_layer_scale=True)``, the layer scale too, and ``layer_scale1`` is gone).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            token_mixer: str = 'affine',
+            mlp_ratio: float = 4.,
+            layer_scale_init: float = 1e-5,
+            drop_path: float = 0.,
+            proj_drop: float = 0.,
+            fold_layer_scale: bool = False,
+    ):
+        super().__init__()
+        if token_mixer not in TOKEN_MIXERS:
+            raise ValueError(f'token_mixer must be one of {sorted(TOKEN_MIXERS)}, got {token_mixer!r}')
+        if fold_layer_scale and token_mixer != 'none':
+            raise ValueError('fold_layer_scale applies to the deploy form only (token_mixer none / deploy=True)')
+        self.norm1 = GroupNorm1(dim)
+        self.token_mixer = TOKEN_MIXERS[token_mixer](dim) if TOKEN_MIXERS[token_mixer] else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.layer_scale1 = nn.Identity() if fold_layer_scale else LayerScale(dim, layer_scale_init)
+        self.norm2 = GroupNorm1(dim)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.layer_scale2 = LayerScale(dim, layer_scale_init)
+
+    def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, layer_scale: nn.Module, drop_path: nn.Module):
+        if isinstance(layer_scale, nn.Identity):
+            return x + drop_path(branch)
+        if self.training and not isinstance(drop_path, nn.Identity):
+            return x + drop_path(layer_scale(branch))
+        # One fused pass instead of a multiply and an add: the deploy block is memory-bound.
+        return torch.addcmul(x, layer_scale.scale.view(1, -1, 1, 1), branch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._add_branch(x, self.token_mixer(self.norm1(x)), self.layer_scale1, self.drop_path1)
+        return self._add_branch(x, self.mlp(self.norm2(x)), self.layer_scale2, self.drop_path2)
+
+    @torch.no_grad()
+    def reparameterize(self, fold_layer_scale: bool = False):
+        """Fold the affine token mixer into ``norm1`` (and ``layer_scale1`` if asked); a no-op once folded."""
+        if isinstance(self.token_mixer, AffineTokenMixer):
+            weight, bias = fold_affine_into_norm(
+                self.norm1.weight, self.norm1.bias, self.token_mixer.affine.weight, self.token_mixer.affine.bias)
+            self.norm1.weight.copy_(weight)
+            self.norm1.bias.copy_(bias)
+            self.token_mixer = nn.Identity()
+        elif not isinstance(self.token_mixer, nn.Identity):
+            raise TypeError(f'a {type(self.token_mixer).__name__} token mixer cannot be folded into the norm; only '
+                            'the affine mixer can (PoolFormer keeps its pooling)')
+        if fold_layer_scale and isinstance(self.layer_scale1, LayerScale):
+            self.norm1.weight.mul_(self.layer_scale1.scale)
+            self.norm1.bias.mul_(self.layer_scale1.scale)
+            self.layer_scale1 = nn.Identity()
+
+
+class ConvDownsample(nn.Module):
+    """The stem (7 x 7 stride 4) or a stage transition (3 x 3 stride 2): one conv, no norm."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class RIFormerStage(nn.Module):
+    def __init__(self, in_chs: int, dim: int, depth: int, drop_path: list[float], **block_kwargs):
+        super().__init__()
+        self.downsample = nn.Identity() if in_chs == dim else ConvDownsample(in_chs, dim, 3, 2, 1)
+        self.blocks = nn.Sequential(*[RIFormerBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_path])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+class RIFormer(nn.Module):
+    """RIFormer (``token_mixer='affine'``), its deploy form (``deploy=True``) or PoolFormer (``'pooling'``).
+
+    Args:
+        depths: blocks per stage.
+        dims: channels per stage.
+        mlp_ratio: MLP hidden width over the block width.
+        layer_scale_init: initial value of both layer scales (1e-5 for S12/S24, 1e-6 for the deeper models).
+        token_mixer: 'affine' (RIFormer training form), 'pooling' (PoolFormer) or 'none' (same as deploy=True).
+        deploy: build the re-parameterized form directly, to load deploy checkpoints (a training-form checkpoint is
+            folded on load).
+        fold_layer_scale: in the deploy form, the first layer scale is folded into the norm as well.
+        in_chans, num_classes, global_pool, drop_rate, proj_drop_rate, drop_path_rate: as in timm.
+        img_size: accepted for timm's interface and unused: the model is fully convolutional.
+    """
+
+    def __init__(
+            self,
+            depths: tuple[int, ...] = (2, 2, 6, 2),
+            dims: tuple[int, ...] = (64, 128, 320, 512),
+            mlp_ratio: float = 4.,
+            layer_scale_init: float = 1e-5,
+            token_mixer: str = 'affine',
+            deploy: bool = False,
+            fold_layer_scale: bool = False,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            img_size: int | tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        if len(depths) != len(dims):
+            raise ValueError(f'depths and dims need one entry per stage, got {len(depths)} and {len(dims)}')
+        if deploy:
+            if token_mixer not in ('affine', 'none'):
+                raise ValueError(f"deploy=True is the folded affine mixer; token_mixer {token_mixer!r} has no deploy "
+                                 "form")
+            token_mixer = 'none'
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.stem = ConvDownsample(in_chans, dims[0], 7, 4, 2)
+        # Stochastic depth grows linearly over all blocks (PoolFormer).
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, self.feature_info, in_chs = [], [], dims[0]
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            stages.append(RIFormerStage(
+                in_chs, dim, depth, rates[sum(depths[:i]):sum(depths[:i + 1])], token_mixer=token_mixer,
+                mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, proj_drop=proj_drop_rate,
+                fold_layer_scale=fold_layer_scale))
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'stages.{i}'))
+            in_chs = dim
+        self.stages = nn.Sequential(*stages)
+        self.norm = GroupNorm1(dims[-1])
+        self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(_init_weights)
+
+    @property
+    def deploy(self) -> bool:
+        """True once no block has a token mixer left to fold (always False for PoolFormer)."""
+        return all(isinstance(block.token_mixer, nn.Identity) for stage in self.stages for block in stage.blocks)
+
+    def reparameterize(self, fold_layer_scale: bool = False) -> 'RIFormer':
+        """Fold every affine token mixer into its norm, in place; outputs are unchanged up to float rounding.
+
+        Also reached through ``timm.utils.model.reparameterize_model``. ``fold_layer_scale`` folds ``ls1`` too (one
+        multiply less per block; the state_dict then lacks ``layer_scale1``, so the deploy parameter count drops).
+        """
+        for stage in self.stages:
+            for block in stage.blocks:
+                block.reparameterize(fold_layer_scale)
+        return self
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # PoolFormer's training script decays every parameter, norms and layer scales included.
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.downsample', (0,)),
+            (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+            (r'^norm', (99999,)),
+        ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised final map (B, C, H/32, W/32)."""
+        x = self.stem(check_input_size(x, self.in_chans, None))
+        return self.norm(self.stages(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (NCHW) at ``indices``; ``norm`` applies the final norm to the last stage's output."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"RIFormer intermediates are NCHW feature maps; output_fmt must be 'NCHW', got "
+                             f"{output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(check_input_size(x, self.in_chans, None))
+        last = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last one in ``indices``, the final norm if asked, the head unless told not to."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def _init_weights(module: nn.Module):
+    # PoolFormer's init: truncated normal (std 0.02) for convs and linears, zero biases. The affine mixer keeps its
+    # own identity-start init (AffineTokenMixer), norms start at weight 1, bias 0.
+    if isinstance(module, AffineTokenMixer):
+        return
+    if isinstance(module, (nn.Conv2d, nn.Linear)) and module.weight.shape[1:] != (1, 1, 1):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# Official block parameter names (mmpretrain and sail-sg/poolformer alike) -> leanvit's.
+_OFFICIAL_BLOCK_NAMES = {'norm_reparam.': 'norm1.', 'layer_scale_1': 'layer_scale1.scale',
+                         'layer_scale_2': 'layer_scale2.scale'}
+
+
+def checkpoint_filter_fn(state_dict: dict, model: RIFormer) -> dict:
+    """Convert a RIFormer or PoolFormer checkpoint to ``model``'s layout.
+
+    Accepted: mmpretrain RIFormer classifiers, training or deploy form (``backbone.network.*``, ``head.fc.*``); the
+    official PoolFormer layout (``network.*``, ``norm.*``, ``head.*``); leanvit's own. The official layouts number
+    blocks and stage transitions together (``network.{0,2,4,6}`` are stages, ``network.{1,3,5}`` the convs between).
+    A training-form checkpoint loaded into a deploy model is folded on the way in (and its first layer scale too if
+    the model was built with ``fold_layer_scale``); a deploy checkpoint cannot be unfolded into a training model.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith('backbone.') for k in state_dict):
+        state_dict = _convert_official(state_dict, norm_prefix=f'backbone.norm{2 * len(model.stages) - 2}.')
+    elif 'patch_embed.proj.weight' in state_dict:
+        state_dict = _convert_official(state_dict, norm_prefix='norm.')
+    return _fold_for(state_dict, model)
+
+
+def _convert_official(state_dict: dict, norm_prefix: str) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(norm_prefix):
+            out['norm.' + key[len(norm_prefix):]] = value
+            continue
+        key = key.removeprefix('backbone.')
+        if key.startswith('patch_embed.proj.'):
+            out['stem.conv.' + key[len('patch_embed.proj.'):]] = value
+        elif key.startswith('network.'):
+            _, index, rest = key.split('.', 2)
+            stage, is_transition = divmod(int(index), 2)
+            if is_transition:  # network.{2s+1}.proj.* opens stage s + 1
+                out[f'stages.{stage + 1}.downsample.conv.' + rest.removeprefix('proj.')] = value
+            else:
+                block, rest = rest.split('.', 1)
+                for old, new in _OFFICIAL_BLOCK_NAMES.items():
+                    rest = rest.replace(old, new)
+                out[f'stages.{stage}.blocks.{block}.{rest}'] = value
+        elif key.startswith('head.') and not key.startswith('head.fc.'):
+            out['head.fc.' + key[len('head.'):]] = value
+        elif key.startswith('norm') and key.split('.')[0] != 'norm':
+            continue  # norms of other out_indices of an mmpretrain backbone: unused by the classifier
+        else:
+            out[key] = value
+    return out
+
+
+def _fold_for(state_dict: dict, model: RIFormer) -> dict:
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage.blocks):
+            prefix = f'stages.{s}.blocks.{b}.'
+            has_affine = prefix + 'token_mixer.affine.weight' in state_dict
+            if isinstance(block.token_mixer, AffineTokenMixer) and not has_affine and \
+                    prefix + 'norm1.weight' in state_dict:
+                raise ValueError(f'the checkpoint is a deploy (re-parameterized) RIFormer ({prefix}token_mixer.affine '
+                                 'is missing) and cannot be unfolded: create the model with deploy=True')
+            if not isinstance(block.token_mixer, nn.Identity):
+                continue
+            scale = state_dict.pop(prefix + 'layer_scale1.scale') \
+                if isinstance(block.layer_scale1, nn.Identity) and prefix + 'layer_scale1.scale' in state_dict else None
+            weight, bias = state_dict[prefix + 'norm1.weight'], state_dict[prefix + 'norm1.bias']
+            if has_affine:
+                weight, bias = fold_affine_into_norm(weight, bias, state_dict.pop(prefix + 'token_mixer.affine.weight'),
+                                                     state_dict.pop(prefix + 'token_mixer.affine.bias'), scale)
+            elif scale is not None:
+                weight, bias = weight * scale, bias * scale
+            state_dict[prefix + 'norm1.weight'], state_dict[prefix + 'norm1.bias'] = weight, bias
+    return state_dict
+
+
+def _create_riformer(variant: str, pretrained: bool, defaults: dict, **kwargs) -> RIFormer:
+    return build_model_with_cfg(
+        RIFormer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **(defaults | kwargs),
+    )
+
+
+_MMPRETRAIN = 'https://download.openmmlab.com/mmclassification/v1/riformer/'
+
+
+def _cfg(file: str = '', **kwargs) -> PaperCfg:
+    return PaperCfg(**{
+        'url': _MMPRETRAIN + file if file else '', 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.9, 'interpolation': 'bicubic', 'first_conv': 'stem.conv', 'classifier': 'head.fc',
+        'num_classes': 1000, 'license': 'apache-2.0', 'origin_url': 'https://github.com/open-mmlab/mmpretrain',
+        'paper_ids': 'arXiv:2304.05659', 'paper_name': 'RIFormer: Keep Your Vision Backbone Effective But Removing '
+                                                      'Token Mixer', **kwargs})
+
+
+def _cfg_384(file: str = '', **kwargs) -> PaperCfg:
+    return _cfg(file, input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, **kwargs)
+
+
+# Figures: riformer.md (paper Table 2 and the mmpretrain metafile). paper_params is the training form (what the
+# constructor builds); paper_deploy_params is after reparameterize(). Checkpoint file names: mmpretrain metafile.
+default_cfgs = generate_default_cfgs({
+    'riformer_s12.in1k': _cfg('riformer-s12_32xb128_in1k_20230406-6741ce71.pth', paper_params=11_921_832,
+                              paper_deploy_params=11_915_176, paper_gmacs=1.822, paper_top1=76.90),
+    'riformer_s24.in1k': _cfg('riformer-s24_32xb128_in1k_20230406-fdab072a.pth', paper_params=21_402_280,
+                              paper_deploy_params=21_388_968, paper_gmacs=3.412, paper_top1=80.28),
+    'riformer_s36.in1k': _cfg('riformer-s36_32xb128_in1k_20230406-fdfcd3b0.pth', paper_params=30_882_728,
+                              paper_deploy_params=30_862_760, paper_gmacs=5.003, paper_top1=81.29),
+    'riformer_m36.in1k': _cfg('riformer-m36_32xb128_in1k_20230406-2fcb9d9b.pth', crop_pct=0.95,
+                              paper_params=56_199_016, paper_deploy_params=56_172_520, paper_gmacs=8.801,
+                              paper_top1=82.57),
+    'riformer_m48.in1k': _cfg('riformer-m48_32xb128_in1k_20230406-2b9d1abf.pth', crop_pct=0.95,
+                              paper_params=73_508_776, paper_deploy_params=73_473_448, paper_gmacs=11.59,
+                              paper_top1=82.75),
+    'riformer_s12_384.in1k': _cfg_384('riformer-s12_32xb128_in1k-384px_20230406-145eda4c.pth', paper_params=11_921_832,
+                                      paper_deploy_params=11_915_176, paper_gmacs=5.355, paper_top1=78.29),
+    'riformer_s24_384.in1k': _cfg_384('riformer-s24_32xb128_in1k-384px_20230406-bafae7ab.pth', paper_params=21_402_280,
+                                      paper_deploy_params=21_388_968, paper_gmacs=10.028, paper_top1=81.36),
+    'riformer_s36_384.in1k': _cfg_384('riformer-s36_32xb128_in1k-384px_20230406-017ed3c4.pth', paper_params=30_882_728,
+                                      paper_deploy_params=30_862_760, paper_gmacs=14.702, paper_top1=82.22),
+    'riformer_m36_384.in1k': _cfg_384('riformer-m36_32xb128_in1k-384px_20230406-66a6f764.pth', paper_params=56_199_016,
+                                      paper_deploy_params=56_172_520, paper_gmacs=25.865, paper_top1=83.39),
+    'riformer_m48_384.in1k': _cfg_384('riformer-m48_32xb128_in1k-384px_20230406-2e874826.pth', paper_params=73_508_776,
+                                      paper_deploy_params=73_473_448, paper_gmacs=34.06, paper_top1=83.70),
+    'test_riformer': PaperCfg(input_size=(3, 64, 64), pool_size=(2, 2), first_conv='stem.conv',
+                              classifier='head.fc', interpolation='bicubic', crop_pct=0.9),
+})
+
+_S12 = dict(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), layer_scale_init=1e-5)
+_S24 = dict(depths=(4, 4, 12, 4), dims=(64, 128, 320, 512), layer_scale_init=1e-5)
+_S36 = dict(depths=(6, 6, 18, 6), dims=(64, 128, 320, 512), layer_scale_init=1e-6)
+_M36 = dict(depths=(6, 6, 18, 6), dims=(96, 192, 384, 768), layer_scale_init=1e-6)
+_M48 = dict(depths=(8, 8, 24, 8), dims=(96, 192, 384, 768), layer_scale_init=1e-6)
+
+
+@register_model
+def riformer_s12(pretrained: bool = False, **kwargs) -> RIFormer:
+    """RIFormer-S12: 11.92 M params in training form, 11.92 M deployed, 1.82 GMACs."""
+    return _create_riformer('riformer_s12', pretrained, _S12, **kwargs)
+
+
+@register_model
+def riformer_s24(pretrained: bool = False, **kwargs) -> RIFormer:
+    return _create_riformer('riformer_s24', pretrained, _S24, **kwargs)
+
+
+@register_model
+def riformer_s36(pretrained: bool = False, **kwargs) -> RIFormer:
+    return _create_riformer('riformer_s36', pretrained, _S36, **kwargs)
+
+
+@register_model
+def riformer_m36(pretrained: bool = False, **kwargs) -> RIFormer:
+    return _create_riformer('riformer_m36', pretrained, _M36, **kwargs)
+
+
+@register_model
+def riformer_m48(pretrained: bool = False, **kwargs) -> RIFormer:
+    return _create_riformer('riformer_m48', pretrained, _M48, **kwargs)
+
+
+@register_model
+def riformer_s12_384(pretrained: bool = False, **kwargs) -> RIFormer:
+    """RIFormer-S12 fine-tuned at 384 x 384 (same weights layout as riformer_s12)."""
+    return _create_riformer('riformer_s12_384', pretrained, _S12, **kwargs)
+
+
+@register_model
+def riformer_s24_384(pretrained: bool = False, **kwargs) -> RIFormer:
+    return _create_riformer('riformer_s24_384', pretrained, _S24, **kwargs)
+
+
+@register_model
+def riformer_s36_384(pretrained: bool = False, **kwargs) -> RIFormer:
+    return _create_riformer('riformer_s36_384', pretrained, _S36, **kwargs)
+
+
+@register_model
+def riformer_m36_384(pretrained: bool = False, **kwargs) -> RIFormer:
+    return _create_riformer('riformer_m36_384', pretrained, _M36, **kwargs)
+
+
+@register_model
+def riformer_m48_384(pretrained: bool = False, **kwargs) -> RIFormer:
+    return _create_riformer('riformer_m48_384', pretrained, _M48, **kwargs)
+
+
+@register_model
+def test_riformer(pretrained: bool = False, **kwargs) -> RIFormer:
+    """Tiny RIFormer for tests and the digits experiments: 64 x 64 input, maps 16 / 8 / 4 / 2."""
+    args = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 48), layer_scale_init=1e-5)
+    return _create_riformer('test_riformer', pretrained, args, **kwargs)

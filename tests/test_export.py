@@ -1,0 +1,192 @@
+"""``leanvit export``: the written file reproduces the model at any batch size, folds are exact, and a file that
+disagrees with its model is never left at the output path."""
+
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+import timm
+import torch
+from test_eval_cli import save_run_checkpoint
+from torch import nn
+
+import leanvit
+from leanvit.cli import main
+from leanvit.export import ExportVerificationError, export_model
+
+KWARGS = {'img_size': 32, 'num_classes': 5}
+
+
+def run_export(capsys, *argv) -> tuple[int, str, str]:
+    code = main(['export', *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def leftovers(folder) -> list[str]:
+    """Temporary files of an unfinished atomic write."""
+    return [p.name for p in folder.iterdir() if p.name.endswith('.tmp')]
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    return save_run_checkpoint(tmp_path_factory.mktemp('run'), KWARGS)
+
+
+class TinyNet(nn.Sequential):
+    """Conv - BN - ReLU - pool - linear: exports in a second."""
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 5))
+
+
+class Shifted(nn.Module):
+    """A stand-in for a wrongly exported model: the real one's output plus 0.5."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) + 0.5
+
+
+def test_onnx_export_of_a_run_checkpoint_runs_in_onnxruntime_at_any_batch_size(run, tmp_path, capsys):
+    model, checkpoint = run
+    out = tmp_path / 'sret.onnx'
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--out', out)
+    assert code == 0, err
+    assert f'model      test_sret (3x32x32) from {checkpoint}' in stdout
+    assert 'format     onnx, opset ' in stdout and 'any batch size' in stdout
+    assert 'verified   max abs diff vs PyTorch ' in stdout and 'batch sizes 2, 1' in stdout
+    assert leftovers(tmp_path) == []
+
+    session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    (image_input,) = session.get_inputs()
+    assert isinstance(image_input.shape[0], str) and image_input.shape[1:] == [3, 32, 32]
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(images).numpy()
+    np.testing.assert_allclose(session.run(None, {image_input.name: images.numpy()})[0], expected, atol=1e-4)
+
+
+def test_torchscript_export_is_a_trace_that_reloads_and_matches(run, tmp_path, capsys):
+    model, checkpoint = run
+    out = tmp_path / 'sret.pt'
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', out)
+    assert code == 0, err
+    assert 'format     torchscript, any batch size' in stdout
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(out)(images), model.eval()(images))
+
+
+def test_reparam_folds_repvgg_branches_exactly_and_exports_the_folded_model(tmp_path, capsys):
+    model = timm.create_model('repvgg_a0', num_classes=5)
+    checkpoint = tmp_path / 'repvgg.pth'  # an official-style checkpoint, no sidecar: name and kwargs on the command line
+    torch.save({'state_dict': model.state_dict()}, checkpoint)
+    out = tmp_path / 'repvgg.pt'
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--model', 'repvgg_a0', '--model-kwargs',
+                                   json.dumps({'num_classes': 5}), '--img-size', 32, '--reparam',
+                                   '--format', 'torchscript', '--out', out)
+    assert code == 0, err
+    assert 'model      repvgg_a0 (3x32x32)' in stdout
+    folded_line = next(line for line in stdout.splitlines() if line.startswith('reparam'))
+    assert float(folded_line.rsplit(' ', 1)[1]) < 1e-5, folded_line
+
+    exported = torch.jit.load(out)
+    branch_params = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in exported.parameters()) < branch_params, 'the 1x1 and identity branches are folded'
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), model.eval()(images), atol=1e-5, rtol=1e-4)
+
+
+def test_a_file_that_disagrees_with_its_model_is_an_error_and_never_replaces_the_output(run, tmp_path, capsys,
+                                                                                          monkeypatch):
+    _, checkpoint = run
+    out = tmp_path / 'sret.pt'
+    out.write_bytes(b'the previous export')
+    load = torch.jit.load
+    monkeypatch.setattr(torch.jit, 'load', lambda *args, **kwargs: Shifted(load(*args, **kwargs)))
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', out)
+    assert code == 2
+    assert ('leanvit export: error: the exported torchscript file disagrees with the PyTorch model: '
+            'max abs diff 0.5 exceeds the tolerance 0.001') in err
+    assert 'wrote' not in stdout
+    assert out.read_bytes() == b'the previous export'
+    assert leftovers(tmp_path) == []
+
+
+def test_tolerance_is_the_users_to_set(run, tmp_path, capsys, monkeypatch):
+    _, checkpoint = run
+    load = torch.jit.load
+    monkeypatch.setattr(torch.jit, 'load', lambda *args, **kwargs: Shifted(load(*args, **kwargs)))
+    out = tmp_path / 'sret.pt'
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', out,
+                                   '--atol', 0.6)
+    assert code == 0, err
+    assert 'max abs diff vs PyTorch 0.5 (tolerance 0.6' in stdout and out.exists()
+
+
+def test_a_wrong_resolution_is_a_clear_error(run, tmp_path, capsys):
+    _, checkpoint = run
+    code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--img-size', 64, '--out', tmp_path / 'x.onnx')
+    assert code == 2 and err.startswith('leanvit export: error: ') and '32x32' in err and '64x64' in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_model_reports_what_it_wrote_and_checked(tmp_path):
+    model = TinyNet()
+    static = export_model(model, tmp_path / 'static.onnx', 'onnx', (3, 16, 16), batch_size=4, dynamic_batch=False,
+                          opset=18)
+    assert static.path == tmp_path / 'static.onnx' and static.format == 'onnx' and static.opset == 18
+    assert not static.dynamic_batch and static.batch_sizes == (4,) and static.input_shape == (4, 3, 16, 16)
+    session = onnxruntime.InferenceSession(str(static.path), providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape == [4, 3, 16, 16]
+
+    dynamic = export_model(model, tmp_path / 'dynamic.pt', 'torchscript', (3, 16, 16), batch_size=4)
+    assert dynamic.dynamic_batch and dynamic.batch_sizes == (4, 1) and dynamic.opset is None
+    for report in (static, dynamic):
+        assert report.reparam_modules is None and report.reparam_max_diff is None
+        assert 0 <= report.max_diff <= report.atol
+    assert not model.training
+
+
+def test_export_model_leaves_the_callers_model_unfolded(tmp_path):
+    model = leanvit.create_model('repvgg_a0', num_classes=5)
+    report = export_model(model, tmp_path / 'repvgg.pt', 'torchscript', (3, 32, 32), reparam=True)
+    assert report.reparam_modules > 0 and report.reparam_max_diff < 1e-5
+    blocks = [m for m in model.modules() if type(m).__name__ == 'RepVggBlock']
+    assert blocks and all(b.reparam_conv is None and hasattr(b, 'conv_1x1') for b in blocks)
+
+
+class BadFold(TinyNet):
+    """A model whose reparameterize() is not exact."""
+
+    def reparameterize(self):
+        with torch.no_grad():
+            self[-1].bias.add_(0.1)
+
+
+def test_an_inexact_fold_is_an_error_before_anything_is_written(tmp_path):
+    model = nn.Sequential(BadFold())
+    bias = model[0][-1].bias.clone()
+    with pytest.raises(ExportVerificationError, match=r're-parameterization changed the outputs: max abs diff '
+                                                      r'0\.1 between the folded and the original model exceeds the '
+                                                      r'tolerance 0\.001 \(1 modules folded\)'):
+        export_model(model, tmp_path / 'bad.pt', 'torchscript', (3, 8, 8), reparam=True)
+    assert list(tmp_path.iterdir()) == []
+    assert torch.equal(model[0][-1].bias, bias), 'the fold applies to a copy'
+
+
+def test_export_model_rejects_unknown_formats_and_names_missing_packages(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown export format 'tflite'; choose one of onnx, torchscript"):
+        export_model(TinyNet(), tmp_path / 'x', 'tflite')
+    real_find_spec = leanvit.export.importlib.util.find_spec
+    monkeypatch.setattr(leanvit.export.importlib.util, 'find_spec',
+                        lambda name: None if name == 'onnxscript' else real_find_spec(name))
+    with pytest.raises(RuntimeError, match=r'ONNX export needs onnxscript: pip install "leanvit\[export\]"'):
+        export_model(TinyNet(), tmp_path / 'x.onnx')

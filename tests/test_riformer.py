@@ -1,0 +1,194 @@
+"""RIFormer: published sizes, exact re-parameterization, official checkpoints (mmpretrain and PoolFormer)."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.utils.model import reparameterize_model
+from torch import nn
+
+import leanvit
+from leanvit.layers import AffineTokenMixer, PoolingTokenMixer, pointwise_conv
+from leanvit.models.riformer import RIFormer
+
+FIXTURES = Path(__file__).parent / 'fixtures'
+FIXTURE_ARCH = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)
+FULL_SIZE = ['riformer_s12', 'riformer_s24', 'riformer_s36', 'riformer_m36', 'riformer_m48']
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Move every norm, affine and layer scale off its init, so that a wrong fold cannot pass by accident."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if 'norm' in name or 'affine' in name or 'layer_scale' in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize('name', FULL_SIZE + [n + '_384' for n in FULL_SIZE])
+def test_params_and_macs_match_the_paper(name):
+    model = leanvit.create_model(name).to('meta')
+    cfg = model.pretrained_cfg
+    measured = leanvit.profile(model, cfg['input_size'])
+    assert measured.params == cfg['paper_params']
+    assert leanvit.count_params(model.reparameterize()) == cfg['paper_deploy_params']
+    assert leanvit.count_params(leanvit.create_model(name, deploy=True).to('meta')) == cfg['paper_deploy_params']
+    assert measured.gmacs == pytest.approx(cfg['paper_gmacs'], rel=0.02)
+
+
+def test_training_form_adds_two_parameters_per_channel_and_block():
+    train, deploy = leanvit.create_model('riformer_s12'), leanvit.create_model('riformer_s12', deploy=True)
+    blocks = [b for stage in train.stages for b in stage.blocks]
+    assert leanvit.count_params(train) - leanvit.count_params(deploy) == sum(2 * b.norm1.num_channels for b in blocks)
+
+
+@pytest.mark.parametrize('fold_layer_scale', [False, True])
+def test_reparameterize_keeps_outputs(fold_layer_scale):
+    torch.manual_seed(0)
+    model = randomise(leanvit.create_model('test_riformer', num_classes=7)).eval()
+    x = torch.randn(3, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(x)
+        deploy = copy.deepcopy(model).reparameterize(fold_layer_scale=fold_layer_scale)
+        got = deploy(x)
+    assert deploy.deploy and not model.deploy
+    assert not any(isinstance(m, AffineTokenMixer) for m in deploy.modules())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert (got - expected).abs().max() < 1e-5 < expected.abs().max()
+
+
+def test_reparameterize_model_from_timm_reaches_every_block():
+    model = randomise(leanvit.create_model('test_riformer')).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        deploy = reparameterize_model(model)  # copies, then calls reparameterize() on every module that has one
+        torch.testing.assert_close(deploy(x), expected, rtol=1e-4, atol=1e-5)
+    assert deploy.deploy and not model.deploy
+
+
+def test_reparameterize_after_training_keeps_outputs():
+    torch.manual_seed(0)
+    model = leanvit.create_model('test_riformer', num_classes=4, drop_path_rate=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 4, (8,))
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    affine = model.stages[0].blocks[0].token_mixer.affine
+    assert not torch.equal(affine.weight, torch.ones_like(affine.weight))  # training moved the mixer
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(copy.deepcopy(model).reparameterize()(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_deploy_model_loads_reparameterized_and_training_checkpoints(tmp_path):
+    model = randomise(leanvit.create_model('test_riformer')).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    leanvit.save_weights(model, tmp_path / 'train.safetensors')
+    leanvit.save_weights(copy.deepcopy(model).reparameterize(), tmp_path / 'deploy.safetensors')
+    for file, kwargs in [('deploy.safetensors', {}), ('train.safetensors', {}),
+                         ('train.safetensors', dict(fold_layer_scale=True))]:
+        deploy = leanvit.create_model('test_riformer', deploy=True, **kwargs).eval()
+        leanvit.load_checkpoint(deploy, tmp_path / file)
+        with torch.no_grad():
+            torch.testing.assert_close(deploy(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_deploy_checkpoint_cannot_load_into_training_form(tmp_path):
+    leanvit.save_weights(leanvit.create_model('test_riformer', deploy=True), tmp_path / 'deploy.safetensors')
+    with pytest.raises(ValueError, match='deploy .*cannot be unfolded: create the model with deploy=True'):
+        leanvit.load_checkpoint(leanvit.create_model('test_riformer'), tmp_path / 'deploy.safetensors')
+
+
+def test_pooling_form_cannot_be_reparameterized_and_has_no_deploy_form():
+    with pytest.raises(TypeError, match='PoolingTokenMixer token mixer cannot be folded'):
+        leanvit.create_model('test_riformer', token_mixer='pooling').reparameterize()
+    with pytest.raises(ValueError, match="token_mixer 'pooling' has no deploy form"):
+        leanvit.create_model('test_riformer', token_mixer='pooling', deploy=True)
+    with pytest.raises(ValueError, match="token_mixer must be one of .*got 'attention'"):
+        leanvit.create_model('test_riformer', token_mixer='attention')
+
+
+def test_any_input_size_but_channels_are_checked():
+    model = leanvit.create_model('test_riformer').eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 40)).shape == (1, 1000)
+    with pytest.raises(ValueError, match='expected 3 input channels, got 1'):
+        model(torch.randn(1, 1, 64, 64))
+
+
+def test_pooling_mixer_equals_timm_poolformer_mixer():
+    from timm.models.metaformer import Pooling
+    x = torch.randn(2, 5, 9, 7)
+    torch.testing.assert_close(PoolingTokenMixer()(x), Pooling()(x))
+
+
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
+def test_pointwise_conv_equals_conv(layout):
+    conv = nn.Conv2d(6, 10, 1)
+    x = torch.randn(2, 6, 5, 3, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if layout == 'channels_last' else x
+    got, expected = pointwise_conv(xin, conv), conv(x)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got.square().sum(), [x, conv.weight])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, conv.weight])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    with torch.no_grad():
+        torch.testing.assert_close(pointwise_conv(xin, conv), expected)
+
+
+# Golden fixtures made once from the official code (see the JSON files beside them).
+
+def test_mmpretrain_training_checkpoint_matches_official_outputs():
+    io = load_file(FIXTURES / 'riformer_mmpretrain_tiny_io.safetensors')
+    model = RIFormer(**FIXTURE_ARCH).eval()
+    leanvit.load_checkpoint(model, FIXTURES / 'riformer_mmpretrain_tiny.pth')
+    with torch.no_grad():
+        features = model.forward_features(io['input'])
+        torch.testing.assert_close(features, io['features_train'], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.forward_head(features), io['logits_train'], rtol=1e-5, atol=1e-5)
+        stages = model.forward_intermediates(io['input'], intermediates_only=True)
+    for i, stage in enumerate(stages):
+        torch.testing.assert_close(stage, io[f'stage{i}_train'], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('checkpoint', ['riformer_mmpretrain_tiny_deploy.pth', 'riformer_mmpretrain_tiny.pth'])
+@pytest.mark.parametrize('fold_layer_scale', [False, True])
+def test_mmpretrain_checkpoints_load_into_deploy_model(checkpoint, fold_layer_scale):
+    io = load_file(FIXTURES / 'riformer_mmpretrain_tiny_io.safetensors')
+    model = RIFormer(**FIXTURE_ARCH, deploy=True, fold_layer_scale=fold_layer_scale).eval()
+    leanvit.load_checkpoint(model, FIXTURES / checkpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(model(io['input']), io['logits_deploy'], rtol=1e-4, atol=1e-5)
+
+
+def test_mmpretrain_deploy_checkpoint_is_refused_by_training_model():
+    with pytest.raises(ValueError, match='create the model with deploy=True'):
+        leanvit.load_checkpoint(RIFormer(**FIXTURE_ARCH), FIXTURES / 'riformer_mmpretrain_tiny_deploy.pth')
+
+
+def test_official_poolformer_checkpoint_matches_official_outputs():
+    io = load_file(FIXTURES / 'poolformer_official_tiny_io.safetensors')
+    model = RIFormer(**FIXTURE_ARCH, token_mixer='pooling').eval()
+    leanvit.load_checkpoint(model, FIXTURES / 'poolformer_official_tiny.pth')
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(io['input']), io['features'], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(io['input']), io['logits'], rtol=1e-5, atol=1e-5)
+
+
+def test_pretrained_cfg_points_at_the_official_files():
+    cfg = timm.models.get_pretrained_cfg('riformer_m48_384')
+    assert cfg.url.startswith('https://download.openmmlab.com/mmclassification/v1/riformer/riformer-m48_')
+    assert cfg.input_size == (3, 384, 384) and cfg.interpolation == 'bicubic'
+    assert timm.models.get_pretrained_cfg('riformer_m36').crop_pct == 0.95
