@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench readme lock
+.PHONY: demo test bench ladder readme lock
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,14 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest -n 2 -q
 
 bench: $(INSTALLED)
-	$(BIN)/python benchmarks/throughput.py --markdown benchmarks/results.md
+	$(BIN)/python benchmarks/throughput.py --suite sret --markdown benchmarks/results.md
 	$(BIN)/python scripts/update_readme.py benchmark < benchmarks/results.md
+	$(BIN)/python benchmarks/throughput.py --suite riformer --markdown benchmarks/riformer_results.md
+	$(BIN)/python scripts/update_readme.py riformer-benchmark < benchmarks/riformer_results.md
+
+ladder: $(INSTALLED)
+	$(BIN)/python benchmarks/riformer_ladder.py --seeds 0 1 2 3 4 --markdown benchmarks/riformer_ladder.md
+	$(BIN)/python scripts/update_readme.py riformer-ladder < benchmarks/riformer_ladder.md
 
 readme: $(INSTALLED)
 	$(BIN)/leanvit models --format markdown | $(BIN)/python scripts/update_readme.py models

@@ -1,36 +1,96 @@
-"""Eval throughput of SReT against references measured in the same run (batch 16, 224 x 224, CPU).
+"""Eval throughput of leanvit models against references measured in the same run (batch 16, 224 x 224, CPU).
 
 Shared CPUs drift by tens of percent between minutes, so absolute images/s mean little. Models are timed in
 interleaved rounds (the order rotates every round) and each ratio is the median over rounds of the ratio within
 a round, where both models ran seconds apart.
 
-    python benchmarks/throughput.py [--rounds 15] [--iters 2] [--markdown benchmarks/results.md]
+Suites:
+  sret      SReT-T against DeiT-Ti and against its unsliced form.
+  riformer  RIFormer-S12 deployed (no token mixer) against timm's PoolFormer-S12 and its own training form, and
+            the deploy model in ONNX Runtime against eager PyTorch.
+
+    python benchmarks/throughput.py --suite sret|riformer [--rounds 15] [--iters 2] [--markdown FILE]
 """
 
 import argparse
+import copy
 import platform
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 
 import leanvit
 
-MODELS = ('deit_tiny_patch16_224', 'sret_t', 'sret_t_unsliced')
-RATIOS = (('sret_t', 'deit_tiny_patch16_224'), ('sret_t', 'sret_t_unsliced'))
+Runner = Callable[[torch.Tensor], object]
 
 
-def images_per_second(model: torch.nn.Module, images: torch.Tensor, iters: int) -> float:
-    with torch.inference_mode():
-        start = time.perf_counter()
-        for _ in range(iters):
-            model(images)
-        return iters * images.shape[0] / (time.perf_counter() - start)
+def eager(model: torch.nn.Module) -> Runner:
+    model.eval()
+
+    def run(images: torch.Tensor):
+        with torch.inference_mode():
+            return model(images)
+    return run
+
+
+def onnxruntime_session(model: torch.nn.Module, scratch: str, batch_size: int) -> Runner:
+    """The model exported (and verified) by leanvit.export, run by ONNX Runtime on as many threads as torch."""
+    import onnxruntime
+
+    from leanvit.export import export_model
+    path = Path(scratch) / 'model.onnx'
+    export_model(model, path, 'onnx', batch_size=batch_size)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    input_name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {input_name: images.numpy()})
+
+
+def sret_suite(scratch: str, batch_size: int) -> tuple[dict, dict, list]:
+    models = {name: timm.create_model(name) for name in ('deit_tiny_patch16_224', 'sret_t', 'sret_t_unsliced')}
+    ratios = [('sret_t', 'deit_tiny_patch16_224'), ('sret_t', 'sret_t_unsliced')]
+    return {n: eager(m) for n, m in models.items()}, models, ratios
+
+
+def riformer_suite(scratch: str, batch_size: int) -> tuple[dict, dict, list]:
+    training = leanvit.create_model('riformer_s12').eval()
+    deploy = copy.deepcopy(training).reparameterize()
+    folded = copy.deepcopy(training).reparameterize(fold_layer_scale=True)
+    models = {
+        'poolformer_s12 (timm)': timm.create_model('poolformer_s12'),
+        'riformer_s12 training form': training,
+        'riformer_s12 deploy': deploy,
+        'riformer_s12 deploy, ls1 folded': folded,
+    }
+    runners = {n: eager(m) for n, m in models.items()}
+    runners['riformer_s12 deploy, ONNX Runtime'] = onnxruntime_session(deploy, scratch, batch_size)
+    models['riformer_s12 deploy, ONNX Runtime'] = deploy
+    ratios = [('riformer_s12 deploy', 'poolformer_s12 (timm)'),
+              ('riformer_s12 deploy, ls1 folded', 'poolformer_s12 (timm)'),
+              ('riformer_s12 deploy', 'riformer_s12 training form'),
+              ('riformer_s12 deploy, ONNX Runtime', 'riformer_s12 deploy')]
+    return runners, models, ratios
+
+
+SUITES = {'sret': sret_suite, 'riformer': riformer_suite}
+
+
+def images_per_second(run: Runner, images: torch.Tensor, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        run(images)
+    return iters * images.shape[0] / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--suite', choices=sorted(SUITES), default='sret')
     parser.add_argument('--rounds', type=int, default=15)
     parser.add_argument('--iters', type=int, default=2, help='forward passes per model per round')
     parser.add_argument('--batch-size', type=int, default=16)
@@ -39,18 +99,20 @@ def main() -> None:
 
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 224, 224)
-    models = {name: timm.create_model(name).eval() for name in MODELS}
-    gmacs = {name: leanvit.profile(model, (3, 224, 224)).gmacs for name, model in models.items()}
-    for model in models.values():
-        images_per_second(model, images, 1)  # warm-up
+    with tempfile.TemporaryDirectory() as scratch:
+        runners, models, ratios = SUITES[args.suite](scratch, args.batch_size)
+        names = list(runners)
+        gmacs = {name: leanvit.profile(model, (3, 224, 224)).gmacs for name, model in models.items()}
+        for run in runners.values():
+            images_per_second(run, images, 1)  # warm-up
 
-    speeds = {name: [] for name in MODELS}
-    for round_index in range(args.rounds):
-        order = MODELS[round_index % len(MODELS):] + MODELS[:round_index % len(MODELS)]
-        for name in order:
-            speeds[name].append(images_per_second(models[name], images, args.iters))
-        print(f'round {round_index + 1}/{args.rounds}: '
-              + ', '.join(f'{n} {speeds[n][-1]:.1f}' for n in MODELS), flush=True)
+        speeds = {name: [] for name in names}
+        for round_index in range(args.rounds):
+            order = names[round_index % len(names):] + names[:round_index % len(names)]
+            for name in order:
+                speeds[name].append(images_per_second(runners[name], images, args.iters))
+            print(f'round {round_index + 1}/{args.rounds}: '
+                  + ', '.join(f'{n} {speeds[n][-1]:.1f}' for n in names), flush=True)
 
     lines = [
         f'Eval throughput, batch {args.batch_size}, 224 x 224, {torch.get_num_threads()} CPU threads '
@@ -60,15 +122,16 @@ def main() -> None:
         '| model | GMACs | images/s (median) |',
         '|---|---|---|',
     ]
-    lines += [f'| {n} | {gmacs[n]:.3f} | {statistics.median(speeds[n]):.1f} |' for n in MODELS]
+    lines += [f'| {n} | {gmacs[n]:.3f} | {statistics.median(speeds[n]):.1f} |' for n in names]
     lines += ['', '| ratio | throughput ratio (median of per-round ratios) | MAC ratio |', '|---|---|---|']
-    for a, b in RATIOS:
+    for a, b in ratios:
         ratio = statistics.median(x / y for x, y in zip(speeds[a], speeds[b]))
         lines.append(f'| {a} / {b} | {ratio:.3f} | {gmacs[b] / gmacs[a]:.3f} |')
-    saving = 1 - gmacs['sret_t'] / gmacs['sret_t_unsliced']
-    time_saving = 1 - statistics.median(y / x for x, y in zip(speeds['sret_t'], speeds['sret_t_unsliced']))
-    lines += ['', f'Slicing removes {saving:.1%} of the MACs of sret_t_unsliced and {time_saving:.1%} of its time '
-                  f'({time_saving / saving:.2f} of the MAC saving).']
+    if args.suite == 'sret':
+        saving = 1 - gmacs['sret_t'] / gmacs['sret_t_unsliced']
+        time_saving = 1 - statistics.median(y / x for x, y in zip(speeds['sret_t'], speeds['sret_t_unsliced']))
+        lines += ['', f'Slicing removes {saving:.1%} of the MACs of sret_t_unsliced and {time_saving:.1%} of its '
+                      f'time ({time_saving / saving:.2f} of the MAC saving).']
     table = '\n'.join(lines)
     print('\n' + table)
     if args.markdown:

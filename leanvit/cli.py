@@ -16,7 +16,8 @@ import torch
 import leanvit
 from leanvit.export import DEFAULT_ATOL, FORMATS, export_model
 
-MODEL_COLUMNS = ('model', 'params', 'gmacs', 'input', 'paper_params', 'paper_gmacs', 'paper_top1')
+MODEL_COLUMNS = ('model', 'params', 'gmacs', 'input', 'paper_params', 'paper_gmacs', 'paper_top1', 'deploy_params',
+                 'paper_deploy_params')
 
 
 def model_rows(pattern: str = '', include_test: bool = False) -> list[dict]:
@@ -27,9 +28,12 @@ def model_rows(pattern: str = '', include_test: bool = False) -> list[dict]:
         cfg = model.pretrained_cfg
         # Counting needs shapes, not values: on the meta device a 40-GMAC forward costs nothing.
         measured = leanvit.profile(model.to('meta'), cfg['input_size'])
+        # Re-parameterizable models (RIFormer) also report their inference form.
+        deployed = leanvit.count_params(model.reparameterize()) if hasattr(model, 'reparameterize') else None
         rows.append(dict(
             model=name, params=measured.params, gmacs=round(measured.gmacs, 3), input=cfg['input_size'][-1],
             paper_params=cfg.get('paper_params'), paper_gmacs=cfg.get('paper_gmacs'), paper_top1=cfg.get('paper_top1'),
+            deploy_params=deployed, paper_deploy_params=cfg.get('paper_deploy_params'),
         ))
     return rows
 

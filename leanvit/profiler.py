@@ -3,8 +3,10 @@
 The papers' "FLOPs" are fvcore-style MACs of convolutions, linear layers and matmuls, attention matmuls included.
 torch's FlopCounterMode counts 2 x MACs and has no formula for the fused CPU attention kernel, so attention would
 count as zero; we register one (QK^T and AV: 2 * B * heads * Nq * Nk * head_dim MACs).
+FFTs (GFNet's global filters) count as their authors count them, see ``_fft_flops``.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,23 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+def _fft_flops(input_shape, dim, *args, **kwargs) -> int:
+    """N * ceil(log2 N) MACs per transform of N points, N the transformed input extent (complex for c2r).
+
+    The rule of the GFNet authors' fvcore handler (``rfft_flop_jit`` in github.com/raoyongming/DynamicViT
+    calc_flops.py, for rfft2 and irfft2); the elementwise filter product is not counted, as fvcore skips it.
+    """
+    points = math.prod(input_shape[d] for d in dim)
+    # numel / N transforms of N * ceil(log2 N) MACs each, times 2: FlopCounterMode counts FLOPs.
+    return 2 * math.prod(input_shape) * math.ceil(math.log2(points)) if points > 1 else 0
+
+
+_EXTRA_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._fft_r2c: _fft_flops,
+    torch.ops.aten._fft_c2r: _fft_flops,
+    torch.ops.aten._fft_c2c: _fft_flops,
+}
 
 
 def count_params(model: nn.Module) -> int:

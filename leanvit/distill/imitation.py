@@ -28,13 +28,19 @@ from leanvit.distill.taps import FeatureTaps
 BLOCK_PATTERN = r'stages\.(\d+)\.blocks\.(\d+)'   # MetaFormer / RIFormer / timm poolformer module names
 
 
-def as_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) tokens of a (B, C, H, W) map or of (B, N, C) tokens."""
-    if x.ndim == 4:
+LAYOUTS = ('NCHW', 'NHWC', 'NLC')
+
+
+def as_tokens(x: torch.Tensor, layout: str = 'NCHW') -> torch.Tensor:
+    """(B, N, C) tokens of a feature in ``layout``: NCHW maps (RIFormer, PoolFormer), NHWC (GFNet) or NLC tokens."""
+    if layout not in LAYOUTS:
+        raise ValueError(f'feature layout must be one of {LAYOUTS}, got {layout!r}')
+    expected_ndim = 3 if layout == 'NLC' else 4
+    if x.ndim != expected_ndim:
+        raise ValueError(f'a {layout} feature has {expected_ndim} dimensions, got shape {tuple(x.shape)}')
+    if layout == 'NCHW':
         return x.flatten(2).transpose(1, 2)
-    if x.ndim == 3:
-        return x
-    raise ValueError(f'expected a (B, C, H, W) map or (B, N, C) tokens, got shape {tuple(x.shape)}')
+    return x.flatten(1, 2) if layout == 'NHWC' else x
 
 
 def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -45,15 +51,16 @@ def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
-def relation_matrix(x: torch.Tensor) -> torch.Tensor:
+def relation_matrix(x: torch.Tensor, layout: str = 'NCHW') -> torch.Tensor:
     """(B, N, N) cosine similarities between the tokens of each image."""
-    tokens = F.normalize(as_tokens(x).float(), dim=-1)
+    tokens = F.normalize(as_tokens(x, layout).float(), dim=-1)
     return tokens @ tokens.transpose(1, 2)
 
 
-def relation_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def relation_mse(student: torch.Tensor, teacher: torch.Tensor, student_layout: str = 'NCHW',
+                 teacher_layout: str = 'NCHW') -> torch.Tensor:
     """L_rel: mean squared error between the token relation matrices of two features of one resolution."""
-    s, t = relation_matrix(student), relation_matrix(teacher)
+    s, t = relation_matrix(student, student_layout), relation_matrix(teacher, teacher_layout)
     if s.shape != t.shape:
         raise ValueError(f'relation matrices {tuple(s.shape)} and {tuple(t.shape)} differ: the paired features need '
                          'the same number of tokens')
@@ -102,12 +109,15 @@ class ModuleImitation:
     """Taps the paired blocks of a student and a teacher; `loss` after both forwards gives the weighted terms.
 
     Usage: ``imitation = ModuleImitation(student, teacher, weights)``; per step run ``student(x)`` and ``teacher(x)``,
-    then ``total = kd_loss + imitation.loss()``. ``imitation.remove()`` detaches the hooks.
+    then ``total = kd_loss + imitation.loss()``. ``imitation.remove()`` detaches the hooks. Block outputs are read in
+    each model's layout (``'NCHW'`` for RIFormer and PoolFormer, ``'NHWC'`` for GFNet's blocks).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weights: ImitationWeights,
-                 student_blocks: str = BLOCK_PATTERN, teacher_blocks: str = BLOCK_PATTERN):
+                 student_blocks: str = BLOCK_PATTERN, teacher_blocks: str = BLOCK_PATTERN,
+                 student_layout: str = 'NCHW', teacher_layout: str = 'NCHW'):
         self.weights = weights
+        self.layouts = (student_layout, teacher_layout)
         self.pairs = pair_blocks(blocks_by_stage(student, student_blocks), blocks_by_stage(teacher, teacher_blocks))
         self.student_mixers = {}
         if weights.mixer_output:
@@ -121,10 +131,13 @@ class ModuleImitation:
         """Each enabled term, averaged over the block pairs, from the last student and teacher forwards."""
         student, teacher = self.student_taps.outputs, self.teacher_taps.outputs
         terms = {}
+        sl, tl = self.layouts
         if self.weights.block_output:
-            terms['block_output'] = torch.stack([feature_mse(student[s], teacher[t]) for s, t in self.pairs]).mean()
+            terms['block_output'] = torch.stack([
+                feature_mse(as_tokens(student[s], sl), as_tokens(teacher[t], tl)) for s, t in self.pairs]).mean()
         if self.weights.relation:
-            terms['relation'] = torch.stack([relation_mse(student[s], teacher[t]) for s, t in self.pairs]).mean()
+            terms['relation'] = torch.stack([
+                relation_mse(student[s], teacher[t], sl, tl) for s, t in self.pairs]).mean()
         if self.weights.mixer_output:
             inputs, outputs = self.teacher_mixer_taps.inputs, self.teacher_mixer_taps.outputs
             terms['mixer_output'] = torch.stack([

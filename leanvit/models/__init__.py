@@ -1,6 +1,6 @@
 """leanvit model families; importing this package registers every model in timm's registry."""
 
-from leanvit.models import riformer, sret
+from leanvit.models import gfnet, riformer, sret
 from leanvit.models._registry import PaperCfg, list_models
 
-__all__ = ['PaperCfg', 'list_models', 'riformer', 'sret']
+__all__ = ['PaperCfg', 'gfnet', 'list_models', 'riformer', 'sret']

@@ -284,11 +284,12 @@ class RIFormer(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> list[int]:
-        """Drop the stages after the last one in ``indices``, the final norm if asked, the head unless told not to."""
+        """Drop the stages after the last one in ``indices``, the head unless told not to, and the final norm if asked
+        or if stages were dropped (it is sized for the last stage's channels)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        if prune_norm or max_index < len(self.stages) - 1:
             self.norm = nn.Identity()
+        self.stages = self.stages[:max_index + 1]
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices

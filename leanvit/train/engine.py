@@ -83,6 +83,7 @@ class TrainConfig:
     imitate_relation: float = 0.
     imitation_blocks: str = BLOCK_PATTERN          # regex naming the student's blocks (groups: stage, block)
     teacher_imitation_blocks: str = BLOCK_PATTERN  # the same for the teacher
+    teacher_imitation_layout: str = 'NCHW'         # the teacher's block outputs: NCHW, NHWC (GFNet) or NLC
     init_from_teacher: bool = False      # copy every same-name, same-shape teacher weight but the token mixers
     seed: int = 0
     deterministic: bool = False
@@ -198,7 +199,8 @@ def train(config: TrainConfig) -> dict:
             print(f'student initialised from {config.teacher}: {report.summary()}', flush=True)
             (output / 'teacher_init.json').write_text(json.dumps(dataclasses.asdict(report), indent=2) + '\n')
     imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks,
-                                config.teacher_imitation_blocks) if imitation_weights else None
+                                config.teacher_imitation_blocks,
+                                teacher_layout=config.teacher_imitation_layout) if imitation_weights else None
     random_seed(config.seed + rank)  # ranks draw different augmentations; DDP broadcasts rank 0's weights
     sampler = EpochSampler(len(data.train), config.seed, config.batch_size, rank, world_size)
     # The loader's own generator: creating an iterator would otherwise draw from the global RNG, which a resumed

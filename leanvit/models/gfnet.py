@@ -1,0 +1,596 @@
+"""GFNet: Global Filter Networks.
+
+Paper: Yongming Rao, Wenliang Zhao, Zheng Zhu, Jiwen Lu, Jie Zhou, "Global Filter Networks for Image Classification",
+NeurIPS 2021, https://arxiv.org/abs/2107.00645 (hierarchical models extended in T-PAMI 2023)
+Official code and checkpoints (MIT): https://github.com/raoyongming/GFNet
+
+The idea in one screen (paper Sec. 3.2):
+- The global filter layer replaces self-attention: a 2D real FFT over the token grid, an elementwise product with a
+  learned complex filter (one value per frequency and channel), an inverse FFT (`GlobalFilter`). It is a depthwise
+  circular convolution with a kernel as large as the feature map, at O(HW log HW) cost.
+- The block is x + MLP(LN2(GlobalFilter(LN1(x)))): one residual around filter and MLP together (`GlobalFilterBlock`).
+- `GFNet` is isotropic (ViT-like, 16x16 patches, 14x14 tokens at 224). `GFNetHierarchical` (GFNet-H) has four stages
+  at strides 4 / 8 / 16 / 32 joined by 2x2 stride-2 convs, with a learned layer scale on each block's branch. Both
+  add an absolute position embedding after the patch embedding and classify the average of the final-norm tokens.
+
+The filter has one entry per frequency of the token grid, so its size (and the position embedding's) follows
+``img_size``; official checkpoints of another resolution are resized on load the way the official fine-tuning script
+does it (bicubic, corners aligned, for the filters; bicubic for the position embedding).
+
+Layout: tokens stay a (B, H, W, C) grid inside the network, which both the FFT and the LayerNorms want; the patch
+convs see NCHW. Module names follow the official code, so its checkpoints load key for key (only the position
+embedding changes shape, from (1, H*W, C) to (1, H, W, C)). ``forward_features`` returns NCHW maps, as timm's
+convolutional models do.
+"""
+
+import math
+from functools import partial
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from leanvit.checkpoint import unwrap_state_dict
+from leanvit.layers import Mlp, check_input_size
+from leanvit.models._registry import PaperCfg
+
+__all__ = ['GFNet', 'GFNetHierarchical', 'GlobalFilter', 'GlobalFilterBlock']
+
+# FX symbolic tracing keeps the input check as one call in the graph instead of failing on its branches.
+torch.fx.wrap('check_input_size')
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class GlobalFilter(nn.Module):
+    """Global filter layer (paper Sec. 3.2): irfft2(K ⊙ rfft2(x)) over the (H, W) token grid, per channel.
+
+    ``complex_weight`` is K stored as (H, W // 2 + 1, dim, 2) real/imaginary pairs, the official layout: a real input
+    has a Hermitian-symmetric spectrum, so only the non-negative frequencies of the last axis are kept. Both FFTs use
+    norm='ortho', as the official code. The FFTs run in float32 (half-precision FFTs need power-of-two sizes on
+    CUDA); the result is cast back to the input's dtype.
+    """
+
+    def __init__(self, dim: int, grid_size: tuple[int, int]):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.complex_weight = nn.Parameter(torch.randn(grid_size[0], grid_size[1] // 2 + 1, dim, 2) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        dtype = x.dtype
+        spectrum = torch.fft.rfft2(x.float(), dim=(1, 2), norm='ortho')
+        spectrum = spectrum * torch.view_as_complex(self.complex_weight.float())
+        return torch.fft.irfft2(spectrum, s=self.grid_size, dim=(1, 2), norm='ortho').to(dtype)
+
+
+class GlobalFilterBlock(nn.Module):
+    """x + drop_path(gamma * MLP(LN2(GlobalFilter(LN1(x))))) on a (B, H, W, C) grid (paper Sec. 3.2).
+
+    Args:
+        dim: Channels.
+        grid_size: (H, W) token grid, which fixes the filter size.
+        mlp_ratio: MLP hidden width / dim.
+        proj_drop: Dropout inside the MLP.
+        drop_path: Stochastic depth rate.
+        layer_scale_init: Initial value of the per-channel branch scale ``gamma`` (GFNet-H); None for no scale.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            grid_size: tuple[int, int],
+            mlp_ratio: float = 4.,
+            proj_drop: float = 0.,
+            drop_path: float = 0.,
+            layer_scale_init: float | None = None,
+    ):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.filter = GlobalFilter(dim, grid_size)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init)) if layer_scale_init is not None else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.mlp(self.norm2(self.filter(self.norm1(x))))
+        if self.gamma is not None:
+            branch = branch * self.gamma
+        return x + self.drop_path(branch)
+
+
+class PatchConv(nn.Module):
+    """Non-overlapping patch projection: a k x k stride-k conv whose output is a (B, H, W, C) token grid.
+
+    Serves as the patch embedding (image in, NCHW) and as GFNet-H's 2x2 downsampling (tokens in, NHWC).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, patch_size: int, tokens_in: bool):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, out_dim, patch_size, stride=patch_size)
+        self.tokens_in = tokens_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens_in:
+            x = x.permute(0, 3, 1, 2)
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class _GFNetBase(nn.Module):
+    """What both GFNet layouts share: final norm, pooled linear head, grad checkpointing, weight init.
+
+    Subclasses build ``patch_embed``, ``pos_embed`` and ``blocks``, set ``img_size``, ``in_chans`` and
+    ``feature_info``, then call ``_init_head`` and ``_init_weights``.
+    """
+
+    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float):
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = num_features
+        self.global_pool = _check_pool(global_pool)
+        self.grad_checkpointing = False
+        self.norm = LayerNorm(num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _init_weights(self):
+        # As the official code: N(0, 0.02) Linear weights with zero bias, unit LayerNorms, N(0, 0.02) position
+        # embedding; convs keep PyTorch's defaults and filters their N(0, 0.02) draw. The official code calls timm's
+        # trunc_normal_(std=.02), whose default bounds are +-2, i.e. +-100 std: the same distribution as normal_,
+        # which draws it in one pass instead of five (building GFNet-H-B takes about half the time).
+        nn.init.normal_(self.pos_embed, std=.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {'pos_embed'}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, H, W) features -> logits; with global_pool='' the head is applied at every location."""
+        if self.global_pool == 'avg':
+            x = self.head_drop(x.mean((2, 3)))
+            return x if pre_logits else self.head(x)
+        x = self.head_drop(x.permute(0, 2, 3, 1))
+        return (x if pre_logits else self.head(x)).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _intermediate(self, x: torch.Tensor, apply_norm: bool, output_fmt: str) -> torch.Tensor:
+        x = self.norm(x) if apply_norm else x
+        return _to_nchw(x) if output_fmt == 'NCHW' else x
+
+    def _prune_norm_and_head(self, pruned_blocks: bool, prune_norm: bool, prune_head: bool):
+        # The final norm was trained on the last block's output: once later blocks are gone it goes too, so the
+        # pruned model's features are the kept block's raw output (and an earlier stage may be narrower anyway).
+        if pruned_blocks or prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ('avg', ''):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    return global_pool
+
+
+def _check_fmt(output_fmt: str):
+    if output_fmt not in ('NCHW', 'NHWC'):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+
+
+def _grid(img_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    if img_size[0] % stride or img_size[1] % stride:
+        raise ValueError(f'img_size {img_size} must be divisible by {stride}, the stride of the coarsest token grid')
+    return img_size[0] // stride, img_size[1] // stride
+
+
+def _linear_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
+    """Official stochastic depth rule, 0 at the first block to ``drop_path_rate`` at the last (torch.linspace there;
+    plain Python here, so that a model built under torch.device('meta') needs no tensor values)."""
+    return [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
+def _to_nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+class GFNet(_GFNetBase):
+    """Isotropic GFNet (GFNet-Ti / XS / S / B): patch embedding, ``depth`` global filter blocks, norm, pool, linear.
+
+    Args:
+        img_size: Input resolution; fixes the token grid, the filters and the position embedding.
+        patch_size: Patch (and token grid) stride.
+        in_chans: Input image channels.
+        num_classes: Classifier outputs; 0 gives a model that returns pooled features.
+        global_pool: 'avg' or '' (no pooling, per-location logits).
+        embed_dim: Token channels.
+        depth: Blocks.
+        mlp_ratio: MLP hidden width / embed_dim.
+        drop_rate: Dropout before the classifier (official ``dropcls``).
+        pos_drop_rate: Dropout after adding the position embedding (official ``drop_rate``).
+        proj_drop_rate: Dropout inside the MLPs (official ``drop_rate``).
+        drop_path_rate: Stochastic depth, rising linearly from 0 at the first block to this at the last.
+    """
+
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 384,
+            depth: int = 12,
+            mlp_ratio: float = 4.,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.in_chans = in_chans
+        grid = _grid(self.img_size, patch_size)
+        self.patch_embed = PatchConv(in_chans, embed_dim, patch_size, tokens_in=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, *grid, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        rates = _linear_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([
+            GlobalFilterBlock(embed_dim, grid, mlp_ratio, proj_drop_rate, rates[i]) for i in range(depth)])
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}') for i in range(depth)]
+        self._init_head(embed_dim, num_classes, global_pool, drop_rate)
+        self._init_weights()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^pos_embed|^patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.patch_embed(check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm features (B, C, H / patch_size, W / patch_size)."""
+        x = self._embed(x)
+        for block in self.blocks:
+            x = self._block(block, x)
+        return _to_nchw(self.norm(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs at ``indices`` (final norm applied if ``norm``) and, unless ``intermediates_only``, the
+        final features."""
+        _check_fmt(output_fmt)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self._embed(x)
+        blocks = self.blocks[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.blocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = self._block(block, x)
+            if i in take_indices:
+                intermediates.append(self._intermediate(x, norm, output_fmt))
+        if intermediates_only:
+            return intermediates
+        return _to_nchw(self.norm(x)), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the blocks after the last one in ``indices`` (with the final norm, see ``_prune_norm_and_head``)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        pruned = max_index + 1 < len(self.blocks)
+        self.blocks = self.blocks[:max_index + 1]
+        self._prune_norm_and_head(pruned, prune_norm, prune_head)
+        return take_indices
+
+
+class GFNetHierarchical(_GFNetBase):
+    """GFNet-H: four stages of global filter blocks at strides 4 / 8 / 16 / 32.
+
+    ``patch_embed.0`` is the 4x4 stride-4 patch embedding and ``patch_embed.1..3`` the 2x2 stride-2 downsampling convs
+    opening stages 1..3; ``blocks.i`` holds stage i's blocks. The names are the official ones.
+
+    Args:
+        img_size: Input resolution (divisible by 32); fixes the token grids, filters and position embedding.
+        in_chans: Input image channels.
+        num_classes: Classifier outputs; 0 gives a model that returns pooled features.
+        global_pool: 'avg' or '' (no pooling, per-location logits).
+        embed_dims: Channels per stage.
+        depths: Blocks per stage.
+        mlp_ratio: MLP hidden width / stage width.
+        layer_scale_init: Initial value of each block's branch scale (official ``init_values``); None for none.
+        drop_rate: Dropout before the classifier (official ``dropcls``).
+        pos_drop_rate: Dropout after adding the position embedding (official ``drop_rate``).
+        proj_drop_rate: Dropout inside the MLPs (official ``drop_rate``).
+        drop_path_rate: Stochastic depth, rising linearly over all blocks of all stages.
+    """
+
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: tuple[int, ...] = (64, 128, 256, 512),
+            depths: tuple[int, ...] = (3, 3, 10, 3),
+            mlp_ratio: float = 4.,
+            layer_scale_init: float | None = 1e-3,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        if len(embed_dims) != len(depths):
+            raise ValueError(f'embed_dims has {len(embed_dims)} entries and depths {len(depths)}; expected one each '
+                             f'per stage')
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.in_chans = in_chans
+        num_stages = len(depths)
+        _grid(self.img_size, 4 * 2 ** (num_stages - 1))
+        rates = _linear_rates(drop_path_rate, sum(depths))
+        patch_embed, blocks, self.feature_info = [], [], []
+        for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
+            stride = 4 * 2 ** i
+            grid = _grid(self.img_size, stride)
+            if i == 0:
+                patch_embed.append(PatchConv(in_chans, dim, 4, tokens_in=False))
+            else:
+                patch_embed.append(PatchConv(embed_dims[i - 1], dim, 2, tokens_in=True))
+            first = sum(depths[:i])
+            blocks.append(nn.Sequential(*[
+                GlobalFilterBlock(dim, grid, mlp_ratio, proj_drop_rate, rates[first + j], layer_scale_init)
+                for j in range(depth)]))
+            self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f'blocks.{i}'))
+        self.patch_embed = nn.ModuleList(patch_embed)
+        self.pos_embed = nn.Parameter(torch.zeros(1, *_grid(self.img_size, 4), embed_dims[0]))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.blocks = nn.ModuleList(blocks)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate)
+        self._init_weights()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^pos_embed|^patch_embed\.0\.', blocks=r'^(?:patch_embed|blocks)\.(\d+)' if coarse else [
+            (r'^patch_embed\.(\d+)', (0,)),
+            (r'^blocks\.(\d+)\.(\d+)', None),
+            (r'^norm', (99999,)),
+        ])
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i == 0:
+            x = self.pos_drop(self.patch_embed[0](check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
+        else:
+            x = self.patch_embed[i](x)
+        for block in self.blocks[i]:
+            x = self._block(block, x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm features (B, C, H / 32, W / 32) of the last stage."""
+        for i in range(len(self.blocks)):
+            x = self._stage(i, x)
+        return _to_nchw(self.norm(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs at ``indices`` and, unless ``intermediates_only``, the final features.
+
+        ``norm`` applies the final norm to the last stage's output only: earlier stages are narrower.
+        """
+        _check_fmt(output_fmt)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        num_stages = max_index + 1 if stop_early and not torch.jit.is_scripting() else len(self.blocks)
+        intermediates = []
+        for i in range(num_stages):
+            x = self._stage(i, x)
+            if i in take_indices:
+                intermediates.append(self._intermediate(x, norm and i == len(self.blocks) - 1, output_fmt))
+        if intermediates_only:
+            return intermediates
+        return _to_nchw(self.norm(x)), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last one in ``indices`` (with the final norm, see ``_prune_norm_and_head``)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        pruned = max_index + 1 < len(self.blocks)
+        self.patch_embed = self.patch_embed[:max_index + 1]
+        self.blocks = self.blocks[:max_index + 1]
+        self._prune_norm_and_head(pruned, prune_norm, prune_head)
+        return take_indices
+
+
+def checkpoint_filter_fn(state_dict: dict, model: GFNet | GFNetHierarchical) -> dict:
+    """Convert an official GFNet / GFNet-H state_dict (github.com/raoyongming/GFNet) to leanvit's layout.
+
+    Keys map one to one. The official (1, H*W, C) position embedding becomes (1, H, W, C). Position embedding and
+    filters of another resolution are resized to the model's as the official fine-tuning script does (a 224
+    checkpoint into a 384 model): the position embedding bicubically, each complex filter's real and imaginary
+    parts bicubically with aligned corners. A leanvit state_dict passes through (resized likewise).
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    targets = {name: p.shape for name, p in model.named_parameters()}
+    out = {}
+    for key, value in state_dict.items():
+        target = targets.get(key)
+        if key == 'pos_embed' and target is not None:
+            value = _resize_pos_embed(value, target)
+        elif key.endswith('filter.complex_weight') and target is not None and value.shape != target:
+            value = _resize_filter(key, value, target)
+        out[key] = value
+    return out
+
+
+def _resize_pos_embed(pos_embed: torch.Tensor, target: torch.Size) -> torch.Tensor:
+    if pos_embed.ndim == 3:
+        side = math.isqrt(pos_embed.shape[1])
+        if side * side != pos_embed.shape[1]:
+            raise ValueError(f'official pos_embed {tuple(pos_embed.shape)} is not a square token grid; expected '
+                             f'(1, H*W, C) with H == W')
+        pos_embed = pos_embed.reshape(1, side, side, -1)
+    if pos_embed.shape[1:3] == target[1:3]:
+        return pos_embed
+    resized = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=tuple(target[1:3]), mode='bicubic',
+                            align_corners=False)
+    return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
+
+
+def _resize_filter(key: str, weight: torch.Tensor, target: torch.Size) -> torch.Tensor:
+    if weight.ndim != 4 or weight.shape[2:] != target[2:]:
+        raise ValueError(f'{key}: checkpoint filter {tuple(weight.shape)} cannot be resized to the model\'s '
+                         f'{tuple(target)}; expected (h, w, {target[2]}, 2)')
+    h, w, dim, _ = weight.shape
+    grid = weight.reshape(1, h, w, dim * 2).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(grid, size=tuple(target[:2]), mode='bicubic', align_corners=True)
+    return resized.permute(0, 2, 3, 1).reshape(target).to(weight.dtype).contiguous()
+
+
+def _create(cls: type, variant: str, pretrained: bool, defaults: dict, default_out_indices, **kwargs) -> nn.Module:
+    """Build ``variant`` from its default arguments overridden by the caller's ``kwargs``."""
+    out_indices = kwargs.pop('out_indices', default_out_indices)
+    return build_model_with_cfg(
+        cls, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **(defaults | kwargs),
+    )
+
+
+def _create_gfnet(variant: str, pretrained: bool, defaults: dict, **kwargs) -> GFNet:
+    # features_only gives every block's output unless out_indices picks some (timm's ViTs take the last 3).
+    return _create(GFNet, variant, pretrained, defaults, None, **kwargs)
+
+
+def _create_gfnet_h(variant: str, pretrained: bool, defaults: dict, **kwargs) -> GFNetHierarchical:
+    return _create(GFNetHierarchical, variant, pretrained, defaults, (0, 1, 2, 3), **kwargs)
+
+
+_TSINGHUA = 'https://cloud.tsinghua.edu.cn/f/{}/?dl=1'
+
+
+def _cfg(cloud_id: str, hierarchical: bool, **kwargs) -> PaperCfg:
+    return PaperCfg(**{
+        'input_size': (3, 224, 224), 'pool_size': (7, 7) if hierarchical else (14, 14), 'crop_pct': 0.9,
+        'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.0.proj' if hierarchical else 'patch_embed.proj', 'classifier': 'head',
+        'num_classes': 1000, 'license': 'mit', 'origin_url': _TSINGHUA.format(cloud_id),
+        'paper_ids': 'arXiv:2107.00645', 'paper_name': 'Global Filter Networks for Image Classification', **kwargs})
+
+
+# Official weights live on Tsinghua Cloud / Google Drive, whose share links timm cannot fetch by name; download them
+# and pass pretrained_cfg_overlay=dict(file=...) or use leanvit.load_checkpoint. paper_params: the official model
+# code's exact count at 224; GMACs and top-1: official README.
+default_cfgs = generate_default_cfgs({
+    'gfnet_ti.in1k': _cfg('3d0c1579aa524a0a99dd', False, paper_params=7_511_784, paper_gmacs=1.3, paper_top1=74.6),
+    'gfnet_xs.in1k': _cfg('e0ab5b1583954a1fa9b2', False, paper_params=15_985_768, paper_gmacs=2.8, paper_top1=78.6),
+    'gfnet_s.in1k': _cfg('e5561fa070c44d9399bf', False, paper_params=24_869_608, paper_gmacs=4.5, paper_top1=80.0),
+    'gfnet_b.in1k': _cfg('2fbf264597af4d72afb3', False, paper_params=43_120_616, paper_gmacs=7.9, paper_top1=80.7),
+    'gfnet_h_ti.in1k': _cfg('b22dd45eccbe462cbbfb', True, paper_params=15_085_096, paper_gmacs=2.0,
+                            paper_top1=80.1),
+    'gfnet_h_s.in1k': _cfg('5229cb4d1daf48e69675', True, paper_params=32_162_632, paper_gmacs=4.5, paper_top1=81.5),
+    'gfnet_h_b.in1k': _cfg('954c5af21e824ba6b40c', True, paper_params=53_744_200, paper_gmacs=8.4, paper_top1=82.9),
+})
+
+# Official model definitions (main_gfnet.py); the drop-path rates are those the official definitions fix.
+_TI = dict(embed_dim=256, depth=12)
+_XS = dict(embed_dim=384, depth=12)
+_S = dict(embed_dim=384, depth=19, drop_path_rate=0.15)
+_B = dict(embed_dim=512, depth=19, drop_path_rate=0.25)
+_H_TI = dict(embed_dims=(64, 128, 256, 512), depths=(3, 3, 10, 3), layer_scale_init=1e-3, drop_path_rate=0.1)
+_H_S = dict(embed_dims=(96, 192, 384, 768), depths=(3, 3, 10, 3), layer_scale_init=1e-5, drop_path_rate=0.2)
+_H_B = dict(embed_dims=(96, 192, 384, 768), depths=(3, 3, 27, 3), layer_scale_init=1e-6, drop_path_rate=0.4)
+
+
+@register_model
+def gfnet_ti(pretrained: bool = False, **kwargs) -> GFNet:
+    """GFNet-Ti: 7.5 M params, 1.3 GMACs, 12 blocks of width 256."""
+    return _create_gfnet('gfnet_ti', pretrained, _TI, **kwargs)
+
+
+@register_model
+def gfnet_xs(pretrained: bool = False, **kwargs) -> GFNet:
+    """GFNet-XS: 16.0 M params, 2.8 GMACs, 12 blocks of width 384."""
+    return _create_gfnet('gfnet_xs', pretrained, _XS, **kwargs)
+
+
+@register_model
+def gfnet_s(pretrained: bool = False, **kwargs) -> GFNet:
+    """GFNet-S: 24.9 M params, 4.5 GMACs, 19 blocks of width 384."""
+    return _create_gfnet('gfnet_s', pretrained, _S, **kwargs)
+
+
+@register_model
+def gfnet_b(pretrained: bool = False, **kwargs) -> GFNet:
+    """GFNet-B: 43.1 M params, 7.9 GMACs, 19 blocks of width 512."""
+    return _create_gfnet('gfnet_b', pretrained, _B, **kwargs)
+
+
+@register_model
+def gfnet_h_ti(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
+    """GFNet-H-Ti: 15.1 M params, 2.0 GMACs, stages 3-3-10-3 of widths 64-128-256-512."""
+    return _create_gfnet_h('gfnet_h_ti', pretrained, _H_TI, **kwargs)
+
+
+@register_model
+def gfnet_h_s(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
+    """GFNet-H-S: 32.2 M params, 4.5 GMACs, stages 3-3-10-3 of widths 96-192-384-768."""
+    return _create_gfnet_h('gfnet_h_s', pretrained, _H_S, **kwargs)
+
+
+@register_model
+def gfnet_h_b(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
+    """GFNet-H-B (RIFormer's default teacher): 53.7 M params, 8.4 GMACs, stages 3-3-27-3 of widths 96-192-384-768."""
+    return _create_gfnet_h('gfnet_h_b', pretrained, _H_B, **kwargs)
