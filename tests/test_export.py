@@ -190,3 +190,30 @@ def test_export_model_rejects_unknown_formats_and_names_missing_packages(tmp_pat
                         lambda name: None if name == 'onnxscript' else real_find_spec(name))
     with pytest.raises(RuntimeError, match=r'ONNX export needs onnxscript: pip install "leanvit\[export\]"'):
         export_model(TinyNet(), tmp_path / 'x.onnx')
+
+
+def test_riformer_exports_reparameterized_to_onnx_without_a_token_mixer(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = leanvit.create_model('test_riformer', num_classes=5)
+    with torch.no_grad():  # move norms, affines and layer scales off their init, so that the fold does something
+        for name, p in model.named_parameters():
+            if 'norm' in name or 'affine' in name or 'layer_scale' in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    checkpoint = tmp_path / 'riformer.safetensors'
+    leanvit.save_weights(model, checkpoint)
+    out = tmp_path / 'riformer.onnx'
+    code, stdout, err = run_export(capsys, '--model', 'test_riformer', '--model-kwargs', json.dumps({'num_classes': 5}),
+                                   '--checkpoint', checkpoint, '--reparam', '--format', 'onnx', '--out', out)
+    assert code == 0, err
+    assert 'reparam    5 modules folded' in stdout
+    import onnx
+    training_form = export_model(model, tmp_path / 'training.onnx', input_size=(3, 64, 64))
+    nodes = len(onnx.load(str(out)).graph.node)
+    # Each of the 5 blocks loses its token mixer (a multiply-add and a subtraction, or one fused op).
+    assert nodes <= len(onnx.load(str(training_form.path)).graph.node) - 5
+    session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.eval()(images).numpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0], expected,
+                               atol=1e-4, rtol=1e-4)
