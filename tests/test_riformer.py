@@ -192,3 +192,12 @@ def test_pretrained_cfg_points_at_the_official_files():
     assert cfg.url.startswith('https://download.openmmlab.com/mmclassification/v1/riformer/riformer-m48_')
     assert cfg.input_size == (3, 384, 384) and cfg.interpolation == 'bicubic'
     assert timm.models.get_pretrained_cfg('riformer_m36').crop_pct == 0.95
+
+
+def test_pretrained_true_converts_an_mmpretrain_file():
+    io = load_file(FIXTURES / 'riformer_mmpretrain_tiny_io.safetensors')
+    model = timm.create_model('test_riformer', pretrained=True, deploy=True, **FIXTURE_ARCH,
+                              pretrained_cfg_overlay=dict(file=str(FIXTURES / 'riformer_mmpretrain_tiny.pth'),
+                                                          num_classes=5))  # else timm drops the classifier
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(io['input']), io['logits_deploy'], rtol=1e-4, atol=1e-5)
