@@ -6,8 +6,9 @@ a round, where both models ran seconds apart.
 
 Suites:
   sret      SReT-T against DeiT-Ti and against its unsliced form.
-  riformer  RIFormer-S12 deployed (no token mixer) against timm's PoolFormer-S12 and its own training form, and
-            the deploy model in ONNX Runtime against eager PyTorch.
+  riformer  RIFormer-S12 deployed (no token mixer) against timm's PoolFormer-S12, against leanvit's PoolFormer form
+            (same code, pooling mixer) and against its own training form, and the deploy model in ONNX Runtime
+            against eager PyTorch.
 
     python benchmarks/throughput.py --suite sret|riformer [--rounds 15] [--iters 2] [--markdown FILE]
 """
@@ -64,6 +65,8 @@ def riformer_suite(scratch: str, batch_size: int) -> tuple[dict, dict, list]:
     folded = copy.deepcopy(training).reparameterize(fold_layer_scale=True)
     models = {
         'poolformer_s12 (timm)': timm.create_model('poolformer_s12'),
+        # The same implementation with PoolFormer's mixer: isolates what removing the mixer buys.
+        'poolformer_s12 (leanvit)': leanvit.create_model('riformer_s12', token_mixer='pooling'),
         'riformer_s12 training form': training,
         'riformer_s12 deploy': deploy,
         'riformer_s12 deploy, ls1 folded': folded,
@@ -73,6 +76,7 @@ def riformer_suite(scratch: str, batch_size: int) -> tuple[dict, dict, list]:
     models['riformer_s12 deploy, ONNX Runtime'] = deploy
     ratios = [('riformer_s12 deploy', 'poolformer_s12 (timm)'),
               ('riformer_s12 deploy, ls1 folded', 'poolformer_s12 (timm)'),
+              ('riformer_s12 deploy', 'poolformer_s12 (leanvit)'),
               ('riformer_s12 deploy', 'riformer_s12 training form'),
               ('riformer_s12 deploy, ONNX Runtime', 'riformer_s12 deploy')]
     return runners, models, ratios
@@ -111,13 +115,13 @@ def main() -> None:
             order = names[round_index % len(names):] + names[:round_index % len(names)]
             for name in order:
                 speeds[name].append(images_per_second(runners[name], images, args.iters))
-            print(f'round {round_index + 1}/{args.rounds}: '
-                  + ', '.join(f'{n} {speeds[n][-1]:.1f}' for n in names), flush=True)
+            rates = ', '.join(f'{n} {speeds[n][-1]:.1f}' for n in names)
+            print(f'round {round_index + 1}/{args.rounds}: {rates}', flush=True)
 
     lines = [
-        f'Eval throughput, batch {args.batch_size}, 224 x 224, {torch.get_num_threads()} CPU threads '
-        f'({platform.processor() or platform.machine()}), torch {torch.__version__}, median of {args.rounds} '
-        f'interleaved rounds of {args.iters} batches.',
+        (f'Eval throughput, batch {args.batch_size}, 224 x 224, {torch.get_num_threads()} CPU threads '
+         f'({platform.processor() or platform.machine()}), torch {torch.__version__}, median of {args.rounds} '
+         f'interleaved rounds of {args.iters} batches.'),
         '',
         '| model | GMACs | images/s (median) |',
         '|---|---|---|',
@@ -130,8 +134,8 @@ def main() -> None:
     if args.suite == 'sret':
         saving = 1 - gmacs['sret_t'] / gmacs['sret_t_unsliced']
         time_saving = 1 - statistics.median(y / x for x, y in zip(speeds['sret_t'], speeds['sret_t_unsliced']))
-        lines += ['', f'Slicing removes {saving:.1%} of the MACs of sret_t_unsliced and {time_saving:.1%} of its '
-                      f'time ({time_saving / saving:.2f} of the MAC saving).']
+        lines += ['', (f'Slicing removes {saving:.1%} of the MACs of sret_t_unsliced and {time_saving:.1%} of its '
+                       f'time ({time_saving / saving:.2f} of the MAC saving).')]
     table = '\n'.join(lines)
     print('\n' + table)
     if args.markdown:

@@ -42,6 +42,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
 
 
+def family_function(model: nn.Module, name: str):
+    """A module-level function of the file that defines ``model``'s class (e.g. its ``checkpoint_filter_fn``)."""
+    return getattr(sys.modules[type(model).__module__], name, None)
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None) -> nn.Module:
     """Load weights from ``path`` into ``model`` (in place) and return it.
 
@@ -50,7 +55,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None) -
     """
     state_dict = unwrap_state_dict(read_checkpoint(path))
     if filter_fn is None:
-        filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
+        filter_fn = family_function(model, 'checkpoint_filter_fn')
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
     check_state_dict_fits(model, state_dict, source=str(path))

@@ -147,7 +147,7 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from leanvit.train.evaluation import data_config, load_trained_model
 
-    # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the verification checks the file.
+    # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
     logging.getLogger('onnxscript').setLevel(logging.ERROR)
     model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs)
     input_size = data_config(model, args.img_size or kwargs.get('img_size'))['input_size']

@@ -140,7 +140,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
 
 def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynamic_batch: bool,
                  opset: int | None) -> list[np.ndarray]:
-    """Write ``model`` as ONNX to ``path``, traced on ``inputs[0]``; return what ONNX Runtime computes from ``inputs``."""
+    """Write ``model`` as ONNX to ``path``, traced on ``inputs[0]``; return ONNX Runtime's outputs for ``inputs``."""
     import onnxruntime
 
     dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None

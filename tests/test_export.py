@@ -85,7 +85,8 @@ def test_torchscript_export_is_a_trace_that_reloads_and_matches(run, tmp_path, c
 
 def test_reparam_folds_repvgg_branches_exactly_and_exports_the_folded_model(tmp_path, capsys):
     model = timm.create_model('repvgg_a0', num_classes=5)
-    checkpoint = tmp_path / 'repvgg.pth'  # an official-style checkpoint, no sidecar: name and kwargs on the command line
+    # An official-style checkpoint, no sidecar: name and kwargs on the command line.
+    checkpoint = tmp_path / 'repvgg.pth'
     torch.save({'state_dict': model.state_dict()}, checkpoint)
     out = tmp_path / 'repvgg.pt'
     code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--model', 'repvgg_a0', '--model-kwargs',

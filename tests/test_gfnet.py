@@ -1,4 +1,4 @@
-"""GFNet: exact official figures, official checkpoints giving official outputs, the global filter's semantics, errors."""
+"""GFNet: exact official figures, official checkpoints giving official outputs, the global filter, errors."""
 
 import json
 import math

@@ -7,18 +7,24 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from test_riformer import FIXTURE_ARCH, FIXTURES
 from torch import nn
 
 import leanvit
 from leanvit.distill.imitation import (
-    ImitationWeights, ModuleImitation, blocks_by_stage, feature_mse, mixer_output_mse, pair_blocks, relation_matrix,
+    ImitationWeights,
+    ModuleImitation,
+    blocks_by_stage,
+    feature_mse,
+    mixer_output_mse,
+    pair_blocks,
+    relation_matrix,
     relation_mse,
 )
 from leanvit.distill.taps import FeatureTaps
 from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.models.riformer import RIFormer
 from leanvit.train import TrainConfig, train
-from test_riformer import FIXTURE_ARCH, FIXTURES
 
 
 def student_and_teacher(seed: int = 0):
@@ -109,8 +115,11 @@ def test_module_imitation_terms_equal_the_direct_computation():
     torch.testing.assert_close(terms['block_output'], block)
     torch.testing.assert_close(terms['mixer_output'], mixer)
     torch.testing.assert_close(terms['relation'], relation)
-    torch.testing.assert_close(imitation.loss(), 2 * block + 3 * mixer + 5 * relation)
-    imitation.loss().backward()
+    loss = imitation.loss()
+    torch.testing.assert_close(loss, 2 * block + 3 * mixer + 5 * relation)
+    with pytest.raises(RuntimeError, match='needs one student and one teacher forward before each loss'):
+        imitation.loss()  # the taps were emptied
+    loss.backward()
     # Every parameter before the final norm feeds some tapped block output.
     assert all(p.grad is not None for n, p in student.named_parameters() if not n.startswith(('norm.', 'head.')))
     imitation.remove()
@@ -161,18 +170,28 @@ TINY = dict(model='test_riformer', img_size=32, batch_size=64, epochs=1, lr=2e-3
             augment=False)
 
 
-def test_engine_trains_with_imitation_and_teacher_init(tmp_path):
+def test_engine_trains_with_imitation_and_teacher_init(tmp_path, monkeypatch):
     teacher = leanvit.create_model('test_riformer', num_classes=10, token_mixer='pooling')
     leanvit.save_weights(teacher, tmp_path / 'teacher.safetensors')
-    common = dict(TINY, teacher='test_riformer', teacher_kwargs={'token_mixer': 'pooling'},
-                  teacher_checkpoint=str(tmp_path / 'teacher.safetensors'), kd_alpha=1.0)
-    kd_only = train(TrainConfig(**common, output=str(tmp_path / 'kd')))
-    full = train(TrainConfig(**common, output=str(tmp_path / 'full'), imitate_block_output=1.,
-                             imitate_mixer_output=1., imitate_relation=1., init_from_teacher=True))
+    losses = []
+    original_loss = ModuleImitation.loss
+
+    def recorded_loss(self):
+        losses.append(original_loss(self))
+        assert not self.student_taps.outputs, 'the taps are emptied after every loss'
+        return losses[-1]
+    monkeypatch.setattr(ModuleImitation, 'loss', recorded_loss)
+    config = TrainConfig(**TINY, teacher='test_riformer', teacher_kwargs={'token_mixer': 'pooling'},
+                         teacher_checkpoint=str(tmp_path / 'teacher.safetensors'), kd_alpha=1.0, ema_decay=0.9,
+                         imitate_block_output=1., imitate_mixer_output=1., imitate_relation=1.,
+                         init_from_teacher=True, output=str(tmp_path / 'full'))
+    train(config)
     report = json.loads((tmp_path / 'full' / 'teacher_init.json').read_text())
     assert len(report['copied']) == len(teacher.state_dict()) and report['token_mixer']
-    # Same seed and data; the imitation terms are added to the KD loss, so the runs differ.
-    assert full['train_loss'] != kd_only['train_loss']
+    assert len(losses) == 1437 // 64 and all(loss.requires_grad and loss > 0 for loss in losses)
+    # Initialised from the teacher, the student's blocks start close to its own: the first step's imitation loss is
+    # the mixers' (the affine starts as "add nothing") and the terms shrink as it trains.
+    assert losses[-1] < losses[0]
 
 
 def test_engine_refuses_imitation_without_a_live_teacher(tmp_path):
@@ -185,7 +204,8 @@ def test_block_patterns_reach_other_model_layouts():
         def __init__(self):
             super().__init__()
             self.layers = nn.ModuleDict({f'{s}_{b}': nn.Conv2d(3, 3, 1) for s in range(2) for b in range(2)})
-    assert blocks_by_stage(Flat(), r'layers\.(\d+)_(\d+)') == [['layers.0_0', 'layers.0_1'], ['layers.1_0', 'layers.1_1']]
+    assert blocks_by_stage(Flat(), r'layers\.(\d+)_(\d+)') == [['layers.0_0', 'layers.0_1'],
+                                                                ['layers.1_0', 'layers.1_1']]
 
 
 def test_relation_imitation_of_a_gfnet_teacher_reads_its_nhwc_blocks():
@@ -216,3 +236,20 @@ def test_imagenet_recipe_pairs_riformer_s12_with_gfnet_h_b_stage_by_stage():
     # 12 student blocks, each with the teacher block at the same relative depth of the same stage (3, 3, 27, 3).
     assert [t for _, t in imitation.pairs] == ['blocks.0.1', 'blocks.0.2', 'blocks.1.1', 'blocks.1.2'] + \
         [f'blocks.2.{k}' for k in (4, 8, 13, 17, 22, 26)] + ['blocks.3.1', 'blocks.3.2']
+
+
+def test_teacher_init_unwraps_saved_state_dicts():
+    student, teacher = student_and_teacher()
+    wrapped = {'state_dict': {'module.' + k: v for k, v in teacher.state_dict().items()}, 'meta': {'epoch': 3}}
+    report = init_from_teacher(student, wrapped)
+    assert len(report.copied) == len(teacher.state_dict()) and not report.teacher_only
+    torch.testing.assert_close(student.stem.conv.weight, teacher.stem.conv.weight)
+
+
+def test_imitation_settings_are_checked():
+    student, teacher = student_and_teacher()
+    with pytest.raises(ValueError, match='imitation weights must be >= 0'):
+        ModuleImitation(student, teacher, ImitationWeights(relation=-1.))
+    gfnet = leanvit.create_model('gfnet_h_ti', img_size=64)
+    with pytest.raises(ValueError, match='mixer-output term .*needs MetaFormer blocks with a token_mixer'):
+        ModuleImitation(student, gfnet, ImitationWeights(mixer_output=1.), teacher_blocks=r'blocks\.(\d+)\.(\d+)')

@@ -2,7 +2,12 @@
 precomputed teacher logits."""
 
 from leanvit.distill.losses import (
-    KD_LOSSES, deit_hard, deit_soft, distillation_loss, kl_batchmean, soft_cross_entropy,
+    KD_LOSSES,
+    deit_hard,
+    deit_soft,
+    distillation_loss,
+    kl_batchmean,
+    soft_cross_entropy,
 )
 from leanvit.distill.teacher_logits import compute_teacher_logits, load_teacher_logits, save_teacher_logits
 

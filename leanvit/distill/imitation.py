@@ -26,8 +26,6 @@ from torch import nn
 from leanvit.distill.taps import FeatureTaps
 
 BLOCK_PATTERN = r'stages\.(\d+)\.blocks\.(\d+)'   # MetaFormer / RIFormer / timm poolformer module names
-
-
 LAYOUTS = ('NCHW', 'NHWC', 'NLC')
 
 
@@ -67,9 +65,10 @@ def relation_mse(student: torch.Tensor, teacher: torch.Tensor, student_layout: s
     return F.mse_loss(s, t)
 
 
-def mixer_output_mse(student_mixer: nn.Module, teacher_input: torch.Tensor, teacher_output: torch.Tensor):
+def mixer_output_mse(student_mixer: nn.Module, teacher_input: torch.Tensor,
+                     teacher_output: torch.Tensor) -> torch.Tensor:
     """L_out: the student's token mixer applied to the teacher mixer's input, against the teacher mixer's output."""
-    return feature_mse(student_mixer(teacher_input.detach()), teacher_output.detach())
+    return feature_mse(student_mixer(teacher_input.detach().float()), teacher_output.detach())
 
 
 def blocks_by_stage(model: nn.Module, pattern: str = BLOCK_PATTERN) -> list[list[str]]:
@@ -93,6 +92,14 @@ def pair_blocks(student: list[list[str]], teacher: list[list[str]]) -> list[tupl
         for j, name in enumerate(s_blocks):
             pairs.append((name, t_blocks[math.ceil((j + 1) * len(t_blocks) / len(s_blocks)) - 1]))
     return pairs
+
+
+def _token_mixer(model: nn.Module, block: str) -> nn.Module:
+    try:
+        return model.get_submodule(block + '.token_mixer')
+    except AttributeError:
+        raise ValueError(f'the mixer-output term (L_out) needs MetaFormer blocks with a token_mixer module; '
+                         f'{type(model).__name__} block {block} has none') from None
 
 
 @dataclass(frozen=True)
@@ -119,17 +126,30 @@ class ModuleImitation:
         self.weights = weights
         self.layouts = (student_layout, teacher_layout)
         self.pairs = pair_blocks(blocks_by_stage(student, student_blocks), blocks_by_stage(teacher, teacher_blocks))
+        if min(weights.block_output, weights.mixer_output, weights.relation) < 0:
+            raise ValueError(f'imitation weights must be >= 0, got {weights}')
         self.student_mixers = {}
         if weights.mixer_output:
-            self.student_mixers = {s: student.get_submodule(s + '.token_mixer') for s, _ in self.pairs}
+            self.student_mixers = {s: _token_mixer(student, s) for s, _ in self.pairs}
+            for _, t in self.pairs:
+                _token_mixer(teacher, t)
         self.student_taps = FeatureTaps(student, [s for s, _ in self.pairs])
         self.teacher_taps = FeatureTaps(teacher, [t for _, t in self.pairs])
         self.teacher_mixer_taps = FeatureTaps(teacher, [t + '.token_mixer' for _, t in self.pairs], inputs=True) \
             if weights.mixer_output else None
 
     def terms(self) -> dict[str, torch.Tensor]:
-        """Each enabled term, averaged over the block pairs, from the last student and teacher forwards."""
+        """Each enabled term, averaged over the block pairs, from the last student and teacher forwards.
+
+        Computed in float32 outside autocast: a Gram matrix of thousands of tokens loses too much in half precision.
+        """
         student, teacher = self.student_taps.outputs, self.teacher_taps.outputs
+        if not student or not teacher:
+            raise RuntimeError('module imitation needs one student and one teacher forward before each loss()')
+        with torch.autocast(next(iter(student.values())).device.type, enabled=False):
+            return self._terms(student, teacher)
+
+    def _terms(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
         terms = {}
         sl, tl = self.layouts
         if self.weights.block_output:
@@ -146,7 +166,12 @@ class ModuleImitation:
         return terms
 
     def loss(self) -> torch.Tensor:
-        return sum(getattr(self.weights, name) * value for name, value in self.terms().items())
+        """The weighted sum of `terms`; the taps are emptied, so no batch's features outlive its step."""
+        loss = sum(getattr(self.weights, name) * value for name, value in self.terms().items())
+        for taps in (self.student_taps, self.teacher_taps, self.teacher_mixer_taps):
+            if taps is not None:
+                taps.clear()
+        return loss
 
     def remove(self):
         for taps in (self.student_taps, self.teacher_taps, self.teacher_mixer_taps):

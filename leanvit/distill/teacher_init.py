@@ -1,10 +1,11 @@
 """Initialise a student from a same-layout teacher (RIFormer guideline 5: copy every weight but the token mixer)."""
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from leanvit.checkpoint import family_function, unwrap_state_dict
 
 
 @dataclass
@@ -27,18 +28,18 @@ class TeacherInitReport:
 def init_from_teacher(student: nn.Module, teacher: nn.Module | dict) -> TeacherInitReport:
     """Copy the teacher's weights into ``student`` wherever names and shapes agree, except token mixers.
 
-    ``teacher`` is a model or a state_dict; it passes through the student family's ``checkpoint_filter_fn`` first, so
-    an official PoolFormer checkpoint or a leanvit PoolFormer-form RIFormer maps onto a RIFormer student. The report
+    ``teacher`` is a model or a state_dict (wrappers such as ``'state_dict'`` or DDP's ``module.`` are removed); its
+    names pass through the student family's ``convert_layout`` (else its ``checkpoint_filter_fn``) first, so an
+    official PoolFormer checkpoint or a leanvit PoolFormer-form RIFormer maps onto a RIFormer student. The report
     lists every tensor that was not copied, and why.
     """
     own = student.state_dict()
-    state_dict = dict(teacher.state_dict() if isinstance(teacher, nn.Module) else teacher)
-    filter_fn = getattr(sys.modules[type(student).__module__], 'checkpoint_filter_fn', None)
-    if filter_fn is not None:
-        # The student's own token-mixer tensors stand in for the teacher's (they are never copied), so the converter
-        # sees a complete layout: a pooling teacher has no mixer weights and would look like a deploy checkpoint.
-        mixers = {k: v for k, v in own.items() if '.token_mixer.' in k and k not in state_dict}
-        state_dict = {k: v for k, v in filter_fn(state_dict | mixers, student).items() if k not in mixers}
+    state_dict = unwrap_state_dict(dict(teacher.state_dict() if isinstance(teacher, nn.Module) else teacher))
+    # Only the names are converted: the family's full checkpoint filter would also refuse a teacher whose mixer is
+    # not the student's, which is the point here.
+    convert = family_function(student, 'convert_layout') or family_function(student, 'checkpoint_filter_fn')
+    if convert is not None:
+        state_dict = convert(state_dict, student)
     report = TeacherInitReport()
     for name, value in own.items():
         if '.token_mixer.' in name:

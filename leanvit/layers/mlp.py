@@ -53,10 +53,14 @@ class Mlp(nn.Module):
 
 def _activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Without autograd a GELU runs in place, sparing the allocation of the largest activation (fresh allocations
-    # cost page faults on CPU).
-    if isinstance(act, nn.GELU) and not torch.is_grad_enabled():
+    # cost page faults on CPU). A module with hooks is called normally, so the hooks see it.
+    if isinstance(act, nn.GELU) and not torch.is_grad_enabled() and not _has_hooks(act):
         return torch.ops.aten.gelu_(x, approximate=act.approximate)
     return act(x)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 @register_notrace_function  # timm's FX feature extractor keeps it as one call
@@ -65,15 +69,18 @@ def pointwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     oneDNN runs a 1 x 1 convolution on an NCHW input by reordering it to a blocked layout and back, which makes it
     1.1-2.9x slower than the plain product ``W @ x.view(B, C, H * W)`` on CPU (RIFormer-S12 shapes, batch 16). A
-    channels-last input keeps the convolution, which is fast in that layout.
+    channels-last input keeps the convolution, which is fast in that layout, and so does a conv with forward hooks
+    (so that taps on it see it) or one that is not a plain 1 x 1 (stride 1, no padding, no groups).
     """
-    if not x.is_contiguous():
+    plain = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+    if not x.is_contiguous() or not plain or _has_hooks(conv):
         return conv(x)
     batch, _, height, width = x.shape
     weight = conv.weight.view(1, conv.out_channels, conv.in_channels).expand(batch, -1, -1)
     out = torch.bmm(weight, x.view(batch, conv.in_channels, height * width))
     if conv.bias is not None:
-        out = out.add_(conv.bias.view(1, -1, 1)) if not torch.is_grad_enabled() else out + conv.bias.view(1, -1, 1)
+        bias = conv.bias.to(out.dtype).view(1, -1, 1)  # under autocast the product is half precision: keep it so
+        out = out.add_(bias) if not torch.is_grad_enabled() else out + bias
     return out.view(batch, conv.out_channels, height, width)
 
 

@@ -23,12 +23,11 @@ into ``riformer_s12(token_mixer='pooling')`` and a PoolFormer teacher shares eve
 
 import torch
 import torch.fx
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from leanvit.checkpoint import unwrap_state_dict
 from leanvit.layers import AffineTokenMixer, ConvMlp, PoolingTokenMixer, check_input_size, fold_affine_into_norm
@@ -96,17 +95,18 @@ class RIFormerBlock(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self, fold_layer_scale: bool = False):
-        """Fold the affine token mixer into ``norm1`` (and ``layer_scale1`` if asked); a no-op once folded."""
+        """Fold the affine token mixer into ``norm1`` (and ``layer_scale1`` if asked).
+
+        A no-op once folded, and for PoolFormer blocks, whose pooling has no inference form to fold into (so that
+        ``timm.utils.model.reparameterize_model`` works on every model of the family).
+        """
         if isinstance(self.token_mixer, AffineTokenMixer):
             weight, bias = fold_affine_into_norm(
                 self.norm1.weight, self.norm1.bias, self.token_mixer.affine.weight, self.token_mixer.affine.bias)
             self.norm1.weight.copy_(weight)
             self.norm1.bias.copy_(bias)
             self.token_mixer = nn.Identity()
-        elif not isinstance(self.token_mixer, nn.Identity):
-            raise TypeError(f'a {type(self.token_mixer).__name__} token mixer cannot be folded into the norm; only '
-                            'the affine mixer can (PoolFormer keeps its pooling)')
-        if fold_layer_scale and isinstance(self.layer_scale1, LayerScale):
+        if fold_layer_scale and isinstance(self.token_mixer, nn.Identity) and isinstance(self.layer_scale1, LayerScale):
             self.norm1.weight.mul_(self.layer_scale1.scale)
             self.norm1.bias.mul_(self.layer_scale1.scale)
             self.layer_scale1 = nn.Identity()
@@ -124,9 +124,9 @@ class ConvDownsample(nn.Module):
 
 
 class RIFormerStage(nn.Module):
-    def __init__(self, in_chs: int, dim: int, depth: int, drop_path: list[float], **block_kwargs):
+    def __init__(self, in_chs: int, dim: int, drop_path: list[float], downsample: bool, **block_kwargs):
         super().__init__()
-        self.downsample = nn.Identity() if in_chs == dim else ConvDownsample(in_chs, dim, 3, 2, 1)
+        self.downsample = ConvDownsample(in_chs, dim, 3, 2, 1) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[RIFormerBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_path])
         self.grad_checkpointing = False
 
@@ -187,9 +187,9 @@ class RIFormer(nn.Module):
         # Stochastic depth grows linearly over all blocks (PoolFormer).
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages, self.feature_info, in_chs = [], [], dims[0]
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
+        for i, dim in enumerate(dims):
             stages.append(RIFormerStage(
-                in_chs, dim, depth, rates[sum(depths[:i]):sum(depths[:i + 1])], token_mixer=token_mixer,
+                in_chs, dim, rates[sum(depths[:i]):sum(depths[:i + 1])], downsample=i > 0, token_mixer=token_mixer,
                 mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, proj_drop=proj_drop_rate,
                 fold_layer_scale=fold_layer_scale))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'stages.{i}'))
@@ -209,6 +209,7 @@ class RIFormer(nn.Module):
 
         Also reached through ``timm.utils.model.reparameterize_model``. ``fold_layer_scale`` folds ``ls1`` too (one
         multiply less per block; the state_dict then lacks ``layer_scale1``, so the deploy parameter count drops).
+        PoolFormer (``token_mixer='pooling'``) has nothing to fold and is returned unchanged.
         """
         for stage in self.stages:
             for block in stage.blocks:
@@ -217,8 +218,10 @@ class RIFormer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        # PoolFormer's training script decays every parameter, norms and layer scales included.
-        return set()
+        # timm's optimizer factory (PoolFormer's train.py uses it) already spares 1-D parameters: norms, layer scales,
+        # biases. The affine scale is stored [C, 1, 1, 1] for the official layout; decay would pull it towards 0, a
+        # mixer of -x, so it is spared like the other per-channel parameters.
+        return {name for name, _ in self.named_parameters() if name.endswith('token_mixer.affine.weight')}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -276,7 +279,8 @@ class RIFormer(nn.Module):
                 intermediates.append(self.norm(x) if norm and i == last else x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # The final norm is sized for the last stage: an early stop returns its stage's output as is.
+        return (self.norm(x) if len(stages) == len(self.stages) else x), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -296,14 +300,14 @@ class RIFormer(nn.Module):
 
 
 def _init_weights(module: nn.Module):
-    # PoolFormer's init: truncated normal (std 0.02) for convs and linears, zero biases. The affine mixer keeps its
-    # own identity-start init (AffineTokenMixer), norms start at weight 1, bias 0.
-    if isinstance(module, AffineTokenMixer):
-        return
-    if isinstance(module, (nn.Conv2d, nn.Linear)) and module.weight.shape[1:] != (1, 1, 1):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+    # PoolFormer's init: truncated normal (std 0.02) and zero biases for the MLP convs and the classifier; the stem
+    # and the stage transitions keep PyTorch's default conv init, norms start at weight 1, bias 0, and the affine
+    # mixer keeps its own identity-start init (AffineTokenMixer).
+    layers = (module.fc1, module.fc2) if isinstance(module, ConvMlp) else (module,) if isinstance(module, nn.Linear) \
+        else ()
+    for layer in layers:
+        trunc_normal_(layer.weight, std=.02)
+        nn.init.zeros_(layer.bias)
 
 
 # Official block parameter names (mmpretrain and sail-sg/poolformer alike) -> leanvit's.
@@ -312,20 +316,48 @@ _OFFICIAL_BLOCK_NAMES = {'norm_reparam.': 'norm1.', 'layer_scale_1': 'layer_scal
 
 
 def checkpoint_filter_fn(state_dict: dict, model: RIFormer) -> dict:
-    """Convert a RIFormer or PoolFormer checkpoint to ``model``'s layout.
+    """Convert a RIFormer or PoolFormer checkpoint to ``model``'s layout (see `convert_layout`), refusing a mixer
+    the model does not have.
 
-    Accepted: mmpretrain RIFormer classifiers, training or deploy form (``backbone.network.*``, ``head.fc.*``); the
-    official PoolFormer layout (``network.*``, ``norm.*``, ``head.*``); leanvit's own. The official layouts number
-    blocks and stage transitions together (``network.{0,2,4,6}`` are stages, ``network.{1,3,5}`` the convs between).
     A training-form checkpoint loaded into a deploy model is folded on the way in (and its first layer scale too if
     the model was built with ``fold_layer_scale``); a deploy checkpoint cannot be unfolded into a training model.
+    An official PoolFormer file (no mixer weights) and a deploy RIFormer look alike once renamed, so the official
+    layouts are told apart before renaming; leanvit's own files carry no such mark.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    source = _official_source(state_dict)
+    pooling = any(isinstance(m, PoolingTokenMixer) for m in model.modules())
+    if source == 'an official PoolFormer' and not pooling:
+        raise ValueError(f'{source} checkpoint has a pooling token mixer; load it into a model created with '
+                         "token_mixer='pooling', or start a RIFormer from it with "
+                         'leanvit.distill.teacher_init.init_from_teacher')
+    if source and source != 'an official PoolFormer' and pooling:
+        raise ValueError(f"{source} checkpoint has no pooling token mixer; create the model with token_mixer='affine' "
+                         '(training form) or deploy=True')
+    return _fold_for(convert_layout(state_dict, model), model)
+
+
+def _official_source(state_dict: dict) -> str | None:
+    if any(k.startswith('backbone.') for k in state_dict):
+        deploy = any('.norm_reparam.' in k for k in state_dict)
+        return f'an mmpretrain RIFormer{" deploy" if deploy else " training-form"}'
+    return 'an official PoolFormer' if 'patch_embed.proj.weight' in state_dict else None
+
+
+def convert_layout(state_dict: dict, model: RIFormer) -> dict:
+    """Rename an official checkpoint's entries to leanvit's; values are unchanged.
+
+    Accepted: mmpretrain RIFormer classifiers, training or deploy form (``backbone.network.*``, ``head.fc.*``); the
+    official PoolFormer layout (``network.*``, ``norm.*``, ``head.*``); leanvit's own (returned as is). The official
+    layouts number blocks and stage transitions together (``network.{0,2,4,6}`` are stages, ``network.{1,3,5}`` the
+    convs between).
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith('backbone.') for k in state_dict):
-        state_dict = _convert_official(state_dict, norm_prefix=f'backbone.norm{2 * len(model.stages) - 2}.')
-    elif 'patch_embed.proj.weight' in state_dict:
-        state_dict = _convert_official(state_dict, norm_prefix='norm.')
-    return _fold_for(state_dict, model)
+        return _convert_official(state_dict, norm_prefix=f'backbone.norm{2 * len(model.stages) - 2}.')
+    if 'patch_embed.proj.weight' in state_dict:
+        return _convert_official(state_dict, norm_prefix='norm.')
+    return state_dict
 
 
 def _convert_official(state_dict: dict, norm_prefix: str) -> dict:
@@ -363,8 +395,9 @@ def _fold_for(state_dict: dict, model: RIFormer) -> dict:
             has_affine = prefix + 'token_mixer.affine.weight' in state_dict
             if isinstance(block.token_mixer, AffineTokenMixer) and not has_affine and \
                     prefix + 'norm1.weight' in state_dict:
-                raise ValueError(f'the checkpoint is a deploy (re-parameterized) RIFormer ({prefix}token_mixer.affine '
-                                 'is missing) and cannot be unfolded: create the model with deploy=True')
+                raise ValueError(f'the checkpoint has no affine token mixer ({prefix}token_mixer.affine is missing): '
+                                 'a deploy (re-parameterized) RIFormer cannot be unfolded, create the model with '
+                                 "deploy=True; a PoolFormer belongs in token_mixer='pooling'")
             if not isinstance(block.token_mixer, nn.Identity):
                 continue
             scale = state_dict.pop(prefix + 'layer_scale1.scale') \

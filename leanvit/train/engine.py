@@ -38,7 +38,6 @@ from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.train.checkpoints import CheckpointManager, rng_state, set_rng_state
 from leanvit.train.evaluation import data_config, evaluate_model
 
-
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -198,9 +197,6 @@ def train(config: TrainConfig) -> dict:
         if is_main:
             print(f'student initialised from {config.teacher}: {report.summary()}', flush=True)
             (output / 'teacher_init.json').write_text(json.dumps(dataclasses.asdict(report), indent=2) + '\n')
-    imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks,
-                                config.teacher_imitation_blocks,
-                                teacher_layout=config.teacher_imitation_layout) if imitation_weights else None
     random_seed(config.seed + rank)  # ranks draw different augmentations; DDP broadcasts rank 0's weights
     sampler = EpochSampler(len(data.train), config.seed, config.batch_size, rank, world_size)
     # The loader's own generator: creating an iterator would otherwise draw from the global RNG, which a resumed
@@ -220,6 +216,10 @@ def train(config: TrainConfig) -> dict:
                                        warmup_epochs=config.warmup_epochs, min_lr=config.min_lr,
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
+    # Taps are hooked after the EMA copy is made, so that evaluating the EMA model does not write into them.
+    imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks,
+                                config.teacher_imitation_blocks,
+                                teacher_layout=config.teacher_imitation_layout) if imitation_weights else None
     if config.amp not in AMP_DTYPES:
         raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)}, got {config.amp!r}')
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
@@ -341,6 +341,8 @@ def train(config: TrainConfig) -> dict:
             print(f'epoch {epoch}/{config.epochs}: train loss {history[-1]["train_loss"]:.4f}, '
                   f'val top-1 {metrics["top1"]:.2f}%, val loss {metrics["loss"]:.4f}', flush=True)
 
+    if imitation is not None:
+        imitation.remove()
     final = history[-1] if history else {}
     if is_main:
         plot_curves(output, history)
