@@ -13,7 +13,7 @@ from torch import nn
 
 import leanvit
 from leanvit.layers import AffineTokenMixer, PoolingTokenMixer, pointwise_conv
-from leanvit.models.riformer import RIFormer
+from leanvit.models.riformer import RIFormer, checkpoint_filter_fn
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 FIXTURE_ARCH = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)
@@ -256,3 +256,16 @@ def test_pointwise_conv_keeps_autocast_dtype_and_hooks():
     assert seen == [(2, 10, 5, 3)]
     strided = nn.Conv2d(6, 10, 1, stride=2)
     assert pointwise_conv(x, strided).shape == strided(x).shape == (2, 10, 3, 2)
+
+
+def test_mmpretrain_norms_of_other_out_indices_are_ignored():
+    io = load_file(FIXTURES / 'riformer_mmpretrain_tiny_io.safetensors')
+    checkpoint = leanvit.read_checkpoint(FIXTURES / 'riformer_mmpretrain_tiny.pth')
+    # A backbone saved with out_indices (0, 2, 4, 6) also has norm0 / norm2 / norm4 on the earlier stages.
+    for index, dim in ((0, 8), (2, 16), (4, 24)):
+        checkpoint['state_dict'][f'backbone.norm{index}.weight'] = torch.randn(dim)
+        checkpoint['state_dict'][f'backbone.norm{index}.bias'] = torch.randn(dim)
+    model = RIFormer(**FIXTURE_ARCH).eval()
+    model.load_state_dict(checkpoint_filter_fn(checkpoint, model))  # strict: the extra norms are dropped
+    with torch.no_grad():
+        torch.testing.assert_close(model(io['input']), io['logits_train'], rtol=1e-5, atol=1e-5)

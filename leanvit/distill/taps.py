@@ -27,7 +27,7 @@ class FeatureTaps:
     def _hook(self, name: str, keep_input: bool):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             self.outputs[name] = output
-            if keep_input:
+            if keep_input and args:  # a module called with keyword arguments only has no positional input to keep
                 self.inputs[name] = args[0]
         return hook
 

@@ -475,7 +475,7 @@ _M48 = dict(depths=(8, 8, 24, 8), dims=(96, 192, 384, 768), layer_scale_init=1e-
 
 @register_model
 def riformer_s12(pretrained: bool = False, **kwargs) -> RIFormer:
-    """RIFormer-S12: 11.92 M params in training form, 11.92 M deployed, 1.82 GMACs."""
+    """RIFormer-S12: 11,921,832 params in training form, 11,915,176 deployed, 1.82 GMACs, 76.9 % top-1."""
     return _create_riformer('riformer_s12', pretrained, _S12, **kwargs)
 
 
