@@ -253,3 +253,16 @@ def test_imitation_settings_are_checked():
     gfnet = leanvit.create_model('gfnet_h_ti', img_size=64)
     with pytest.raises(ValueError, match='mixer-output term .*needs MetaFormer blocks with a token_mixer'):
         ModuleImitation(student, gfnet, ImitationWeights(mixer_output=1.), teacher_blocks=r'blocks\.(\d+)\.(\d+)')
+
+
+def test_timm_poolformer_is_a_same_layout_teacher_for_every_term():
+    student = leanvit.create_model('riformer_s12', num_classes=10)
+    teacher = timm.create_model('poolformer_s12', num_classes=10).eval()
+    imitation = ModuleImitation(student, teacher, ImitationWeights(1., 1., 1.))
+    assert imitation.pairs == [(name, name) for stage in blocks_by_stage(student) for name in stage]
+    x = torch.randn(1, 3, 64, 64)
+    student(x)
+    with torch.no_grad():
+        teacher(x)
+    terms = imitation.terms()
+    assert set(terms) == {'block_output', 'mixer_output', 'relation'} and all(v > 0 for v in terms.values())
