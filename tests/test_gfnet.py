@@ -89,22 +89,17 @@ def test_profiler_counts_ffts_as_the_gfnet_authors():
     assert leanvit.profile(Wrapped(), (c, h, w)).macs == expected
 
 
-def test_official_hierarchical_checkpoint_gives_official_outputs():
+@pytest.mark.parametrize('build, checkpoint, suffix', [
+    (golden_hierarchical, 'gfnet_official_tiny.pth', ''),
+    (golden_isotropic, 'gfnet_official_tiny_isotropic.pth', '_isotropic'),
+], ids=['hierarchical', 'isotropic'])
+def test_official_checkpoint_gives_official_outputs(build, checkpoint, suffix):
     io = golden_io()
-    model = leanvit.load_checkpoint(golden_hierarchical(), os.path.join(FIXTURES, 'gfnet_official_tiny.pth'))
+    model = leanvit.load_checkpoint(build(), os.path.join(FIXTURES, checkpoint))
     with torch.no_grad():
-        torch.testing.assert_close(model(io['x']), io['logits'], rtol=1e-5, atol=1e-5)
-        pooled = model.forward_head(model.forward_features(io['x']), pre_logits=True)
-    torch.testing.assert_close(pooled, io['features'], rtol=1e-5, atol=1e-5)
-
-
-def test_official_isotropic_checkpoint_gives_official_outputs():
-    io = golden_io()
-    model = leanvit.load_checkpoint(golden_isotropic(), os.path.join(FIXTURES, 'gfnet_official_tiny_isotropic.pth'))
-    with torch.no_grad():
-        torch.testing.assert_close(model(io['x_isotropic']), io['logits_isotropic'], rtol=1e-5, atol=1e-5)
-        pooled = model.forward_head(model.forward_features(io['x_isotropic']), pre_logits=True)
-    torch.testing.assert_close(pooled, io['features_isotropic'], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(io['x' + suffix]), io['logits' + suffix], rtol=1e-5, atol=1e-5)
+        pooled = model.forward_head(model.forward_features(io['x' + suffix]), pre_logits=True)
+    torch.testing.assert_close(pooled, io['features' + suffix], rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_of_another_resolution_is_resized_as_official_fine_tuning_does():

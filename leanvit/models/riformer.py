@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from leanvit.checkpoint import unwrap_state_dict
 from leanvit.layers import AffineTokenMixer, ConvMlp, PoolingTokenMixer, check_input_size, fold_affine_into_norm
 from leanvit.models._registry import PaperCfg
+from leanvit.models._staged import StagedClassifier
 
 __all__ = ['RIFormer', 'RIFormerBlock']
 
@@ -139,7 +140,7 @@ class RIFormerStage(nn.Module):
         return self.blocks(x)
 
 
-class RIFormer(nn.Module):
+class RIFormer(StagedClassifier):
     """RIFormer (``token_mixer='affine'``), its deploy form (``deploy=True``) or PoolFormer (``'pooling'``).
 
     Args:
@@ -231,29 +232,10 @@ class RIFormer(nn.Module):
             (r'^norm', (99999,)),
         ])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised final map (B, C, H/32, W/32)."""
         x = self.stem(check_input_size(x, self.in_chans, None))
         return self.norm(self.stages(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
             self,
@@ -353,11 +335,11 @@ def convert_layout(state_dict: dict, model: RIFormer) -> dict:
     convs between).
     """
     state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith('backbone.') for k in state_dict):
-        return _convert_official(state_dict, norm_prefix=f'backbone.norm{2 * len(model.stages) - 2}.')
-    if 'patch_embed.proj.weight' in state_dict:
-        return _convert_official(state_dict, norm_prefix='norm.')
-    return state_dict
+    source = _official_source(state_dict)
+    if source is None:
+        return state_dict
+    mmpretrain = source.startswith('an mmpretrain')
+    return _convert_official(state_dict, f'backbone.norm{2 * len(model.stages) - 2}.' if mmpretrain else 'norm.')
 
 
 def _convert_official(state_dict: dict, norm_prefix: str) -> dict:

@@ -40,6 +40,7 @@ from timm.models._features import feature_take_indices
 from leanvit.checkpoint import unwrap_state_dict
 from leanvit.layers import DepthwiseMultiplierConv, GroupAttention, Mlp, check_input_size, fold_batchnorm
 from leanvit.models._registry import PaperCfg
+from leanvit.models._staged import StagedClassifier
 
 __all__ = ['SReT']
 
@@ -234,7 +235,7 @@ class ConvStem(nn.Sequential):
         return x
 
 
-class SReT(nn.Module):
+class SReT(StagedClassifier):
     """Sliced Recursive Transformer.
 
     Args:
@@ -335,29 +336,10 @@ class SReT(nn.Module):
             (r'^head\.norm', (99999,)),
         ])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features (B, C, H/32, W/32) of the last stage; the final norm is applied after pooling."""
         x = self.pos_drop(self.stem(check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
         return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
             self,
