@@ -1,18 +1,32 @@
-"""Loading and saving weights safely: no code in a checkpoint is ever executed, no saved file is ever half-written."""
+"""Loading and saving weights safely: no code in a checkpoint is ever executed, no saved file is ever half-written.
 
+A file's format is told by its first bytes, not by its name, and every way a file can be unreadable (missing, a
+folder, empty, truncated, corrupt, another format, holding something other than tensors) is reported as one line
+that names the file: ``FileNotFoundError`` for a missing path, `CheckpointError` for everything else.
+"""
+
+import io
 import os
 import pickle
+import pickletools
+import re
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from leanvit.errors import CheckpointError, UnsafeCheckpointError
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint holds Python objects other than tensors and plain containers, so it was not loaded."""
+FORMATS = {
+    'safetensors': 'a .safetensors file',
+    'zip': 'a PyTorch zip checkpoint (torch.save)',
+    'pickle': 'a Python pickle (legacy torch.save or pickle.dump)',
+}
 
 
 def unwrap_state_dict(checkpoint: dict) -> dict:
@@ -21,25 +35,159 @@ def unwrap_state_dict(checkpoint: dict) -> dict:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    if checkpoint and all(k.startswith('module.') for k in checkpoint):
+    if checkpoint and all(isinstance(k, str) and k.startswith('module.') for k in checkpoint):
         checkpoint = {k[len('module.'):]: v for k, v in checkpoint.items()}
     return dict(checkpoint)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a .safetensors file or a PyTorch pickle with weights-only unpickling (code objects are refused)."""
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """The format of the file at ``path`` from its first bytes: a key of `FORMATS`.
+
+    A .safetensors file starts with its header's length (8 bytes, little-endian) and the header's opening '{', a
+    torch.save zip with b'PK\\x03\\x04', a pickle of protocol 2 or later with b'\\x80'. Content that matches none of
+    these is taken as .safetensors only when the file is named so, which lets the safetensors reader say what is
+    wrong with it.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        CheckpointError: ``path`` is a folder or another non-file, is empty, or its content matches no format.
+    """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise CheckpointError(f'{path} is a folder, not a checkpoint file')
+    if not path.exists():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
-    if path.suffix == '.safetensors':
-        return load_file(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path} is not a regular file, so it cannot be a checkpoint')
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if not head:
+        raise CheckpointError(f'{path} is empty (0 bytes): truncated, or never written')
+    if head[:4] == b'PK\x03\x04':
+        return 'zip'
+    # Tested before the pickle's b'\x80', which also starts a .safetensors file whose header is 128 + 256k bytes long.
+    if head[8:9] == b'{' or path.suffix == '.safetensors':
+        return 'safetensors'
+    if head[:1] == b'\x80':
+        return 'pickle'
+    raise CheckpointError(f'{path} is not a checkpoint (corrupt, or another format): it starts with {head[:8]!r}, '
+                          'which is not a .safetensors header, a PyTorch zip or a pickle')
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of the .safetensors file at ``path``, whatever its name.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        CheckpointError: ``path`` is not a file, is of another format, or is a corrupt or truncated .safetensors.
+    """
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind != 'safetensors':
+        raise CheckpointError(f'{path} is {FORMATS[kind]}, not a .safetensors file')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f'refused to load {path}: it contains Python objects other than tensors, so unpickling it could run '
-            f'code. leanvit only loads weights-only pickles and .safetensors files. Details: {str(e).splitlines()[0]}'
-        ) from None
+        with safe_open(path, framework='pt') as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = _first_sentence(e).removeprefix('Error while deserializing header: ')
+        raise CheckpointError(f'{path} is not a valid .safetensors file (corrupt or truncated): {reason}') from e
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The dict in a .safetensors file or a PyTorch pickle, unpickled weights-only (code objects are refused).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        UnsafeCheckpointError: the pickle holds Python objects the weights-only unpickler refuses.
+        CheckpointError: ``path`` is not a file, is empty, corrupt or truncated, or holds something else than a dict.
+    """
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind == 'safetensors':
+        return read_safetensors(path)[0]
+    if path.suffix == '.safetensors':
+        # Whoever named it .safetensors (or a scanner that trusts the name) believes it holds no pickle.
+        raise CheckpointError(f'{path} is named .safetensors but is {FORMATS[kind]}; leanvit does not unpickle a file '
+                              'named .safetensors (rename it to .pth to load it weights-only)')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and _holds_intact_pickle(path, kind):
+            raise UnsafeCheckpointError(
+                f'refused to load {path}: it contains Python objects other than tensors, so unpickling it could run '
+                'code. leanvit only loads weights-only pickles and .safetensors files. '
+                f'Details: {_weights_only_reason(e)}') from None
+        reason = _weights_only_reason(e) if isinstance(e, pickle.UnpicklingError) else _first_sentence(e)
+        raise CheckpointError(f'{path} is not a valid PyTorch checkpoint (corrupt, truncated or not written by '
+                              f'torch.save): {reason}') from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{path} holds {_describe(checkpoint)}, not a dict of tensors (a state dict, or a '
+                              "training checkpoint with one under 'model' or 'state_dict')")
+    return checkpoint
+
+
+def _holds_intact_pickle(path: Path, kind: str) -> bool:
+    """Whether the pickle that torch's weights-only unpickler refused is intact, so the refusal is about what it holds.
+
+    Random or damaged bytes fail that unpickler the same way as a pickle that holds code, so the pickle's structure
+    is checked opcode by opcode (nothing is run): a zip's data.pkl, or the pickles a legacy torch.save writes first
+    (magic number, protocol, system info, the object; a pickle.dump writes one and ends).
+    """
+    try:
+        with open(path, 'rb') as f:
+            if kind == 'zip':
+                with zipfile.ZipFile(f) as archive:
+                    names = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+                    stream = io.BytesIO(archive.read(names[0]))  # read() checks the member's CRC
+            else:
+                stream = f
+            for _ in range(4):
+                for _ in pickletools.genops(stream):
+                    pass
+                if not stream.read(1):
+                    break
+                stream.seek(-1, os.SEEK_CUR)
+    except (ValueError, IndexError, EOFError, zipfile.BadZipFile):
+        return False
+    return True
+
+
+def _first_sentence(error: Exception, limit: int = 160) -> str:
+    """The first sentence of ``error``'s message, at most ``limit`` characters, or its type for an empty message.
+
+    Libraries add advice after the first sentence, and torch starts its C++ errors with the source line
+    ('[enforce fail at inline_container.cc:180] . '), which is dropped.
+    """
+    text = re.sub(r'^\[enforce fail at [^\]]*\][\s.]*', '', str(error).strip())
+    sentence = text.splitlines()[0].split('. ')[0] if text else type(error).__name__
+    return sentence if len(sentence) <= limit else sentence[:limit - 3] + '...'
+
+
+def _weights_only_reason(error: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused, without its general advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith('Check the documentation')]
+    return causes[-1].removeprefix('WeightsUnpickler error: ') if causes else type(error).__name__
+
+
+def _describe(value) -> str:
+    """What ``value`` is, in a few words for a message: 'a tensor of shape (3,)', 'a list of 2 items', 'an int'."""
+    if isinstance(value, torch.Tensor):
+        return f'a tensor of shape {tuple(value.shape)}'
+    name = type(value).__name__
+    article = 'an' if name[0].lower() in 'aeiou' else 'a'
+    if isinstance(value, (list, tuple, dict, set)):
+        return f'{article} {name} of {len(value)} item{"" if len(value) == 1 else "s"}'
+    return f'{article} {name}'
+
+
+def _require_tensors(state_dict: dict, source: str) -> None:
+    """Raise a `CheckpointError` naming ``source`` and the first entries that are not str -> tensor."""
+    wrong = [f'{k!r}: {_describe(v)}' for k, v in state_dict.items()
+             if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if wrong:
+        raise CheckpointError(f'{source} is not a state dict of tensors: {len(wrong)} of its {len(state_dict)} entries '
+                              f'are not (e.g. {"; ".join(wrong[:3])})')
 
 
 def family_function(model: nn.Module, name: str):
@@ -52,8 +200,15 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None) -
 
     ``filter_fn(state_dict, model)`` converts another layout first; by default the model's own family converter
     (the ``checkpoint_filter_fn`` of the model's module) is used, so official checkpoints load directly.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        CheckpointError: ``path`` cannot be read (see `read_checkpoint`), holds other values than tensors, or does
+            not fit ``model``.
     """
     state_dict = unwrap_state_dict(read_checkpoint(path))
+    # Before the converter, which takes every value for a tensor.
+    _require_tensors(state_dict, str(path))
     if filter_fn is None:
         filter_fn = family_function(model, 'checkpoint_filter_fn')
     if filter_fn is not None:
@@ -64,7 +219,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None) -
 
 
 def check_state_dict_fits(model: nn.Module, state_dict: dict, source: str = 'state_dict'):
-    """Raise a ValueError that names missing, unexpected and mis-shaped entries if ``state_dict`` does not fit."""
+    """Raise a `CheckpointError` that names missing, unexpected and mis-shaped entries if ``state_dict`` does not fit.
+
+    Values that are not tensors are named first, since no shape can be compared for them.
+    """
+    _require_tensors(state_dict, source)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -77,24 +236,59 @@ def check_state_dict_fits(model: nn.Module, state_dict: dict, source: str = 'sta
     for label, items in (('shapes differ', mismatched), ('missing', missing), ('unexpected', unexpected)):
         if items:
             problems.append(f'{len(items)} {label} (e.g. {"; ".join(items[:3])})')
-    raise ValueError(f'{source} does not fit model {name}: ' + ', '.join(problems)
-                     + '. Is it a checkpoint of another architecture or configuration?')
+    raise CheckpointError(f'{source} does not fit model {name}: ' + ', '.join(problems)
+                          + '. Is it a checkpoint of another architecture or configuration?')
+
+
+# The names tempfile.mkstemp gives atomic_write's temporaries: '.{name}.' + 8 random characters + '.tmp'.
+TEMPORARY = re.compile(r'\..+\.[a-z0-9_]{8}\.tmp')
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result over ``path``: readers never see a partial file."""
+    """Call ``write(tmp_path)`` and rename the result over ``path``: readers never see a partial file.
+
+    The file gets the permissions the umask gives a new file (``mkstemp`` would leave it 0600). A process killed
+    mid-write leaves its temporary behind; ``remove_stale_temporaries`` clears them.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f'{path} is a folder; give the path of a file to write')
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except PermissionError:
+        raise PermissionError(f'cannot write {path}: the folder {path.parent} is not writable') from None
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries ``atomic_write`` left in ``directory`` when a process was killed mid-write.
+
+    Only call it while no other process writes there (a training run holds its directory's ``RunLock``): a live
+    writer's temporary looks the same. Returns the removed paths.
+    """
+    removed = []
+    for entry in os.scandir(directory):
+        if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _umask() -> int:
+    # The umask can only be read by setting it; 0o077 in the meantime errs on the private side.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None):

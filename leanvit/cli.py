@@ -1,4 +1,10 @@
-"""The ``leanvit`` command line."""
+"""The ``leanvit`` command line.
+
+Parsing imports neither torch nor timm (``leanvit --help`` and argument errors answer at once); each command
+imports what it needs. Problems with the user's input are one line on stderr, never a traceback: exit status 2 for
+a usage error (an argument or recipe value), 1 for any other input (a file, a folder, a checkpoint); a traceback
+means a bug in leanvit.
+"""
 
 import argparse
 import csv
@@ -6,15 +12,18 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
-import typing
-
-import torch
 
 import leanvit
-from leanvit.export import DEFAULT_ATOL, FORMATS, export_model
+from leanvit.errors import LeanvitError, UsageError
+from leanvit.export import DEFAULT_ATOL, FORMATS
+from leanvit.train.config import TrainConfig, flag, value_types
+
+EXIT_USAGE = 2
+EXIT_INPUT = 1
 
 MODEL_COLUMNS = ('model', 'params', 'gmacs', 'input', 'paper_params', 'paper_gmacs', 'paper_top1', 'deploy_params',
                  'paper_deploy_params')
@@ -75,6 +84,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
     kwargs = {'img_size': args.img_size} if args.img_size else {}
     model = leanvit.create_model(args.model, **kwargs)
     if args.checkpoint:
@@ -100,7 +111,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from leanvit.train import TrainConfig, train
+    from leanvit.train.engine import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
@@ -110,6 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from leanvit.train.evaluation import evaluate_checkpoint
 
     output = args.output or os.path.dirname(args.checkpoint) or '.'
@@ -145,6 +158,7 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from leanvit.export import export_model
     from leanvit.train.evaluation import data_config, load_trained_model
 
     # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
@@ -166,20 +180,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; only flags given on the command line override the recipe."""
-    from leanvit.train import TrainConfig
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {value}')
+    return value
 
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f'must be a finite number >= 0, got {text}')
+    return value
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object (keyword arguments), e.g. '{"num_classes": 10}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'is not valid JSON ({e}): {text}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"num_classes\": 10}}', got {text}")
+    return value
+
+
+# argparse names a type function in its "invalid ... value" message; these read as what was expected.
+positive_int.__name__, non_negative_float.__name__, json_object.__name__ = 'positive integer', 'number', 'JSON object'
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; only flags given on the command line override the recipe.
+
+    The types come from the field annotations; ranges are checked by ``TrainConfig`` itself, so a recipe value and
+    a flag are held to the same rules.
+    """
     for field in dataclasses.fields(TrainConfig):
-        flag = '--' + field.name.replace('_', '-')
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-        elif isinstance(default, dict):
-            parser.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, metavar='JSON')
+        name = '--' + flag(field.name)
+        kind = next(t for t in value_types(field) if t is not type(None))
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        elif kind is dict:
+            parser.add_argument(name, type=json_object, default=argparse.SUPPRESS, metavar='JSON')
         else:
-            kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+            parser.add_argument(name, type=kind, default=argparse.SUPPRESS)
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser, data: bool = True) -> None:
@@ -187,7 +233,7 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, data: bool = True) -> 
     parser.add_argument('--checkpoint', required=True, help="a leanvit run's .safetensors (its .json names the "
                                                             "model), or any checkpoint leanvit loads, with --model")
     parser.add_argument('--model', default=None, help="model name (default: from the checkpoint's .json)")
-    parser.add_argument('--model-kwargs', type=json.loads, default=None, metavar='JSON',
+    parser.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON',
                         help="model arguments, e.g. '{\"num_classes\": 10}'; override the checkpoint's .json")
     if data:
         parser.add_argument('--data', default=None, help='an image folder or torch/NAME:ROOT, as in training '
@@ -207,10 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = sub.add_parser('profile', help='params, GMACs and eval throughput of one model on random input')
     profile.add_argument('model')
-    profile.add_argument('--img-size', type=int, default=None, help='input resolution (default: the model default)')
+    profile.add_argument('--img-size', type=positive_int, default=None, help='input resolution (default: the model default)')
     profile.add_argument('--checkpoint', default=None, help='weights to load (.safetensors, or official .pth)')
-    profile.add_argument('--batch-size', type=int, default=16)
-    profile.add_argument('--iters', type=int, default=5)
+    profile.add_argument('--batch-size', type=positive_int, default=16)
+    profile.add_argument('--iters', type=positive_int, default=5)
     profile.set_defaults(func=cmd_profile)
 
     train = sub.add_parser('train', help='train or distil a model (resumes from the output folder if possible)')
@@ -221,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser('eval', help='top-1 / top-5 / loss and confusion matrix of a checkpoint on the '
                                            'validation split')
     _add_checkpoint_args(evaluate)
-    evaluate.add_argument('--batch-size', type=int, default=64)
+    evaluate.add_argument('--batch-size', type=positive_int, default=64)
     evaluate.add_argument('--output', default=None,
                           help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
     evaluate.set_defaults(func=cmd_eval)
@@ -231,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_args(logits)
     logits.add_argument('--val-split', type=float, default=None, help='as the student run will use it')
     logits.add_argument('--seed', type=int, default=0, help='as the student run will use it (val-split order)')
-    logits.add_argument('--batch-size', type=int, default=64)
+    logits.add_argument('--batch-size', type=positive_int, default=64)
     logits.add_argument('--out', required=True, help='output .safetensors file')
     logits.set_defaults(func=cmd_teacher_logits)
 
@@ -249,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument('--reparam', action='store_true',
                         help='re-parameterize for inference first (fuse()/reparameterize() of each module, e.g. '
                              'RepVGG branches, RIFormer mixers); checked against the original model too')
-    export.add_argument('--img-size', type=int, default=None,
+    export.add_argument('--img-size', type=positive_int, default=None,
                         help='input resolution (default: the one the model was built for; to build it at another, '
                              'pass img_size in --model-kwargs)')
-    export.add_argument('--batch-size', type=int, default=2, help='batch size of the sample inputs')
+    export.add_argument('--batch-size', type=positive_int, default=2, help='batch size of the sample inputs')
     export.add_argument('--static-batch', action='store_true',
                         help='fix the batch size to --batch-size (default: any batch size, verified at two)')
-    export.add_argument('--opset', type=int, default=None, help="ONNX opset (default: torch's exporter's)")
-    export.add_argument('--atol', type=float, default=DEFAULT_ATOL,
+    export.add_argument('--opset', type=positive_int, default=None, help="ONNX opset (default: torch's exporter's)")
+    export.add_argument('--atol', type=non_negative_float, default=DEFAULT_ATOL,
                         help='largest absolute output difference allowed (default: %(default)g)')
     export.set_defaults(func=cmd_export)
     return parser
@@ -266,9 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except UsageError as e:
         print(f'leanvit {args.command}: error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (LeanvitError, OSError, ValueError) as e:  # the library's documented errors for bad input
+        print(f'leanvit {args.command}: error: {describe(e)}', file=sys.stderr)
+        return EXIT_INPUT
+
+
+def describe(error: Exception) -> str:
+    """One line for an error: an OSError as 'file: reason', anything else as its message."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f'{error.filename}: {error.strerror}'
+    return ' '.join(str(error).split()) or type(error).__name__
 
 
 if __name__ == '__main__':

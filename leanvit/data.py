@@ -3,9 +3,14 @@
 Every split returns ``(image_tensor, label)`` pairs made by timm's transforms, configured from the model's pretrained
 cfg (mean, std, interpolation, crop_pct) through ``timm.data.resolve_data_config``, so a model sees images the way it
 was built for. ``build_datasets`` is the one entry point; nothing is ever downloaded.
+
+Image files are listed with symbolic links followed but never in a loop, and decoded to 8-bit RGB with the values
+their pixel mode means (``_to_rgb``): a 16-bit or float image is scaled, not clipped, or refused with a
+``BadImageError`` naming the file and the mode.
 """
 
 import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +22,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.data import create_dataset, create_transform, resolve_data_config
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import Compose
+
+from leanvit.errors import BadImageError
 
 # The digits are 8x8: a horizontal flip turns some digits into others or into no digit at all, and a strong
 # random-resized crop cuts away strokes that decide the class. Only mild scale / aspect jitter is kept.
@@ -28,10 +35,12 @@ DIGITS_SPLIT = dict(test_size=0.2, random_state=0)
 BAD_IMAGE_POLICIES = ('stop', 'skip')
 # timm dataset prefixes that stream or download from the network; leanvit only reads local data.
 _NETWORK_PREFIXES = ('hfds/', 'hfids/', 'tfds/', 'wds/')
-
-
-class BadImageError(ValueError):
-    """An image file that cannot be opened or decoded; the message names its path."""
+# Pixel modes whose 8-bit channels Pillow's convert('RGB') maps to the colours they mean: alpha is dropped, CMYK goes
+# through Pillow's plain formula (no ICC profile). LAB is not here: Pillow copies its channels as if they were RGB.
+_RGB_CONVERTIBLE_MODES = frozenset({'1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBX', 'CMYK', 'YCbCr', 'HSV'})
+# Formats that Pillow opens as 32-bit mode 'I' although their samples are 16-bit at 0..65535: 16-bit greyscale PNG in
+# some Pillow versions (others give 'I;16'), and PGM with any maxval above 255, which Pillow rescales to 0..65535.
+_SIXTEEN_BIT_I_FORMATS = ('PNG', 'PPM')
 
 
 @dataclass
@@ -45,6 +54,9 @@ class DataBundle:
         class_names: ``class_names[label]`` is the name of ``label``.
         description: One line for logs: the source, the split and the sizes.
         skipped: Paths of unreadable images dropped under ``bad_images='skip'``.
+        skipped_links: Paths not followed while listing an image folder, each named in one warning with its reason:
+            broken symbolic links, links back into a folder already listed and second paths to an image file already
+            listed under the same class.
     """
     train: Dataset
     val: Dataset
@@ -52,6 +64,7 @@ class DataBundle:
     class_names: list[str]
     description: str
     skipped: list[str] = field(default_factory=list)
+    skipped_links: list[str] = field(default_factory=list)
 
 
 class LabelledImages(Dataset):
@@ -107,7 +120,11 @@ def build_datasets(
             ``train_test_split(test_size=0.2, stratify=labels, random_state=0)``: 1,437 train / 360 val images.
             Training augmentation is mild (``DIGITS_TRAIN_AUG``: no horizontal flip, small scale jitter).
             A folder path: either with ``train/`` and ``val/`` subfolders of class folders, or itself a folder of
-            class folders split by ``val_split``. Files are listed like torchvision's ``ImageFolder``.
+            class folders split by ``val_split``. Files are listed like torchvision's ``ImageFolder`` (the class
+            folders are the immediate subfolders, image extensions ``IMG_EXTENSIONS`` in any case), except that
+            symbolic links never loop or list one file twice under a class (see ``_list_images``); each path not
+            followed is named in one warning and in ``DataBundle.skipped_links``. Class names that are not valid
+            UTF-8 are shown with ``display_name``.
             ``'torch/NAME:ROOT'``: timm's torchvision dataset NAME (e.g. ``torch/cifar10``) already stored in ROOT.
         model_cfg: The model's ``pretrained_cfg``: ``input_size``, ``mean``, ``std``, ``interpolation`` and
             ``crop_pct`` configure the transforms. A model created with another ``img_size`` needs
@@ -116,9 +133,10 @@ def build_datasets(
         auto_augment: timm auto-augment string for training, e.g. ``'rand-m9-mstd0.5'`` (RandAugment); None for none.
         re_prob: Random-erasing probability for training.
         augment: False gives the training split the deterministic evaluation transform (no augmentation at all).
-        bad_images: What to do with image files that cannot be decoded: ``'stop'`` raises a ``BadImageError`` naming
-            them, ``'skip'`` drops them with one warning and lists them in ``DataBundle.skipped``. Every file is
-            decoded once here (in parallel threads), so a bad file is found before training starts.
+        bad_images: What to do with image files that cannot be decoded, or whose pixel mode or values have no 8-bit
+            RGB meaning (see ``_to_rgb``): ``'stop'`` raises a ``BadImageError`` naming them, ``'skip'`` drops them
+            with one warning and lists them in ``DataBundle.skipped``. Every file is decoded and converted once here
+            (in parallel threads), so a bad file is found before training starts.
         seed: Seed of the ``val_split`` split; the same seed and folder give the same split.
 
     Returns:
@@ -128,7 +146,7 @@ def build_datasets(
         FileNotFoundError: ``data`` names a folder or a torchvision dataset that is not there.
         ValueError: An argument does not fit the data, a class folder holds no images, or a validation class is
             missing from training.
-        BadImageError: Under ``bad_images='stop'``, an image file cannot be decoded.
+        BadImageError: Under ``bad_images='stop'``, an image file cannot be decoded or converted to RGB.
     """
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f'bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}')
@@ -175,6 +193,17 @@ def _digits_datasets(train_tf: Callable, val_tf: Callable) -> DataBundle:
                       f'fixed stratified split (random_state={DIGITS_SPLIT["random_state"]})')
 
 
+def display_name(name: str) -> str:
+    """``name`` printable and encodable as UTF-8: bytes that were not UTF-8 are shown as ``\\xNN``.
+
+    A file name that is not valid UTF-8 reaches Python as a str with lone surrogates (``os.fsdecode``'s
+    surrogateescape), which matplotlib, UTF-8 files and terminals refuse. ``b'caf\\xe9'`` becomes ``'caf\\\\xe9'``:
+    backslashreplace rather than U+FFFD, so that two names differing only in such bytes stay two names. A valid name
+    comes back unchanged.
+    """
+    return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
 def _folder_datasets(root: str, val_split: float | None, seed: int, bad_images: str,
                      train_tf: Callable, val_tf: Callable) -> DataBundle:
     if not os.path.isdir(root):
@@ -188,33 +217,99 @@ def _folder_datasets(root: str, val_split: float | None, seed: int, bad_images: 
         classes, class_to_idx = find_classes(train_dir)
         missing = sorted(set(find_classes(val_dir)[0]) - set(classes))
         if missing:
-            raise ValueError(f'validation classes missing from {train_dir}: {", ".join(missing)}')
-        train, val = _scan(train_dir, class_to_idx), _scan(val_dir, class_to_idx)
+            raise ValueError(f'validation classes missing from {train_dir}: {", ".join(map(display_name, missing))}')
+        (train, train_links), (val, val_links) = _scan(train_dir, class_to_idx), _scan(val_dir, class_to_idx)
+        skipped_links = train_links + val_links
         layout = 'train/ + val/'
     else:
         if val_split is None:
             raise ValueError(f'{root} has no train/ and val/ subfolders: pass val_split to split its class folders')
         classes, class_to_idx = find_classes(root)
-        train, val = _stratified_split(_scan(root, class_to_idx), val_split, seed, root)
+        samples, skipped_links = _scan(root, class_to_idx)
+        train, val = _stratified_split(samples, val_split, seed, root)
         layout = f'val_split={val_split}, seed={seed}'
+    if skipped_links:
+        warnings.warn(f'skipped {len(skipped_links)} path(s) while listing {root}: {_listing(skipped_links)}',
+                      stacklevel=3)
     skipped = _find_unreadable([path for path, _ in train + val], bad_images)
     if skipped:
         bad = set(skipped)
         train, val = [s for s in train if s[0] not in bad], [s for s in val if s[0] not in bad]
-    description = (f'image folder {root} ({layout}): {len(train)} train / {len(val)} val images, {len(classes)} classes'
-                   + (f', {len(skipped)} unreadable images skipped' if skipped else ''))
-    return DataBundle(_labelled(train, train_tf), _labelled(val, val_tf), len(classes), classes, description, skipped)
+    description = (f'image folder {display_name(root)} ({layout}): {len(train)} train / {len(val)} val images, '
+                   f'{len(classes)} classes'
+                   + (f', {len(skipped)} unreadable images skipped' if skipped else '')
+                   + (f', {len(skipped_links)} links skipped' if skipped_links else ''))
+    return DataBundle(_labelled(train, train_tf), _labelled(val, val_tf), len(classes),
+                      [display_name(name) for name in classes], description, skipped,
+                      [path for path, _ in skipped_links])
 
 
-def _scan(folder: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
-    """(path, label) of every image below ``folder``'s class folders; a class folder without images is an error."""
-    samples = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    found = {label for _, label in samples}
-    for name, label in class_to_idx.items():
+def _scan(folder: str, class_to_idx: dict[str, int]) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """(path, label) of every image below ``folder``'s class folders, and (path, reason) of each path not followed.
+
+    A class folder without images is an error; a class with no folder here is not (a validation split may lack one).
+    """
+    samples, skipped = [], []
+    for name in sorted(class_to_idx):
         class_dir = os.path.join(folder, name)
-        if label not in found and os.path.isdir(class_dir):
+        if not os.path.isdir(class_dir):
+            continue
+        images, class_skipped = _list_images(class_dir)
+        if not images:
             raise ValueError(f'class folder {class_dir} holds no images (looked for {", ".join(IMG_EXTENSIONS)})')
-    return samples
+        samples += [(path, class_to_idx[name]) for path in images]
+        skipped += class_skipped
+    return samples, skipped
+
+
+def _list_images(class_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files below ``class_dir``, sorted as torchvision's ``make_dataset`` sorts them, and (path, reason)
+    of each path not followed.
+
+    Symbolic links to files and to folders are followed, so a folder of links to images stored elsewhere is a class
+    like any other. An image takes the label of the class folder it is listed under, as in ``ImageFolder``: a link in
+    ``a/`` to a file in ``b/`` puts that image in both classes. Within one class folder each folder and each image file
+    (told apart by device and inode, so hard links count once too) is listed once; skipped, with a reason, are a link
+    back into a folder already listed (``ln -s . loop``, or two folders linking to each other, which ``os.walk``
+    follows until paths grow too long), a second path to an image already listed, a broken link and a folder that
+    cannot be read. The walk is depth-first in sorted order, so which of two paths to one file is kept is the same on
+    every file system.
+    """
+    root_stat = os.stat(class_dir)
+    listed_dirs = {(root_stat.st_dev, root_stat.st_ino): class_dir}
+    listed_files = {}
+    images, skipped = [], []
+    pending = [class_dir]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as e:
+            skipped.append((directory, f'cannot list it: {e.strerror}'))
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                entry_stat = entry.stat()  # of the link's target
+            except OSError as e:  # a broken link, a link to itself, a target behind a folder we may not read
+                skipped.append((entry.path, f'link target unreachable: {e.strerror}'))
+                continue
+            identity = entry_stat.st_dev, entry_stat.st_ino
+            if stat.S_ISDIR(entry_stat.st_mode):
+                if identity in listed_dirs:
+                    skipped.append((entry.path, f'leads back to {listed_dirs[identity]}, already listed'))
+                else:
+                    listed_dirs[identity] = entry.path
+                    subdirs.append(entry.path)
+            elif stat.S_ISREG(entry_stat.st_mode) and entry.name.lower().endswith(IMG_EXTENSIONS):
+                if identity in listed_files:
+                    skipped.append((entry.path, f'same file as {listed_files[identity]}, already listed'))
+                else:
+                    listed_files[identity] = entry.path
+                    images.append((directory, entry.name))
+        pending += reversed(subdirs)  # the first subfolder is listed next
+    return [os.path.join(directory, name) for directory, name in sorted(images)], skipped
 
 
 def _stratified_split(samples: list[tuple[str, int]], val_split: float, seed: int, root: str):
@@ -229,15 +324,20 @@ def _labelled(samples: list[tuple[str, int]], transform: Callable) -> LabelledIm
     return LabelledImages([path for path, _ in samples], [label for _, label in samples], transform)
 
 
+def _listing(problems: list[tuple[str, str]]) -> str:
+    """The first three (path, reason) pairs for a message, and how many more there are."""
+    return '; '.join(f'{path} ({reason})' for path, reason in problems[:3]) + (
+        f'; and {len(problems) - 3} more' if len(problems) > 3 else '')
+
+
 def _find_unreadable(paths: list[str], bad_images: str) -> list[str]:
-    """The paths that do not decode: raise a BadImageError naming them under 'stop', warn once under 'skip'."""
+    """The paths that do not decode to RGB: raise a BadImageError naming them under 'stop', warn once under 'skip'."""
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
         errors = list(pool.map(_decode_error, paths))
     bad = [(path, error) for path, error in zip(paths, errors) if error]
     if not bad:
         return []
-    listing = '; '.join(f'{path} ({error})' for path, error in bad[:3]) + (
-        f'; and {len(bad) - 3} more' if len(bad) > 3 else '')
+    listing = _listing(bad)
     if bad_images == 'stop':
         raise BadImageError(f'{len(bad)} unreadable image file(s): {listing}. '
                             f"Pass bad_images='skip' to train without them.")
@@ -246,11 +346,11 @@ def _find_unreadable(paths: list[str], bad_images: str) -> list[str]:
 
 
 def _decode_error(path: str) -> str | None:
-    """Why ``path`` does not decode as an image, or None if it does."""
+    """Why ``path`` does not decode as an RGB image the way ``_load_rgb`` will read it, or None if it does."""
     try:
         with Image.open(path) as image:
             image.draft(image.mode, (1, 1))  # a JPEG decodes at 1/8 scale: every byte is still read
-            image.load()
+            _to_rgb(image)
     except Exception as e:  # PIL signals a corrupt file with OSError, SyntaxError, ValueError, zlib or struct errors
         return f'{type(e).__name__}: {e}'
     return None
@@ -258,13 +358,51 @@ def _decode_error(path: str) -> str | None:
 
 def _load_rgb(path: str) -> Image.Image:
     try:
-        return pil_loader(path)
+        with Image.open(path) as image:
+            return _to_rgb(image)
     except Exception as e:  # a file that changed after it was checked: name it
         raise BadImageError(f'cannot read image {path}: {type(e).__name__}: {e}') from e
 
 
-def _rgb(image: Image.Image) -> Image.Image:
-    return image.convert('RGB')
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB with the brightness its pixel mode means; ``image.convert('RGB')`` alone clips 16-bit
+    greyscale to white and float to black.
+
+    - 8-bit modes (``_RGB_CONVERTIBLE_MODES``) convert as Pillow converts them. Alpha (LA, PA, RGBA) is dropped, not
+      composited: a transparent pixel shows the colour stored under it, as torchvision's ``pil_loader`` always did. A
+      palette image goes through RGBA, so that its transparency is dropped the same way and without Pillow's warning.
+    - 16-bit greyscale ('I;16', 'I;16B', ..., and mode 'I' from the ``_SIXTEEN_BIT_I_FORMATS``) maps 0..65535 to
+      0..255. Other mode 'I' images (32-bit or signed TIFF) are refused: nothing in the file says which value is white.
+    - Float greyscale ('F') maps 0..1 to 0..255.
+
+    Scaled values are rounded to the nearest integer, halves up (0.5 * 255 = 127.5 -> 128). A value outside the mode's
+    range is refused rather than clipped, as is every other mode (LAB, whose channels Pillow would copy as RGB, ...).
+
+    Raises:
+        ValueError: The mode is not supported, or a value lies outside its range; the message names the mode and the
+            values found. Callers add the file's path.
+    """
+    mode = image.mode
+    if mode in ('P', 'PA'):
+        return image.convert('RGBA').convert('RGB')
+    if mode in _RGB_CONVERTIBLE_MODES:
+        return image.convert('RGB')
+    if mode == 'F':
+        white = 1.
+    elif mode in ('I;16', 'I;16L', 'I;16B', 'I;16N') or (mode == 'I' and image.format in _SIXTEEN_BIT_I_FORMATS):
+        white = 65535.
+    elif mode == 'I':
+        raise ValueError(f"pixel mode 'I' (32-bit integer) from a {image.format or 'Pillow'} image has no known white "
+                         f'level; save it as 8- or 16-bit')
+    else:
+        raise ValueError(f'pixel mode {mode!r} is not supported; convert it to RGB, L, 16-bit greyscale or float')
+    values = np.asarray(image, dtype=np.float64)
+    low, high = values.min(), values.max()
+    if not 0 <= low <= high <= white:  # also refuses NaN, for which every comparison is False
+        raise ValueError(f'pixel mode {mode!r} holds values in [{low:g}, {high:g}], outside its range [0, {white:g}] '
+                         f'(black to white); rescale it into that range')
+    grey = np.floor(values * (255 / white) + 0.5).astype(np.uint8)
+    return Image.fromarray(grey).convert('RGB')
 
 
 def _torchvision_datasets(data: str, train_tf: Callable, val_tf: Callable) -> DataBundle:
@@ -275,8 +413,8 @@ def _torchvision_datasets(data: str, train_tf: Callable, val_tf: Callable) -> Da
         raise FileNotFoundError(f'dataset folder {root} (for {name}) does not exist')
     # Grayscale datasets (MNIST) give 'L' images; the model's 3-channel mean/std need RGB.
     try:
-        train = create_dataset(name, root=root, split='train', download=False, transform=Compose([_rgb, train_tf]))
-        val = create_dataset(name, root=root, split='validation', download=False, transform=Compose([_rgb, val_tf]))
+        train = create_dataset(name, root=root, split='train', download=False, transform=Compose([_to_rgb, train_tf]))
+        val = create_dataset(name, root=root, split='validation', download=False, transform=Compose([_to_rgb, val_tf]))
     except RuntimeError as e:  # torchvision: "Dataset not found ... You can use download=True to download it"
         raise FileNotFoundError(f'{name} is not stored in {root}, and leanvit never downloads: fetch it once with '
                                 f'torchvision (download=True) and point at that folder. torchvision: {e}') from None

@@ -10,29 +10,32 @@ against the original.
 ONNX goes through torch's ``torch.export``-based exporter (``dynamo=True``, which needs ``onnxscript``): the
 TorchScript-based one is deprecated and warns that it will be removed, and it traces Python control flow on the
 sample's shapes, where ``torch.export`` either proves the batch axis dynamic or refuses to export.
+
+torch is imported inside the functions: the command line reads ``FORMATS`` and ``DEFAULT_ATOL`` for its help, which
+must answer without loading torch.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from timm.utils.model import reparameterize_model
-from torch import nn
 
-from leanvit.checkpoint import atomic_write
+from leanvit.errors import ExportVerificationError, LeanvitError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMATS = ('onnx', 'torchscript')
 # Logits of one fp32 model differ by ~1e-6..1e-5 between PyTorch and ONNX Runtime (other kernels, other summation
 # orders), more in deep models; an export or fold that is wrong is off by orders of magnitude more.
 DEFAULT_ATOL = 1e-3
-
-
-class ExportVerificationError(RuntimeError):
-    """The exported file (or the re-parameterized model) disagrees with the PyTorch model beyond the tolerance."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +92,17 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
         ExportVerificationError: A difference exceeds ``atol``; the message names it and the tolerance.
         ValueError: An unknown format.
         TypeError: The model's output is not one tensor.
-        RuntimeError: The packages the format needs are not installed.
+        LeanvitError: The packages the format needs are not installed.
     """
+    import torch
+    from timm.utils.model import reparameterize_model
+
+    from leanvit.checkpoint import atomic_write
+
     if format not in FORMATS:
         raise ValueError(f'unknown export format {format!r}; choose one of {", ".join(FORMATS)}')
+    if not atol >= 0:  # also refuses NaN
+        raise ValueError(f'atol must be a number >= 0, got {atol}')
     if format == 'onnx':
         _require('onnx', 'onnxruntime', 'onnxscript')
     model.eval()
@@ -142,6 +152,7 @@ def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynami
                  opset: int | None) -> list[np.ndarray]:
     """Write ``model`` as ONNX to ``path``, traced on ``inputs[0]``; return ONNX Runtime's outputs for ``inputs``."""
     import onnxruntime
+    import torch
 
     dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
     # One self-contained file (no external-data sidecar): leanvit's models are far below protobuf's 2 GB limit.
@@ -155,6 +166,8 @@ def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynami
 def _export_torchscript(model: nn.Module, path: str, inputs: list[torch.Tensor],
                         device: torch.device) -> list[np.ndarray]:
     """Write ``model`` traced on ``inputs[0]`` to ``path``; return what the reloaded file computes from ``inputs``."""
+    import torch
+
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns that shape checks become constants, and its re-trace check compares graph text, which
         # differs spuriously for SReT (mangled module names, in-place ops without grad). Running the saved file on
@@ -166,11 +179,13 @@ def _export_torchscript(model: nn.Module, path: str, inputs: list[torch.Tensor],
     return _outputs(loaded, inputs)
 
 
-@torch.no_grad()
 def _outputs(model: nn.Module, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+    import torch
+
     outputs = []
     for x in inputs:
-        y = model(x)
+        with torch.no_grad():
+            y = model(x)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f'export needs a model with one tensor output; {type(model).__name__} returned a '
                             f'{type(y).__name__}')
@@ -194,4 +209,4 @@ def _onnx_opset(path: str) -> int:
 def _require(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f'ONNX export needs {", ".join(missing)}: pip install "leanvit[export]"')
+        raise LeanvitError(f'ONNX export needs {", ".join(missing)}: pip install "leanvit[export]"')

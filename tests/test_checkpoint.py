@@ -1,15 +1,23 @@
-"""Checkpoints load without executing code and save without ever leaving a broken file."""
+"""Checkpoints load without executing code and save without ever leaving a broken file; bad files are named."""
 
+import io
+import json
 import os
 import pickle
+import random
+import re
+import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save, save_file
+from torch import nn
 
 import leanvit
 import leanvit.checkpoint
-from leanvit.checkpoint import unwrap_state_dict
+from leanvit.checkpoint import check_state_dict_fits, load_checkpoint, read_checkpoint, unwrap_state_dict
+from leanvit.distill import load_teacher_logits, save_teacher_logits
+from leanvit.errors import CheckpointError, UnsafeCheckpointError
 
 
 class WritesAFile:
@@ -22,10 +30,11 @@ class WritesAFile:
         return (open, (self.path, 'w'))
 
 
-def test_checkpoint_carrying_code_is_refused_and_not_executed(tmp_path):
+@pytest.mark.parametrize('protocol', [2, pickle.HIGHEST_PROTOCOL])
+def test_checkpoint_carrying_code_is_refused_and_not_executed(tmp_path, protocol):
     marker = tmp_path / 'executed'
     with open(tmp_path / 'evil.pth', 'wb') as f:
-        pickle.dump({'model': {'w': torch.zeros(1)}, 'payload': WritesAFile(marker)}, f)
+        pickle.dump({'model': {'w': torch.zeros(1)}, 'payload': WritesAFile(marker)}, f, protocol=protocol)
     with pytest.raises(leanvit.UnsafeCheckpointError, match=r'refused to load .*evil\.pth.*could run code'):
         leanvit.read_checkpoint(tmp_path / 'evil.pth')
     assert not marker.exists()
@@ -35,6 +44,10 @@ def test_torch_save_with_a_code_object_is_refused(tmp_path):
     torch.save({'model': {'w': torch.zeros(1)}, 'fn': os.getcwd}, tmp_path / 'fn.pth')
     with pytest.raises(leanvit.UnsafeCheckpointError, match='weights-only pickles and .safetensors'):
         leanvit.read_checkpoint(tmp_path / 'fn.pth')
+
+
+def test_unsafe_checkpoint_error_is_the_one_of_the_error_hierarchy():
+    assert leanvit.checkpoint.UnsafeCheckpointError is UnsafeCheckpointError
 
 
 def test_missing_checkpoint_is_named(tmp_path):
@@ -75,3 +88,139 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, m
         leanvit.save_weights(model, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['w.safetensors']
+
+
+
+TENSORS = {'a': torch.arange(6.).reshape(2, 3), 'b': torch.ones(4, dtype=torch.int64)}
+
+
+def safetensors_bytes(header, data: bytes = b'') -> bytes:
+    """A .safetensors file's bytes: the JSON ``header``'s length (8 bytes, little-endian), the header, the data."""
+    text = json.dumps(header).encode()
+    return struct.pack('<Q', len(text)) + text + data
+
+
+def torch_save_bytes(obj, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, **kwargs)
+    return buffer.getvalue()
+
+
+F32 = {'dtype': 'F32', 'shape': [2], 'data_offsets': [0, 8]}
+BAD_FILES = {
+    # name: (content, or None for a folder; what the message must say)
+    'header_past_end.safetensors': (struct.pack('<Q', 1000) + b'{}', 'corrupt or truncated.*invalid header length'),
+    'huge_header.safetensors': (struct.pack('<Q', 2 ** 40) + b'{"a": 1}', 'corrupt or truncated.*header too large'),
+    'zero_header.safetensors': (struct.pack('<Q', 0) + b'{}', 'corrupt or truncated.*invalid JSON'),
+    'offsets_past_end.safetensors': (safetensors_bytes({'a': F32}, bytes(4)), 'corrupt or truncated'),
+    'half.safetensors': (save(TENSORS)[:len(save(TENSORS)) // 2], 'corrupt or truncated'),
+    'empty.safetensors': (b'', r'is empty \(0 bytes\)'),
+    'bad_json.safetensors': (struct.pack('<Q', 5) + b'{abc}', 'corrupt or truncated.*invalid JSON'),
+    'list_header.safetensors': (safetensors_bytes([1, 2]), 'corrupt or truncated.*invalid type: sequence'),
+    'unknown_dtype.safetensors': (safetensors_bytes({'a': dict(F32, dtype='Q99')}, bytes(8)),
+                                  'corrupt or truncated.*unknown variant `Q99`'),
+    'shape_vs_offsets.safetensors': (safetensors_bytes({'a': dict(F32, shape=[3])}, bytes(8)),
+                                     'corrupt or truncated.*invalid shape, data type, or offset'),
+    'too_short.safetensors': (b'\x05\x00', 'corrupt or truncated.*header too small'),
+    'empty.pth': (b'', r'is empty \(0 bytes\)'),
+    'half.pth': (torch_save_bytes(TENSORS)[:len(torch_save_bytes(TENSORS)) // 2], 'corrupt, truncated'),
+    'half_legacy.pth': (torch_save_bytes(TENSORS, _use_new_zipfile_serialization=False)[:200], 'corrupt, truncated'),
+    'random_pickle.pth': (b'\x80\x02' + random.Random(0).randbytes(254), 'corrupt, truncated.*Unsupported operand'),
+    'noise.pth': (bytes(range(256)), r"not a checkpoint \(corrupt, or another format\): it starts with b'\\x00"),
+    'folder.pth': (None, 'is a folder, not a checkpoint file'),
+}
+
+
+@pytest.mark.parametrize('name', BAD_FILES)
+def test_bad_file_is_named_with_what_is_wrong(tmp_path, name):
+    content, message = BAD_FILES[name]
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    assert type(error.value) is CheckpointError  # not UnsafeCheckpointError: nothing here holds code
+    assert str(error.value).startswith(str(path)) and '\n' not in str(error.value)
+    assert re.search(message, str(error.value)), str(error.value)
+
+
+def test_format_is_told_by_content_not_by_name(tmp_path):
+    (tmp_path / 'weights.pth').write_bytes(save(TENSORS))
+    loaded = read_checkpoint(tmp_path / 'weights.pth')
+    assert loaded.keys() == TENSORS.keys() and all(torch.equal(loaded[k], v) for k, v in TENSORS.items())
+    # A .safetensors name promises no pickle, so a torch.save under that name is named, not unpickled.
+    (tmp_path / 'weights.safetensors').write_bytes(torch_save_bytes(TENSORS))
+    with pytest.raises(CheckpointError, match=r'weights\.safetensors is named \.safetensors but is a PyTorch zip'):
+        read_checkpoint(tmp_path / 'weights.safetensors')
+
+
+@pytest.mark.parametrize('zip_format', [True, False])
+def test_torch_save_of_a_state_dict_loads(tmp_path, zip_format):
+    torch.save({'model': TENSORS, 'epoch': 3}, tmp_path / 'ckpt.pth', _use_new_zipfile_serialization=zip_format)
+    loaded = unwrap_state_dict(read_checkpoint(tmp_path / 'ckpt.pth'))
+    assert loaded.keys() == TENSORS.keys() and all(torch.equal(loaded[k], v) for k, v in TENSORS.items())
+
+
+@pytest.mark.parametrize('content, held', [([torch.ones(1), torch.ones(2)], 'a list of 2 items'),
+                                           (torch.ones(3), r'a tensor of shape \(3,\)')])
+def test_checkpoint_that_is_not_a_dict_is_named(tmp_path, content, held):
+    torch.save(content, tmp_path / 'odd.pth')
+    with pytest.raises(CheckpointError, match=rf'odd\.pth holds {held}, not a dict of tensors'):
+        load_checkpoint(nn.Linear(2, 2), tmp_path / 'odd.pth')
+
+
+def test_state_dict_with_other_values_than_tensors_is_named(tmp_path):
+    model = nn.Linear(2, 2)
+    torch.save(dict(model.state_dict(), epoch=3, note='best'), tmp_path / 'mixed.pth')
+    with pytest.raises(CheckpointError, match=r"mixed\.pth is not a state dict of tensors: 2 of its 4 entries are "
+                                              r"not \(e\.g\. 'epoch': an int; 'note': a str\)"):
+        load_checkpoint(model, tmp_path / 'mixed.pth')
+    with pytest.raises(CheckpointError, match=r"given is not a state dict of tensors: 1 of its 2 entries.*'bias': a "
+                                              r'list of 2 items'):
+        check_state_dict_fits(model, {'weight': torch.zeros(2, 2), 'bias': [0., 0.]}, source='given')
+    torch.save({'weight': torch.zeros(3, 2), 'bias': torch.zeros(2)}, tmp_path / 'other.pth')
+    with pytest.raises(CheckpointError, match=r'other\.pth does not fit model Linear: 1 shapes differ \(e\.g\. weight: '
+                                              r'checkpoint \(3, 2\) vs model \(2, 2\)\)'):
+        load_checkpoint(model, tmp_path / 'other.pth')
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root reads files whatever their permissions')
+def test_unreadable_checkpoint_is_named(tmp_path):
+    path = tmp_path / 'private.safetensors'
+    path.write_bytes(save(TENSORS))
+    path.chmod(0)
+    with pytest.raises(PermissionError, match=r'private\.safetensors'):
+        read_checkpoint(path)
+
+
+TEACHER_LOGITS_MUST_BE = 'teacher logits must be a .safetensors file written by `leanvit teacher-logits`'
+
+
+@pytest.mark.parametrize('name, write, problem', [
+    ('pickled.pth', lambda p: torch.save({'logits': torch.zeros(3, 2)}, p),
+     r'is a PyTorch zip checkpoint \(torch\.save\), not a \.safetensors file'),
+    ('other.safetensors', lambda p: save_file({'x': torch.zeros(3, 2)}, p), r'holds no tensor "logits" .*x\)'),
+    ('flat.safetensors', lambda p: save_file({'logits': torch.zeros(6)}, p),
+     r'holds "logits" of shape \(6,\) and dtype torch\.float32, not 2-D floats'),
+    ('labels.safetensors', lambda p: save_file({'logits': torch.zeros(3, 2, dtype=torch.int64)}, p),
+     r'dtype torch\.int64, not 2-D floats'),
+    ('bad_metadata.safetensors', lambda p: save_file({'logits': torch.zeros(3, 2)}, p, metadata={'leanvit': '{'}),
+     r'has metadata "leanvit" that is not valid JSON'),
+    ('half.safetensors', lambda p: p.write_bytes(save({'logits': torch.zeros(3, 2)})[:50]), 'corrupt or truncated'),
+    ('folder', lambda p: p.mkdir(), 'is a folder'),
+])
+def test_bad_teacher_logits_are_named_with_what_was_expected(tmp_path, name, write, problem):
+    write(tmp_path / name)
+    with pytest.raises(CheckpointError) as error:
+        load_teacher_logits(tmp_path / name, 3, 2)
+    message = str(error.value)
+    assert message.startswith(str(tmp_path / name)) and '\n' not in message
+    assert re.search(problem, message) and TEACHER_LOGITS_MUST_BE in message, message
+
+
+def test_teacher_logits_round_trip_and_missing_file(tmp_path):
+    save_teacher_logits(tmp_path / 'logits.safetensors', torch.arange(6.).reshape(3, 2), dict(data='digits'))
+    logits, metadata = load_teacher_logits(tmp_path / 'logits.safetensors', 3, 2)
+    assert torch.equal(logits, torch.arange(6.).reshape(3, 2)) and metadata == dict(data='digits')
+    with pytest.raises(FileNotFoundError, match=r'teacher logits .*absent\.safetensors do not exist; expected a '
+                                                r'\.safetensors file written by `leanvit teacher-logits`'):
+        load_teacher_logits(tmp_path / 'absent.safetensors', 3, 2)

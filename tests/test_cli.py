@@ -58,7 +58,7 @@ def test_profile_prints_params_macs_and_throughput(capsys):
 
 def test_unknown_model_is_a_clear_error(capsys):
     code, _, err = run_cli(capsys, 'profile', 'sret_xl')
-    assert code == 2 and 'Unknown model (sret_xl)' in err
+    assert code == 2 and err.startswith("leanvit profile: error: unknown model 'sret_xl' (did you mean sret_")
 
 
 def test_console_script_is_installed():

@@ -108,13 +108,13 @@ def test_a_checkpoint_without_json_needs_model_and_kwargs(run, reference, tmp_pa
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     code, _, err = run_eval(capsys, '--checkpoint', tmp_path / 'nope.safetensors')
-    assert code == 2
+    assert code == 1
     assert f'leanvit eval: error: checkpoint {tmp_path / "nope.safetensors"} does not exist' in err
 
 
 def test_class_count_mismatch_names_both_numbers(tmp_path, capsys):
     _, checkpoint = save_run_checkpoint(tmp_path, dict(KWARGS, num_classes=7))
     code, _, err = run_eval(capsys, '--checkpoint', checkpoint)
-    assert code == 2
+    assert code == 1
     assert 'class count mismatch' in err and 'has 7 classes, the data has 10' in err
     assert not (tmp_path / 'eval.json').exists()

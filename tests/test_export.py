@@ -13,6 +13,7 @@ from torch import nn
 
 import leanvit
 from leanvit.cli import main
+from leanvit.errors import LeanvitError
 from leanvit.export import ExportVerificationError, export_model
 
 KWARGS = {'img_size': 32, 'num_classes': 5}
@@ -113,7 +114,7 @@ def test_a_file_that_disagrees_with_its_model_is_an_error_and_never_replaces_the
     load = torch.jit.load
     monkeypatch.setattr(torch.jit, 'load', lambda *args, **kwargs: Shifted(load(*args, **kwargs)))
     code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', out)
-    assert code == 2
+    assert code == 1
     assert ('leanvit export: error: the exported torchscript file disagrees with the PyTorch model: '
             'max abs diff 0.5 exceeds the tolerance 0.001') in err
     assert 'wrote' not in stdout
@@ -135,7 +136,7 @@ def test_tolerance_is_the_users_to_set(run, tmp_path, capsys, monkeypatch):
 def test_a_wrong_resolution_is_a_clear_error(run, tmp_path, capsys):
     _, checkpoint = run
     code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--img-size', 64, '--out', tmp_path / 'x.onnx')
-    assert code == 2 and err.startswith('leanvit export: error: ') and '32x32' in err and '64x64' in err
+    assert code == 1 and err.startswith('leanvit export: error: ') and '32x32' in err and '64x64' in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -189,7 +190,7 @@ def test_export_model_rejects_unknown_formats_and_names_missing_packages(tmp_pat
     real_find_spec = leanvit.export.importlib.util.find_spec
     monkeypatch.setattr(leanvit.export.importlib.util, 'find_spec',
                         lambda name: None if name == 'onnxscript' else real_find_spec(name))
-    with pytest.raises(RuntimeError, match=r'ONNX export needs onnxscript: pip install "leanvit\[export\]"'):
+    with pytest.raises(LeanvitError, match=r'ONNX export needs onnxscript: pip install "leanvit\[export\]"'):
         export_model(TinyNet(), tmp_path / 'x.onnx')
 
 

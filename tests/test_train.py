@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import leanvit
+from leanvit.errors import UsageError
 from leanvit.train import TrainConfig, train
 
 TINY = dict(model='test_sret', img_size=32, batch_size=64, epochs=2, lr=2e-3, warmup_epochs=0, progress=False,
@@ -175,5 +176,5 @@ def test_bf16_autocast_ema_mixup_and_channels_last_train(tmp_path):
 
 
 def test_unknown_amp_mode_is_named(tmp_path):
-    with pytest.raises(ValueError, match=r"amp must be one of \['bf16', 'fp16', 'none'\], got 'fp8'"):
+    with pytest.raises(UsageError, match=r"amp \(--amp\) must be one of none, bf16, fp16, got 'fp8'"):
         train(TrainConfig(**dict(TINY, epochs=1), output=str(tmp_path), amp='fp8'))

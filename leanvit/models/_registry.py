@@ -1,10 +1,14 @@
 """What leanvit adds to timm's registry: published figures on every pretrained cfg, and a list of its own models."""
 
+import difflib
 import fnmatch
 from dataclasses import dataclass
 
 import timm
 from timm.models import PretrainedCfg, is_model, model_entrypoint
+from torch import nn
+
+from leanvit.errors import UsageError
 
 
 @dataclass
@@ -19,6 +23,22 @@ class PaperCfg(PretrainedCfg):
     paper_deploy_params: int | None = None
     paper_gmacs: float | None = None
     paper_top1: float | None = None
+
+
+def create_model(model_name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` for any timm or leanvit model, with errors that name the problem.
+
+    An unknown name, or arguments the model's constructor refuses (an unknown keyword, a value of the wrong type or
+    range), are a ``UsageError`` naming the model and the arguments, since they come from the user's input.
+    """
+    if not isinstance(model_name, str) or not is_model(model_name):
+        close = difflib.get_close_matches(str(model_name), timm.list_models(), n=3)
+        raise UsageError(f'unknown model {model_name!r}' + (f' (did you mean {", ".join(close)}?)' if close else '')
+                         + "; `leanvit models --all` lists leanvit's models, timm.list_models() every model")
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:  # timm's constructors check arguments with asserts too
+        raise UsageError(f'cannot build model {model_name} with arguments {kwargs}: {e}') from e
 
 
 def list_models(filter: str = '', include_test: bool = True) -> list[str]:

@@ -9,7 +9,6 @@ granularity, with the RNG state, and the data order of an epoch depends only on 
 import contextlib
 import csv
 import dataclasses
-import json
 import math
 import os
 import time
@@ -30,80 +29,17 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import leanvit
-from leanvit.checkpoint import atomic_write
+from leanvit.checkpoint import atomic_write, check_state_dict_fits
 from leanvit.data import WithIndex, build_datasets
-from leanvit.distill import distillation_loss, load_teacher_logits
-from leanvit.distill.imitation import BLOCK_PATTERN, ImitationWeights, ModuleImitation
+from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
+from leanvit.distill.imitation import BLOCK_PATTERN, LAYOUTS, ImitationWeights, ModuleImitation
 from leanvit.distill.teacher_init import init_from_teacher
-from leanvit.train.checkpoints import CheckpointManager, rng_state, set_rng_state
+from leanvit.errors import TrainingDivergedError, UsageError
+from leanvit.train.checkpoints import CheckpointManager, RunLock, rng_state, set_rng_state, write_json
+from leanvit.train.config import TrainConfig
 from leanvit.train.evaluation import data_config, evaluate_model
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that defines a run. Recipes are YAML files of these fields; command-line flags override them."""
-    model: str = 'sret_t'
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
-    img_size: int | None = None          # None: the model's default input size
-    data: str | None = None              # None: scikit-learn's digits; else an ImageFolder path
-    val_split: float | None = None
-    bad_images: str = 'stop'
-    output: str = 'runs/train'
-    epochs: int = 10
-    batch_size: int = 64
-    opt: str = 'adamw'
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    sched: str = 'cosine'
-    warmup_epochs: int = 0
-    min_lr: float = 1e-5
-    clip_grad: float | None = None
-    accum_steps: int = 1
-    ema_decay: float = 0.
-    drop_path: float = 0.
-    smoothing: float = 0.
-    augment: bool = True                 # False: train on the evaluation transform (deterministic inputs)
-    auto_augment: str | None = None
-    re_prob: float = 0.
-    mixup: float = 0.                    # Mixup / CutMix alphas (timm's Mixup); 0 disables each
-    cutmix: float = 0.
-    teacher: str | None = None
-    teacher_checkpoint: str | None = None
-    teacher_kwargs: dict = dataclasses.field(default_factory=dict)
-    teacher_logits: str | None = None    # precomputed by `leanvit teacher-logits`, instead of a live teacher
-    kd: str = 'soft_ce'
-    kd_alpha: float = 0.5
-    kd_tau: float = 1.0
-    # RIFormer module imitation (leanvit.distill.imitation): one weight per term, 0 turns it off; needs a live teacher
-    imitate_block_output: float = 0.
-    imitate_mixer_output: float = 0.
-    imitate_relation: float = 0.
-    imitation_blocks: str = BLOCK_PATTERN          # regex naming the student's blocks (groups: stage, block)
-    teacher_imitation_blocks: str = BLOCK_PATTERN  # the same for the teacher
-    teacher_imitation_layout: str = 'NCHW'         # the teacher's block outputs: NCHW, NHWC (GFNet) or NLC
-    init_from_teacher: bool = False      # copy every same-name, same-shape teacher weight but the token mixers
-    seed: int = 0
-    deterministic: bool = False
-    device: str | None = None            # None: CUDA if available, else CPU (torchrun: this rank's GPU)
-    amp: str = 'none'                    # 'none', 'bf16' (CPU or CUDA) or 'fp16' (CUDA, with loss scaling)
-    channels_last: bool = False
-    compile: bool = False
-    num_workers: int = 0
-    save_every_steps: int = 0            # 0: checkpoint at the end of each epoch only
-    keep_last: int = 2
-    progress: bool = True
-
-    @classmethod
-    def from_yaml(cls, path: str, **overrides) -> 'TrainConfig':
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f'{path}: unknown recipe keys {unknown}; valid keys: '
-                             f'{sorted(f.name for f in dataclasses.fields(cls))}')
-        return cls(**{**values, **overrides})
 
 
 class EpochSampler(Sampler):
@@ -133,8 +69,33 @@ class EpochSampler(Sampler):
 
 
 def train(config: TrainConfig) -> dict:
+    """Train (or distil) ``config.model`` and return its final validation metrics; see the module docstring."""
+    check_choices(config)
+    rank = int(os.environ.get('RANK', 0))
+    # Rank 0 owns the run directory for the whole run: a second run on it stops at once instead of mixing files.
+    with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
+        return _train(config, rank, int(os.environ.get('WORLD_SIZE', 1)))
+
+
+def check_choices(config: TrainConfig) -> None:
+    """Raise a UsageError for a config value that is not one of its choices (names kept by the modules using them)."""
+    for name, value, choices in (('kd', config.kd, KD_LOSSES), ('amp', config.amp, AMP_DTYPES),
+                                 ('teacher_imitation_layout', config.teacher_imitation_layout, LAYOUTS)):
+        if value not in choices:
+            raise UsageError(f'{name} (--{name.replace("_", "-")}) must be one of {", ".join(choices)}, '
+                             f'got {value!r}')
+    if config.device is not None:
+        try:
+            device = torch.device(config.device)
+        except RuntimeError:
+            raise UsageError(f"device (--device) must name a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                             f'got {config.device!r}') from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise UsageError(f'device (--device) is {config.device!r}, but torch sees no CUDA device here')
+
+
+def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
     # Processes: one, or one per device under torchrun (gloo on CPU, NCCL on CUDA); rank 0 logs and saves.
-    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = torch.device(config.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and world_size > 1:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
@@ -142,13 +103,9 @@ def train(config: TrainConfig) -> dict:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     if config.batch_size % world_size:
-        raise ValueError(f'batch_size {config.batch_size} (global) must be divisible by the {world_size} processes')
+        raise UsageError(f'batch_size {config.batch_size} (global) must be divisible by the {world_size} processes')
     is_main = rank == 0
     output = Path(config.output)
-    if is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write(output / 'config.yaml',
-                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(dataclasses.asdict(config))))
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -171,9 +128,9 @@ def train(config: TrainConfig) -> dict:
     teacher, teacher_table = None, None
     if config.teacher_logits:
         if config.teacher:
-            raise ValueError('give either a teacher model or precomputed teacher_logits, not both')
+            raise UsageError('give either a teacher model or precomputed teacher_logits, not both')
         if mixup is not None:
-            raise ValueError('precomputed teacher logits describe unmixed images; they cannot be used with '
+            raise UsageError('precomputed teacher logits describe unmixed images; they cannot be used with '
                              'mixup/cutmix')
         teacher_table, _ = load_teacher_logits(config.teacher_logits, len(data.train), data.num_classes)
     if config.teacher:
@@ -190,13 +147,13 @@ def train(config: TrainConfig) -> dict:
     imitation_weights = ImitationWeights(config.imitate_block_output, config.imitate_mixer_output,
                                          config.imitate_relation)
     if (config.init_from_teacher or imitation_weights) and teacher is None:
-        raise ValueError('init_from_teacher and module imitation (imitate_*) need a live teacher model (teacher: '
+        raise UsageError('init_from_teacher and module imitation (imitate_*) need a live teacher model (teacher: '
                          'NAME), not precomputed teacher_logits')
     if config.init_from_teacher:
         report = init_from_teacher(model, teacher)
         if is_main:
             print(f'student initialised from {config.teacher}: {report.summary()}', flush=True)
-            (output / 'teacher_init.json').write_text(json.dumps(dataclasses.asdict(report), indent=2) + '\n')
+            write_json(output / 'teacher_init.json', dataclasses.asdict(report))
     random_seed(config.seed + rank)  # ranks draw different augmentations; DDP broadcasts rank 0's weights
     sampler = EpochSampler(len(data.train), config.seed, config.batch_size, rank, world_size)
     # The loader's own generator: creating an iterator would otherwise draw from the global RNG, which a resumed
@@ -207,7 +164,7 @@ def train(config: TrainConfig) -> dict:
     val_loader = DataLoader(data.val, config.batch_size, num_workers=config.num_workers)
     steps_per_epoch = len(data.train) // config.batch_size // config.accum_steps
     if steps_per_epoch == 0:
-        raise ValueError(f'{len(data.train)} training images give no full step at batch_size {config.batch_size} '
+        raise UsageError(f'{len(data.train)} training images give no full step at batch_size {config.batch_size} '
                          f'x accum_steps {config.accum_steps}')
 
     # Optimizer and schedule (timm's factories keep 1-D parameters, like the LRC scalars, out of weight decay).
@@ -217,11 +174,9 @@ def train(config: TrainConfig) -> dict:
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
     # Taps are hooked after the EMA copy is made, so that evaluating the EMA model does not write into them.
-    imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks,
-                                config.teacher_imitation_blocks,
+    imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks or BLOCK_PATTERN,
+                                config.teacher_imitation_blocks or BLOCK_PATTERN,
                                 teacher_layout=config.teacher_imitation_layout) if imitation_weights else None
-    if config.amp not in AMP_DTYPES:
-        raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)}, got {config.amp!r}')
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
 
     # Resume from the last complete checkpoint of this output directory, if any.
@@ -229,6 +184,7 @@ def train(config: TrainConfig) -> dict:
     epoch, step, history, epoch_stats = 0, 0, [], dict(seen=0, correct=0, loss_sum=0.)
     if (tag := CheckpointManager.latest_in(output)) is not None:
         weights, meta, state = CheckpointManager.load_from(output, tag)
+        check_state_dict_fits(model, weights, source=str(output / f'{tag}.safetensors'))
         model.load_state_dict(weights)
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
@@ -240,6 +196,10 @@ def train(config: TrainConfig) -> dict:
         else:  # only rank 0's generators are saved; the others restart from (seed, rank, position)
             random_seed(config.seed + rank + 7919 * (meta['epoch'] * steps_per_epoch + meta['step']))
         epoch, step, history, epoch_stats = meta['epoch'], meta['step'], meta['history'], meta['epoch_stats']
+
+    if is_main:  # only now: a run directory that failed validation above is left exactly as it was
+        atomic_write(output / 'config.yaml',
+                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(dataclasses.asdict(config))))
 
     forward_model = model
     if world_size > 1:
@@ -300,7 +260,7 @@ def train(config: TrainConfig) -> dict:
                         else:
                             loss = label_loss(logits, targets)
                     if not math.isfinite(loss.item()):
-                        raise FloatingPointError(
+                        raise TrainingDivergedError(
                             f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. The last good '
                             f'checkpoint is {last_good or "none (no checkpoint saved yet)"} in {output}')
                     scaler.scale(loss / config.accum_steps).backward()
@@ -346,7 +306,7 @@ def train(config: TrainConfig) -> dict:
     final = history[-1] if history else {}
     if is_main:
         plot_curves(output, history)
-        (output / 'final.json').write_text(json.dumps(final, indent=2) + '\n')
+        write_json(output / 'final.json', final)
     if world_size > 1:
         dist.barrier()
     return final

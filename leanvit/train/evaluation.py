@@ -7,7 +7,6 @@
 """
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ from torch.utils.data import DataLoader
 
 import leanvit
 from leanvit.checkpoint import atomic_write
-from leanvit.data import build_datasets
-from leanvit.train.checkpoints import write_json
+from leanvit.data import build_datasets, display_name
+from leanvit.errors import CheckpointError, UsageError
+from leanvit.train.checkpoints import read_sidecar, write_json
 
 # Past 20 classes the counts no longer fit in their cells; past 50 the names on the axes overlap, so the axes show
 # class indices instead.
@@ -89,29 +89,35 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device | 
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, class_names: list[str], path: str | os.PathLike) -> None:
-    """Write ``confusion[true, predicted]`` as a PNG: class names on the axes, counts in the cells up to 20 classes."""
+    """Write ``confusion[true, predicted]`` as a PNG: class names on the axes, counts in the cells up to 20 classes.
+
+    Names are drawn through ``leanvit.data.display_name``: matplotlib cannot draw a folder name that is not UTF-8.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     counts = confusion.cpu().numpy()
-    n = len(class_names)
+    names = [display_name(name) for name in class_names]
+    n = len(names)
     side = min(3 + 0.4 * n, 20)
     fig, ax = plt.subplots(figsize=(side + 1, side))
-    fig.colorbar(ax.imshow(counts, cmap='Blues'), ax=ax, fraction=0.046, pad=0.04)
-    if n <= NAMED_AXES_MAX_CLASSES:
-        ax.set_xticks(range(n), class_names, rotation=90 if max(map(len, class_names)) > 3 else 0)
-        ax.set_yticks(range(n), class_names)
-    if n <= ANNOTATE_MAX_CLASSES:
-        dark = counts.max() / 2
-        for (true, predicted), count in np.ndenumerate(counts):
-            ax.text(predicted, true, str(count), ha='center', va='center', fontsize=8,
-                    color='white' if count > dark else 'black')
-    ax.set_xlabel('predicted')
-    ax.set_ylabel('true')
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
-    plt.close(fig)
+    try:
+        fig.colorbar(ax.imshow(counts, cmap='Blues'), ax=ax, fraction=0.046, pad=0.04)
+        if n <= NAMED_AXES_MAX_CLASSES:
+            ax.set_xticks(range(n), names, rotation=90 if max(map(len, names)) > 3 else 0)
+            ax.set_yticks(range(n), names)
+        if n <= ANNOTATE_MAX_CLASSES:
+            dark = counts.max() / 2
+            for (true, predicted), count in np.ndenumerate(counts):
+                ax.text(predicted, true, str(count), ha='center', va='center', fontsize=8,
+                        color='white' if count > dark else 'black')
+        ax.set_xlabel('predicted')
+        ax.set_ylabel('true')
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+    finally:  # a figure left open holds its memory for the life of the process
+        plt.close(fig)
 
 
 def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = None,
@@ -123,13 +129,20 @@ def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = N
     same model) and ``model_kwargs`` override the kwargs key by key. Any other checkpoint needs ``model_name``.
     """
     path = Path(checkpoint)
+    if path.is_dir():
+        raise CheckpointError(f'checkpoint {path} is a folder; give a checkpoint file such as '
+                              f'{path / "best.safetensors"}')
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     sidecar = path.with_suffix('.json')
-    meta = json.loads(sidecar.read_text()) if path.suffix == '.safetensors' and sidecar.is_file() else {}
+    meta = read_sidecar(sidecar) if path.suffix == '.safetensors' and sidecar.is_file() else {}
+    for key, kind in (('model', str), ('model_kwargs', dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f'{sidecar}: field "{key}" must be a {"string" if kind is str else "JSON object"}, '
+                                  f'got {meta[key]!r}')
     name = model_name or meta.get('model')
     if name is None:
-        raise ValueError(f'{path} has no {sidecar.name} beside it that names its model: pass the model name '
+        raise UsageError(f'{path} has no {sidecar.name} beside it that names its model: pass the model name '
                          f'(--model), and its non-default arguments such as num_classes (--model-kwargs)')
     kwargs = dict(meta.get('model_kwargs', {}) if name == meta.get('model') else {}, **(model_kwargs or {}))
     model = leanvit.create_model(name, **kwargs)
@@ -160,7 +173,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         batch_size: Images per forward pass.
 
     Returns:
-        The contents of ``eval.json``: the metrics, what was evaluated, the class names and the confusion matrix.
+        The contents of ``eval.json``: the metrics, what was evaluated, the class names (as ``DataBundle`` shows them,
+        UTF-8 whatever the folder names) and the confusion matrix. It is written before the plot, so that a plot that
+        fails never costs the metrics.
 
     Raises:
         FileNotFoundError: The checkpoint or the data is not there.
@@ -178,6 +193,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
                   data=bundle.description, images=result.images, batch_size=batch_size, **result.metrics(),
                   images_per_s=result.images_per_s, class_names=bundle.class_names,
                   confusion_matrix=result.confusion.tolist())
-    plot_confusion_matrix(result.confusion, bundle.class_names, output / 'confusion_matrix.png')
     write_json(output / 'eval.json', report)
+    plot_confusion_matrix(result.confusion, bundle.class_names, output / 'confusion_matrix.png')
     return report
