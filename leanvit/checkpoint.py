@@ -253,6 +253,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f'{path} is a folder; give the path of a file to write')
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f'cannot write {path}: {folder} is a file, not a folder')
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')

@@ -111,10 +111,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from leanvit.train.engine import train
-
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    from leanvit.train import train  # torch and timm load only once the configuration is known to be valid
+
     final = train(config)
     print(json.dumps(final, indent=2))
     return 0
@@ -240,8 +240,15 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, data: bool = True) -> 
                                                          '(default: the bundled digits)')
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points at --help (the train usage block is 30 lines long)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='leanvit', description=__doc__)
+    parser = Parser(prog='leanvit', description=__doc__)
     parser.add_argument('--version', action='version', version=f'leanvit {leanvit.__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
 

@@ -64,7 +64,7 @@ def test_digits_student_distils_the_teacher_recipe_output():
 def test_unknown_recipe_key_is_rejected_by_name(tmp_path):
     recipe = tmp_path / 'typo.yaml'
     recipe.write_text('model: sret_t\nlearning_rate: 0.1\nrepeated_aug: 3\n')
-    with pytest.raises(ValueError, match=r"unknown recipe keys \['learning_rate', 'repeated_aug'\]"):
+    with pytest.raises(ValueError, match=r"typo\.yaml: unknown keys \['learning_rate', 'repeated_aug'\]"):
         TrainConfig.from_yaml(str(recipe))
 
 

@@ -121,11 +121,13 @@ class ModuleImitation:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weights: ImitationWeights,
-                 student_blocks: str = BLOCK_PATTERN, teacher_blocks: str = BLOCK_PATTERN,
+                 student_blocks: str | None = None, teacher_blocks: str | None = None,
                  student_layout: str = 'NCHW', teacher_layout: str = 'NCHW'):
         self.weights = weights
         self.layouts = (student_layout, teacher_layout)
-        self.pairs = pair_blocks(blocks_by_stage(student, student_blocks), blocks_by_stage(teacher, teacher_blocks))
+        # None: MetaFormer's names (BLOCK_PATTERN), the default of a training config too
+        self.pairs = pair_blocks(blocks_by_stage(student, student_blocks or BLOCK_PATTERN),
+                                 blocks_by_stage(teacher, teacher_blocks or BLOCK_PATTERN))
         if min(weights.block_output, weights.mixer_output, weights.relation) < 0:
             raise ValueError(f'imitation weights must be >= 0, got {weights}')
         self.student_mixers = {}

@@ -32,7 +32,7 @@ import leanvit
 from leanvit.checkpoint import atomic_write, check_state_dict_fits
 from leanvit.data import WithIndex, build_datasets
 from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
-from leanvit.distill.imitation import BLOCK_PATTERN, LAYOUTS, ImitationWeights, ModuleImitation
+from leanvit.distill.imitation import LAYOUTS, ImitationWeights, ModuleImitation
 from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.errors import TrainingDivergedError, UsageError
 from leanvit.train.checkpoints import CheckpointManager, RunLock, rng_state, set_rng_state, write_json
@@ -174,8 +174,8 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
     # Taps are hooked after the EMA copy is made, so that evaluating the EMA model does not write into them.
-    imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks or BLOCK_PATTERN,
-                                config.teacher_imitation_blocks or BLOCK_PATTERN,
+    imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks,
+                                config.teacher_imitation_blocks,
                                 teacher_layout=config.teacher_imitation_layout) if imitation_weights else None
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
 

@@ -1,0 +1,158 @@
+"""Every user error is one clear line naming the input, never a traceback; usage errors exit 2, other inputs 1.
+
+Each case runs the real command line (``leanvit.cli.main``) on one bad input. Files and folders the cases need are
+made in ``tmp_path``: a placeholder ``{tmp}`` in an argument becomes that folder.
+"""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from leanvit.cli import main
+from test_eval_cli import KWARGS, save_run_checkpoint
+
+USAGE, INPUT = 2, 1
+
+
+def make_files(tmp: Path) -> None:
+    """The bad (and good) files the cases below name."""
+    (tmp / 'a_file').write_text('not a folder')
+    (tmp / 'a_folder').mkdir()
+    (tmp / 'malformed.yaml').write_text('epochs: [1, 2\nlr: 0.1\n')
+    (tmp / 'list.yaml').write_text('- epochs: 1\n- lr: 0.1\n')
+    (tmp / 'wrong_type.yaml').write_text('batch_size: ten\n')
+    (tmp / 'lr_string.yaml').write_text('lr: 1e-3\n')
+    (tmp / 'unknown_key.yaml').write_text('epochs: 1\nlearning_rate: 0.1\n')
+    (tmp / 'python_tag.yaml').write_text(f'epochs: !!python/object/apply:os.system ["touch {tmp}/pwned"]\n')
+    (tmp / 'empty.pth').write_bytes(b'')
+    (tmp / 'garbage.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": not json}')
+    torch.save({'logits': torch.zeros(3, 10)}, tmp / 'pickled_logits.safetensors')
+    save_file({'other': torch.zeros(3)}, tmp / 'no_logits.safetensors')
+    with open(tmp / 'code.pth', 'wb') as f:
+        pickle.dump({'w': torch.zeros(1), 'fn': os.system}, f)
+    _, checkpoint = save_run_checkpoint(tmp / 'run', KWARGS)
+    (tmp / 'bad_sidecar').mkdir()
+    (tmp / 'bad_sidecar' / 'best.safetensors').write_bytes(checkpoint.read_bytes())
+    (tmp / 'bad_sidecar' / 'best.json').write_text('{"model": "test_sret", "model_kwargs": [1]}')
+
+
+TRAIN = ('train', '--model', 'test_sret', '--img-size', '32', '--epochs', '1', '--no-progress',
+         '--output', '{tmp}/out')
+
+CASES = {
+    # argument values: ranges, types, finiteness
+    'epochs 0': (USAGE, [*TRAIN, '--epochs', '0'], ['epochs (--epochs) must be an integer >= 1, got 0']),
+    'accum-steps 0': (USAGE, [*TRAIN, '--accum-steps', '0'], ['--accum-steps', 'got 0']),
+    'img-size 0': (USAGE, [*TRAIN, '--img-size', '0'], ['--img-size', '>= 1', 'got 0']),
+    'img-size -32': (USAGE, [*TRAIN, '--img-size', '-32'], ['--img-size', 'got -32']),
+    'ema-decay 2': (USAGE, [*TRAIN, '--ema-decay', '2'], ['--ema-decay', 'in [0, 1)', 'got 2.0']),
+    'batch-size 0': (USAGE, [*TRAIN, '--batch-size', '0'], ['--batch-size', 'got 0']),
+    'lr nan': (USAGE, [*TRAIN, '--lr', 'nan'], ['--lr', 'got nan']),
+    'lr -1': (USAGE, [*TRAIN, '--lr', '-1'], ['--lr', '> 0']),
+    'val-split 1.5': (USAGE, [*TRAIN, '--val-split', '1.5'], ['--val-split', 'in (0, 1)']),
+    'kd-alpha 3': (USAGE, [*TRAIN, '--kd-alpha', '3'], ['--kd-alpha', 'in [0, 1]']),
+    'epochs not a number': (USAGE, [*TRAIN, '--epochs', 'ten'], ['--epochs', "'ten'"]),
+    'kd unknown': (USAGE, [*TRAIN, '--kd', 'mse'], ['kd (--kd) must be one of', 'soft_ce', "'mse'"]),
+    'amp unknown': (USAGE, [*TRAIN, '--amp', 'fp8'], ['--amp', "'fp8'"]),
+    'device unknown': (USAGE, [*TRAIN, '--device', 'gpu0'], ['--device', "'gpu0'"]),
+    'bad-images unknown': (USAGE, [*TRAIN, '--bad-images', 'ignore'], ['--bad-images', "'ignore'"]),
+    'regex invalid': (USAGE, [*TRAIN, '--imitation-blocks', 'stages.(\\d+'], ['--imitation-blocks', 'regular']),
+    'model unknown': (USAGE, [*TRAIN, '--model', 'sret_tt'], ["unknown model 'sret_tt'", 'sret_t']),
+    'model-kwargs not an object': (USAGE, [*TRAIN, '--model-kwargs', '[1, 2]'], ['--model-kwargs', 'JSON object']),
+    'model-kwargs not JSON': (USAGE, [*TRAIN, '--model-kwargs', '{num_classes: 3}'], ['--model-kwargs', 'JSON']),
+    'model-kwargs unknown argument': (USAGE, [*TRAIN, '--model-kwargs', '{"depth_of_field": 3}'],
+                                      ['test_sret', 'depth_of_field']),
+    # recipes
+    'recipe malformed': (USAGE, [*TRAIN, '--config', '{tmp}/malformed.yaml'], ['{tmp}/malformed.yaml', 'YAML']),
+    'recipe a list': (USAGE, [*TRAIN, '--config', '{tmp}/list.yaml'], ['{tmp}/list.yaml', 'mapping', 'list']),
+    'recipe wrong type': (USAGE, [*TRAIN, '--config', '{tmp}/wrong_type.yaml'],
+                          ['{tmp}/wrong_type.yaml', 'batch_size', "'ten'"]),
+    'recipe lr 1e-3': (USAGE, [*TRAIN, '--config', '{tmp}/lr_string.yaml'], ['lr (--lr)', '1.0e-3']),
+    'recipe unknown key': (USAGE, [*TRAIN, '--config', '{tmp}/unknown_key.yaml'], ['learning_rate']),
+    'recipe python tag': (USAGE, [*TRAIN, '--config', '{tmp}/python_tag.yaml'], ['{tmp}/python_tag.yaml', 'python']),
+    'recipe missing': (INPUT, [*TRAIN, '--config', '{tmp}/absent.yaml'], ['{tmp}/absent.yaml', 'No such file']),
+    'recipe a folder': (INPUT, [*TRAIN, '--config', '{tmp}/a_folder'], ['{tmp}/a_folder']),
+    # files and folders
+    'output a file': (INPUT, [*TRAIN, '--output', '{tmp}/a_file'], ['{tmp}/a_file is a file, not a folder']),
+    'data missing': (INPUT, [*TRAIN, '--data', '{tmp}/nowhere', '--val-split', '0.2'], ['{tmp}/nowhere']),
+    'teacher logits pickled': (INPUT, [*TRAIN, '--teacher-logits', '{tmp}/pickled_logits.safetensors'],
+                               ['{tmp}/pickled_logits.safetensors']),
+    'teacher logits without logits': (INPUT, [*TRAIN, '--teacher-logits', '{tmp}/no_logits.safetensors'],
+                                      ['{tmp}/no_logits.safetensors', 'logits']),
+    'teacher checkpoint carrying code': (INPUT, [*TRAIN, '--teacher', 'test_sret', '--teacher-checkpoint',
+                                                 '{tmp}/code.pth'], ['{tmp}/code.pth', 'could run code']),
+    'eval checkpoint a folder': (INPUT, ['eval', '--checkpoint', '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
+    'eval zero-byte pth': (INPUT, ['eval', '--checkpoint', '{tmp}/empty.pth', '--model', 'test_sret'],
+                           ['{tmp}/empty.pth', 'empty']),
+    'eval corrupt safetensors': (INPUT, ['eval', '--checkpoint', '{tmp}/garbage.safetensors', '--model', 'test_sret'],
+                                 ['{tmp}/garbage.safetensors', 'corrupt']),
+    'eval sidecar kwargs a list': (INPUT, ['eval', '--checkpoint', '{tmp}/bad_sidecar/best.safetensors'],
+                                   ['{tmp}/bad_sidecar/best.json', 'field "model_kwargs"']),
+    'eval without model': (USAGE, ['eval', '--checkpoint', '{tmp}/empty.pth'], ['pass the model name (--model)']),
+    'eval batch-size 0': (USAGE, ['eval', '--checkpoint', '{tmp}/run/best.safetensors', '--batch-size', '0'],
+                          ['--batch-size', '>= 1']),
+    'export atol -1': (USAGE, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--out', '{tmp}/m.onnx',
+                               '--atol', '-1'], ['--atol', '>= 0']),
+    'export atol nan': (USAGE, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--out', '{tmp}/m.onnx',
+                                '--atol', 'nan'], ['--atol', 'nan']),
+    'export out a folder': (INPUT, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--format', 'torchscript',
+                                    '--out', '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
+    'export out in a missing folder': (INPUT, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--format',
+                                               'torchscript', '--out', '{tmp}/a_file/m.pt'],
+                                       ['{tmp}/a_file is a file, not a folder']),
+    'profile img-size 0': (USAGE, ['profile', 'test_sret', '--img-size', '0'], ['--img-size', '>= 1']),
+    'profile unknown model': (USAGE, ['profile', 'sret_xl'], ["unknown model 'sret_xl'"]),
+    'teacher-logits out a folder': (INPUT, ['teacher-logits', '--checkpoint', '{tmp}/run/best.safetensors', '--out',
+                                            '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
+    'unknown command': (USAGE, ['trian'], ["invalid choice: 'trian'", 'leanvit --help']),
+}
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp('inputs')
+    make_files(tmp)
+    return tmp
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_a_bad_input_is_one_line_naming_it(case, files, capsys):
+    code, argv, expected = CASES[case]
+    argv = [a.replace('{tmp}', str(files)) for a in argv]
+    try:
+        returned = main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        returned = e.code
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith('leanvit'), err
+    for part in expected:
+        assert part.replace('{tmp}', str(files)) in err, (part, err)
+    assert returned == code, err
+    assert not (files / 'pwned').exists()
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    script = ('import sys\nfrom leanvit.cli import main\n'
+              'assert main(["train", "--epochs", "0"]) == 2\n'
+              'try:\n    main(["train", "--help"])\nexcept SystemExit:\n    pass\n'
+              'print(sorted(m for m in ("torch", "timm", "torchvision", "PIL", "sklearn") if m in sys.modules))')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == '[]'
+
+
+def test_importing_leanvit_still_registers_its_models_with_timm():
+    script = 'import leanvit, timm\nprint(timm.is_model("sret_t"), timm.is_model("riformer_s12"))'
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ['True', 'True']
+    script = 'import timm, leanvit\nprint(timm.is_model("sret_t"), type(timm.__loader__).__name__)'
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ['True', 'SourceFileLoader']
