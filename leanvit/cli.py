@@ -24,6 +24,7 @@ from leanvit.train.config import TrainConfig, flag, value_types
 
 EXIT_USAGE = 2
 EXIT_INPUT = 1
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 MODEL_COLUMNS = ('model', 'params', 'gmacs', 'input', 'paper_params', 'paper_gmacs', 'paper_top1', 'deploy_params',
                  'paper_deploy_params')
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LeanvitError, OSError, ValueError) as e:  # the library's documented errors for bad input
         print(f'leanvit {args.command}: error: {describe(e)}', file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f'leanvit {args.command}: interrupted', file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def describe(error: Exception) -> str:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import Compose
 
-from leanvit.errors import BadImageError
+from leanvit.errors import BadImageError, UsageError
 
 # The digits are 8x8: a horizontal flip turns some digits into others or into no digit at all, and a strong
 # random-resized crop cuts away strokes that decide the class. Only mild scale / aspect jitter is kept.
@@ -175,7 +175,11 @@ def digits_split() -> tuple[np.ndarray, np.ndarray]:
 def _transforms(model_cfg: dict, auto_augment: str | None, re_prob: float, **train_aug) -> tuple[Callable, Callable]:
     cfg = resolve_data_config(pretrained_cfg=model_cfg)
     common = dict(input_size=cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'])
-    train = create_transform(**common, is_training=True, auto_augment=auto_augment, re_prob=re_prob, **train_aug)
+    try:
+        train = create_transform(**common, is_training=True, auto_augment=auto_augment, re_prob=re_prob, **train_aug)
+    except (AssertionError, ValueError, KeyError) as e:  # timm checks the policy string with asserts
+        raise UsageError(f"auto_augment (--auto-augment) {auto_augment!r} is not a timm auto-augment policy such as "
+                         f"'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2' or 'original': {e}") from None
     val = create_transform(**common, crop_pct=cfg['crop_pct'], crop_mode=cfg['crop_mode'])
     return train, val
 

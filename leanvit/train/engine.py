@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
@@ -84,6 +84,9 @@ def check_choices(config: TrainConfig) -> None:
         if value not in choices:
             raise UsageError(f'{name} (--{name.replace("_", "-")}) must be one of {", ".join(choices)}, '
                              f'got {value!r}')
+    if config.opt.lower() not in list_optimizers():
+        raise UsageError(f"opt (--opt) {config.opt!r} is not a timm optimizer, such as 'adamw', 'sgd' or 'lamb' "
+                         f'(timm.optim.list_optimizers() lists all)')
     if config.device is not None:
         try:
             device = torch.device(config.device)
@@ -169,9 +172,12 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
 
     # Optimizer and schedule (timm's factories keep 1-D parameters, like the LRC scalars, out of weight decay).
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=config.sched, num_epochs=config.epochs,
-                                       warmup_epochs=config.warmup_epochs, min_lr=config.min_lr,
-                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=config.sched, num_epochs=config.epochs,
+                                           warmup_epochs=config.warmup_epochs, min_lr=config.min_lr,
+                                           step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    except (ValueError, AssertionError) as e:  # timm names no scheduler list to check against up front
+        raise UsageError(f'sched (--sched) {config.sched!r} is not a timm scheduler: {e}') from None
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
     # Taps are hooked after the EMA copy is made, so that evaluating the EMA model does not write into them.
     imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks,
