@@ -5,6 +5,7 @@ folder, empty, truncated, corrupt, another format, holding something other than 
 that names the file: ``FileNotFoundError`` for a missing path, `CheckpointError` for everything else.
 """
 
+import argparse
 import io
 import os
 import pickle
@@ -12,6 +13,7 @@ import pickletools
 import re
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -93,8 +95,25 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise CheckpointError(f'{path} is not a valid .safetensors file (corrupt or truncated): {reason}') from e
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def plain_data_globals() -> list:
+    """Classes beside tensors that released checkpoints carry and that weights-only unpickling may build.
+
+    DeiT-based training scripts save their ``argparse.Namespace`` and numpy scalars (``best_acc``) next to the
+    weights. Unpickling these builds plain data (a namespace of attributes, a number, a dtype, an array of numbers)
+    and calls nothing else; whatever they hold still has to pass the weights-only unpickler.
+    """
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    return [argparse.Namespace, np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct,
+            *{type(np.dtype(code)) for code in '?bhilqBHILQefdgFDG'}]
+
+
+def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     """The dict in a .safetensors file or a PyTorch pickle, unpickled weights-only (code objects are refused).
+
+    Weights-only unpickling also builds the plain-data classes of `plain_data_globals`. ``trust=True`` unpickles
+    a pickle fully, with a warning: only for a file whose origin you trust, since that can run code it carries.
 
     Raises:
         FileNotFoundError: nothing exists at ``path``.
@@ -109,14 +128,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         # Whoever named it .safetensors (or a scanner that trusts the name) believes it holds no pickle.
         raise CheckpointError(f'{path} is named .safetensors but is {FORMATS[kind]}; leanvit does not unpickle a file '
                               'named .safetensors (rename it to .pth to load it weights-only)')
+    if trust:
+        warnings.warn(f'unpickling {path} fully (trusted): any code it carries runs now', stacklevel=2)
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(plain_data_globals()):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=not trust)
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and _holds_intact_pickle(path, kind):
             raise UnsafeCheckpointError(
                 f'refused to load {path}: it contains Python objects other than tensors, so unpickling it could run '
-                'code. leanvit only loads weights-only pickles and .safetensors files. '
-                f'Details: {_weights_only_reason(e)}') from None
+                'code. leanvit only loads weights-only pickles and .safetensors files; if you trust where the file '
+                f'comes from, pass --trust-checkpoint (trust=True). Details: {_weights_only_reason(e)}') from None
         reason = _weights_only_reason(e) if isinstance(e, pickle.UnpicklingError) else _first_sentence(e)
         raise CheckpointError(f'{path} is not a valid PyTorch checkpoint (corrupt, truncated or not written by '
                               f'torch.save): {reason}') from e
@@ -195,18 +217,19 @@ def family_function(model: nn.Module, name: str):
     return getattr(sys.modules[type(model).__module__], name, None)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, trust: bool = False) -> nn.Module:
     """Load weights from ``path`` into ``model`` (in place) and return it.
 
     ``filter_fn(state_dict, model)`` converts another layout first; by default the model's own family converter
     (the ``checkpoint_filter_fn`` of the model's module) is used, so official checkpoints load directly.
+    ``trust`` is `read_checkpoint`'s.
 
     Raises:
         FileNotFoundError: nothing exists at ``path``.
         CheckpointError: ``path`` cannot be read (see `read_checkpoint`), holds other values than tensors, or does
             not fit ``model``.
     """
-    state_dict = unwrap_state_dict(read_checkpoint(path))
+    state_dict = unwrap_state_dict(read_checkpoint(path, trust=trust))
     # Before the converter, which takes every value for a tensor.
     _require_tensors(state_dict, str(path))
     if filter_fn is None:

@@ -90,7 +90,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     kwargs = {'img_size': args.img_size} if args.img_size else {}
     model = leanvit.create_model(args.model, **kwargs)
     if args.checkpoint:
-        leanvit.load_checkpoint(model, args.checkpoint)
+        leanvit.load_checkpoint(model, args.checkpoint, trust=args.trust_checkpoint)
     model.eval()
     channels = model.pretrained_cfg['input_size'][0]
     input_size = (channels, args.img_size, args.img_size) if args.img_size else model.pretrained_cfg['input_size']
@@ -128,7 +128,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     output = args.output or os.path.dirname(args.checkpoint) or '.'
     report = evaluate_checkpoint(args.checkpoint, output, model_name=args.model, model_kwargs=args.model_kwargs,
-                                 data=args.data, batch_size=args.batch_size)
+                                 data=args.data, batch_size=args.batch_size,
+                                 trust=args.trust_checkpoint)
     print(f'model      {report["model"]} ({"x".join(map(str, report["input_size"]))}) from {args.checkpoint}')
     print(f'data       {report["data"]}')
     print(f'top-1      {report["top1"]:.2f}%')
@@ -146,7 +147,8 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
     from leanvit.distill import compute_teacher_logits, save_teacher_logits
     from leanvit.train.evaluation import data_config, load_trained_model
 
-    teacher, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs)
+    teacher, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
+                                               trust=args.trust_checkpoint)
     # The evaluation transform on the training split: one deterministic view per image, in the split's order.
     data = build_datasets(args.data, data_config(teacher, kwargs.get('img_size')), val_split=args.val_split,
                           augment=False, seed=args.seed)
@@ -164,7 +166,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
     logging.getLogger('onnxscript').setLevel(logging.ERROR)
-    model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs)
+    model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
+                                             trust=args.trust_checkpoint)
     input_size = data_config(model, args.img_size or kwargs.get('img_size'))['input_size']
     report = export_model(model, args.out, args.format, input_size, batch_size=args.batch_size,
                           dynamic_batch=not args.static_batch, opset=args.opset, atol=args.atol, reparam=args.reparam)
@@ -236,6 +239,7 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, data: bool = True) -> 
     parser.add_argument('--model', default=None, help="model name (default: from the checkpoint's .json)")
     parser.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON',
                         help="model arguments, e.g. '{\"num_classes\": 10}'; override the checkpoint's .json")
+    _add_trust_flag(parser)
     if data:
         parser.add_argument('--data', default=None, help='an image folder or torch/NAME:ROOT, as in training '
                                                          '(default: the bundled digits)')
@@ -246,6 +250,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='unpickle a .pth fully, which can run code it carries: only for a file whose origin you '
+                             'trust (default: weights-only, which refuses code)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument('model')
     profile.add_argument('--img-size', type=positive_int, default=None, help='input resolution (default: the model default)')
     profile.add_argument('--checkpoint', default=None, help='weights to load (.safetensors, or official .pth)')
+    _add_trust_flag(profile)
     profile.add_argument('--batch-size', type=positive_int, default=16)
     profile.add_argument('--iters', type=positive_int, default=5)
     profile.set_defaults(func=cmd_profile)

@@ -224,3 +224,30 @@ def test_teacher_logits_round_trip_and_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'teacher logits .*absent\.safetensors do not exist; expected a '
                                                 r'\.safetensors file written by `leanvit teacher-logits`'):
         load_teacher_logits(tmp_path / 'absent.safetensors', 3, 2)
+
+
+def test_a_deit_style_checkpoint_with_args_and_numpy_scalars_loads_weights_only(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    model = nn.Linear(3, 2)
+    torch.save({'model': model.state_dict(), 'args': argparse.Namespace(lr=5e-4, model='deit_tiny', drop=[0.1]),
+                'max_accuracy': np.float64(72.2), 'epoch': np.int64(299), 'dtype': np.dtype('float32'),
+                'curve': np.arange(3.)}, tmp_path / 'deit.pth')
+    checkpoint = read_checkpoint(tmp_path / 'deit.pth')
+    assert checkpoint['args'] == argparse.Namespace(lr=5e-4, model='deit_tiny', drop=[0.1])
+    assert (checkpoint['max_accuracy'], checkpoint['epoch'], checkpoint['dtype']) == (72.2, 299, np.float32)
+    loaded = load_checkpoint(nn.Linear(3, 2), tmp_path / 'deit.pth')
+    assert torch.equal(loaded.weight, model.weight)
+
+
+def test_trust_unpickles_fully_with_a_warning_and_only_when_asked(tmp_path):
+    marker = tmp_path / 'executed'
+    torch.save({'w': torch.zeros(1), 'payload': WritesAFile(marker)}, tmp_path / 'evil.pth')
+    with pytest.raises(UnsafeCheckpointError, match='--trust-checkpoint'):
+        read_checkpoint(tmp_path / 'evil.pth')
+    assert not marker.exists()
+    with pytest.warns(UserWarning, match=r'unpickling .*evil\.pth fully \(trusted\)'):
+        checkpoint = read_checkpoint(tmp_path / 'evil.pth', trust=True)
+    assert marker.exists() and torch.equal(checkpoint['w'], torch.zeros(1))

@@ -118,3 +118,24 @@ def test_class_count_mismatch_names_both_numbers(tmp_path, capsys):
     assert code == 1
     assert 'class count mismatch' in err and 'has 7 classes, the data has 10' in err
     assert not (tmp_path / 'eval.json').exists()
+
+
+def test_plots_leave_the_callers_matplotlib_state_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from leanvit.train.engine import plot_curves
+    from leanvit.train.evaluation import plot_confusion_matrix
+
+    previous = matplotlib.get_backend()
+    matplotlib.use('svg')  # a backend the caller chose, other than the Agg canvas the plots are drawn on
+    try:
+        figure = plt.figure()
+        plot_confusion_matrix(torch.tensor([[3, 1], [0, 2]]), ['a', 'b'], tmp_path / 'cm.png')
+        plot_curves(tmp_path, [dict(epoch=1, train_loss=1.0, val_loss=1.1, train_top1=50., val_top1=40.)])
+        assert (matplotlib.get_backend(), plt.get_fignums()) == ('svg', [figure.number])
+        plt.close(figure)
+    finally:
+        matplotlib.use(previous)
+    for name in ('cm.png', 'loss.png', 'accuracy.png'):
+        assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name

@@ -79,6 +79,7 @@ class TrainConfig:
     teacher: str | None = None
     teacher_checkpoint: str | None = None
     teacher_kwargs: dict = dataclasses.field(default_factory=dict)
+    trust_teacher_checkpoint: bool = False   # unpickle the teacher's .pth fully (can run code): trusted files only
     teacher_logits: str | None = None    # precomputed by `leanvit teacher-logits`, instead of a live teacher
     kd: str = 'soft_ce'
     kd_alpha: float = bounded(0.5, 0., 1.)

@@ -140,7 +140,7 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
         teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
         teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs)
         if config.teacher_checkpoint:
-            leanvit.load_checkpoint(teacher, config.teacher_checkpoint)
+            leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
         teacher.to(device).eval().requires_grad_(False)
 
     random_seed(config.seed)  # torch, numpy and Python's random (timm's transforms draw from the latter)
@@ -332,13 +332,12 @@ def plot_curves(output: Path, history: list[dict]) -> None:
     """``loss.png`` and ``accuracy.png`` of the run's epochs."""
     if not history:
         return
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures stay untouched
 
     epochs = [row['epoch'] for row in history]
     for name, series in (('loss', ('train_loss', 'val_loss')), ('accuracy', ('train_top1', 'val_top1'))):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         for key in series:
             ax.plot(epochs, [row[key] for row in history], marker='o', label=key.replace('_', ' '))
         ax.set_xlabel('epoch')
@@ -346,5 +345,4 @@ def plot_curves(output: Path, history: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(output / f'{name}.png', dpi=120)
-        plt.close(fig)
+        atomic_write(output / f'{name}.png', lambda tmp: fig.savefig(tmp, format='png', dpi=120))

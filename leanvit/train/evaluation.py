@@ -93,35 +93,33 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: list[str], path:
 
     Names are drawn through ``leanvit.data.display_name``: matplotlib cannot draw a folder name that is not UTF-8.
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    # A bare Figure with the Agg canvas: pyplot and its global backend stay as the caller (a notebook) set them,
+    # and the figure is freed with its last reference.
+    from matplotlib.figure import Figure
 
     counts = confusion.cpu().numpy()
     names = [display_name(name) for name in class_names]
     n = len(names)
     side = min(3 + 0.4 * n, 20)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
-    try:
-        fig.colorbar(ax.imshow(counts, cmap='Blues'), ax=ax, fraction=0.046, pad=0.04)
-        if n <= NAMED_AXES_MAX_CLASSES:
-            ax.set_xticks(range(n), names, rotation=90 if max(map(len, names)) > 3 else 0)
-            ax.set_yticks(range(n), names)
-        if n <= ANNOTATE_MAX_CLASSES:
-            dark = counts.max() / 2
-            for (true, predicted), count in np.ndenumerate(counts):
-                ax.text(predicted, true, str(count), ha='center', va='center', fontsize=8,
-                        color='white' if count > dark else 'black')
-        ax.set_xlabel('predicted')
-        ax.set_ylabel('true')
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
-    finally:  # a figure left open holds its memory for the life of the process
-        plt.close(fig)
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.subplots()
+    fig.colorbar(ax.imshow(counts, cmap='Blues'), ax=ax, fraction=0.046, pad=0.04)
+    if n <= NAMED_AXES_MAX_CLASSES:
+        ax.set_xticks(range(n), names, rotation=90 if max(map(len, names)) > 3 else 0)
+        ax.set_yticks(range(n), names)
+    if n <= ANNOTATE_MAX_CLASSES:
+        dark = counts.max() / 2
+        for (true, predicted), count in np.ndenumerate(counts):
+            ax.text(predicted, true, str(count), ha='center', va='center', fontsize=8,
+                    color='white' if count > dark else 'black')
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
 
 
 def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = None,
-                       model_kwargs: dict | None = None) -> tuple[nn.Module, str, dict]:
+                       model_kwargs: dict | None = None, trust: bool = False) -> tuple[nn.Module, str, dict]:
     """The model ``checkpoint`` holds, with its weights loaded, and the name and kwargs it was built from.
 
     A leanvit run's ``{tag}.safetensors`` has a ``{tag}.json`` beside it that names the model and its kwargs
@@ -146,7 +144,7 @@ def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = N
                          f'(--model), and its non-default arguments such as num_classes (--model-kwargs)')
     kwargs = dict(meta.get('model_kwargs', {}) if name == meta.get('model') else {}, **(model_kwargs or {}))
     model = leanvit.create_model(name, **kwargs)
-    leanvit.load_checkpoint(model, path)
+    leanvit.load_checkpoint(model, path, trust=trust)
     return model, name, kwargs
 
 
@@ -163,7 +161,8 @@ def data_config(model: nn.Module, img_size: int | tuple[int, int] | None = None)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, model_name: str | None = None,
-                        model_kwargs: dict | None = None, data: str | None = None, batch_size: int = 64) -> dict:
+                        model_kwargs: dict | None = None, data: str | None = None, batch_size: int = 64,
+                        trust: bool = False) -> dict:
     """Evaluate ``checkpoint`` on the validation split of ``data`` and write ``eval.json`` + ``confusion_matrix.png``.
 
     Args:
@@ -181,7 +180,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         FileNotFoundError: The checkpoint or the data is not there.
         ValueError: The model cannot be named, the weights do not fit it, or its class count is not the data's.
     """
-    model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs)
+    model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs, trust=trust)
     cfg = data_config(model)
     bundle = build_datasets(data, cfg)
     if model.num_classes != bundle.num_classes:
