@@ -1,4 +1,4 @@
-"""The RIFormer paper's ablation ladder (riformer.md), at small scale on the bundled digits, over several seeds.
+"""RIFormer's ablation ladder (docs/riformer.md, "Training") at small scale on the bundled digits, over several seeds.
 
 Per seed: train the PoolFormer teacher (recipes/digits_poolformer_teacher.yaml), then the token-mixer-free student
 (recipes/digits_riformer.yaml) four times, adding one part of the method each time:
@@ -29,8 +29,8 @@ from leanvit.train.evaluation import data_config, evaluate_model
 RECIPES = Path(__file__).parent.parent / 'recipes'
 RUNGS = {
     'supervised': dict(teacher=None, teacher_checkpoint=None, teacher_kwargs={}, kd_alpha=0., smoothing=0.1,
-                       imitate_block_output=0., imitate_mixer_output=0., imitate_relation=0., init_from_teacher=False),
-    '+ soft KD': dict(imitate_block_output=0., imitate_mixer_output=0., imitate_relation=0., init_from_teacher=False),
+                       objectives={}, init_from_teacher=False),
+    '+ soft KD': dict(objectives={}, init_from_teacher=False),
     '+ module imitation': dict(init_from_teacher=False),
     '+ teacher weights': {},
 }

@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = sub.add_parser('profile', help='params, GMACs and eval throughput of one model on random input')
     profile.add_argument('model')
-    profile.add_argument('--img-size', type=positive_int, default=None, help='input resolution (default: the model default)')
+    profile.add_argument('--img-size', type=positive_int, default=None,
+                         help='input resolution (default: the model default)')
     profile.add_argument('--checkpoint', default=None, help='weights to load (.safetensors, or official .pth)')
     _add_trust_flag(profile)
     profile.add_argument('--batch-size', type=positive_int, default=16)

@@ -24,7 +24,9 @@ from leanvit.distill.imitation import (
 from leanvit.distill.taps import FeatureTaps
 from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.models.riformer import RIFormer
+from leanvit.errors import UsageError
 from leanvit.train import TrainConfig, train
+from leanvit.train.objectives import module_imitation
 
 
 def student_and_teacher(seed: int = 0):
@@ -183,7 +185,7 @@ def test_engine_trains_with_imitation_and_teacher_init(tmp_path, monkeypatch):
     monkeypatch.setattr(ModuleImitation, 'loss', recorded_loss)
     config = TrainConfig(**TINY, teacher='test_riformer', teacher_kwargs={'token_mixer': 'pooling'},
                          teacher_checkpoint=str(tmp_path / 'teacher.safetensors'), kd_alpha=1.0, ema_decay=0.9,
-                         imitate_block_output=1., imitate_mixer_output=1., imitate_relation=1.,
+                         objectives={'module_imitation': dict(block_output=1., mixer_output=1., relation=1.)},
                          init_from_teacher=True, output=str(tmp_path / 'full'))
     train(config)
     report = json.loads((tmp_path / 'full' / 'teacher_init.json').read_text())
@@ -195,8 +197,28 @@ def test_engine_trains_with_imitation_and_teacher_init(tmp_path, monkeypatch):
 
 
 def test_engine_refuses_imitation_without_a_live_teacher(tmp_path):
-    with pytest.raises(ValueError, match='module imitation .* need a live teacher'):
-        train(TrainConfig(**TINY, output=str(tmp_path / 'run'), imitate_relation=1.))
+    with pytest.raises(UsageError, match='module_imitation needs a live teacher'):
+        train(TrainConfig(**TINY, output=str(tmp_path / 'run'), objectives={'module_imitation': {'relation': 1.}}))
+
+
+@pytest.mark.parametrize('objectives, match', [
+    ({'imitation': {}}, "unknown objective 'imitation'; known: module_imitation"),
+    ({'module_imitation': [1]}, 'objectives.module_imitation must be a mapping of options'),
+    ({'module_imitation': {'relations': 1.}}, "objectives.module_imitation: .*unexpected keyword argument 'relations'"),
+    ({'module_imitation': {}}, 'needs a weight > 0'),
+])
+def test_objective_options_are_checked_by_name(tmp_path, objectives, match):
+    with pytest.raises(UsageError, match=match):
+        train(TrainConfig(**TINY, output=str(tmp_path / 'run'), teacher='test_riformer', objectives=objectives))
+
+
+def test_a_recipe_with_the_old_imitation_keys_says_where_they_moved(tmp_path):
+    recipe = tmp_path / 'old.yaml'
+    recipe.write_text('imitate_relation: 1.0\nteacher_imitation_layout: NHWC\n')
+    moved = (r'imitate_relation is now objectives\.module_imitation\.relation; '
+             r'teacher_imitation_layout is now objectives\.module_imitation\.teacher_layout')
+    with pytest.raises(UsageError, match=moved):
+        TrainConfig.from_yaml(recipe)
 
 
 def test_block_patterns_reach_other_model_layouts():
@@ -230,9 +252,7 @@ def test_relation_imitation_of_a_gfnet_teacher_reads_its_nhwc_blocks():
 def test_imagenet_recipe_pairs_riformer_s12_with_gfnet_h_b_stage_by_stage():
     config = TrainConfig.from_yaml(str(Path(__file__).parent.parent / 'recipes' / 'riformer_s12_in1k.yaml'))
     student, teacher = leanvit.create_model(config.model), leanvit.create_model(config.teacher)
-    imitation = ModuleImitation(student, teacher, ImitationWeights(relation=config.imitate_relation),
-                                config.imitation_blocks, config.teacher_imitation_blocks,
-                                teacher_layout=config.teacher_imitation_layout)
+    imitation = module_imitation(student, teacher, **config.objectives['module_imitation'])
     # 12 student blocks, each with the teacher block at the same relative depth of the same stage (3, 3, 27, 3).
     assert [t for _, t in imitation.pairs] == ['blocks.0.1', 'blocks.0.2', 'blocks.1.1', 'blocks.1.2'] + \
         [f'blocks.2.{k}' for k in (4, 8, 13, 17, 22, 26)] + ['blocks.3.1', 'blocks.3.2']

@@ -1,6 +1,6 @@
 """Training recipes (``recipes/*.yaml``): every file loads, each value says where it comes from, overrides win.
 
-The published ImageNet recipes may name models that are not registered yet: they are only parsed here, never built.
+The published ImageNet recipes are only parsed here, never built (they need ImageNet and days of GPU time).
 """
 
 import dataclasses
@@ -25,8 +25,7 @@ AUTO_AUGMENTS = sorted({TrainConfig.from_yaml(str(p)).auto_augment for p in ALL}
 
 def test_the_recipes_folder_holds_the_published_and_the_digits_recipes():
     names = {path.stem for path in ALL}
-    assert {'sret_t_in1k', 'sret_t_distill_in1k', 'glit_in1k', 'minivit_deit_b_in1k', 'riformer_s12_in1k',
-            'digits_teacher', 'digits_sret_t_kd'} <= names
+    assert {'sret_t_in1k', 'sret_t_distill_in1k', 'riformer_s12_in1k', 'digits_teacher', 'digits_sret_t_kd'} <= names
 
 
 @pytest.mark.parametrize('path', ALL, ids=lambda p: p.name)

@@ -1,6 +1,6 @@
 """RIFormer's module imitation (paper Sec. 3.4): the student's blocks imitate a teacher's with a token mixer.
 
-Total loss (riformer.md) = L_soft + w_block * L'_in + w_mixer * L_out + w_relation * L_rel, where
+Total loss = L_soft + w_block * L'_in + w_mixer * L_out + w_relation * L_rel (docs/riformer.md, "Module imitation"):
 - L'_in (`feature_mse` on block outputs): the student's block outputs match the teacher's. The paper matches the
   token mixers' inputs and relaxes that to the block outputs, which are the next block's input;
 - L_out (`mixer_output_mse`): fed the teacher's normalised input, the student's affine mixer reproduces the teacher's
@@ -174,6 +174,13 @@ class ModuleImitation:
             if taps is not None:
                 taps.clear()
         return loss
+
+    def state_dict(self) -> dict:
+        """Nothing to save: the terms depend only on the two models (the auxiliary-objective protocol asks)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def remove(self):
         for taps in (self.student_taps, self.teacher_taps, self.teacher_mixer_taps):

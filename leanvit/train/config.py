@@ -8,7 +8,6 @@ argument errors answer without loading them.
 
 import dataclasses
 import math
-import re
 import types
 import typing
 from pathlib import Path
@@ -45,6 +44,12 @@ def bounded(default, low: float | None = None, high: float | None = None, *, low
     return dataclasses.field(default=default, metadata={'range': Interval(low, high, low_open, high_open)})
 
 
+# Keys of older recipes that moved into an objective's section.
+MOVED = {'imitate_block_output': 'module_imitation.block_output',
+         'imitate_mixer_output': 'module_imitation.mixer_output', 'imitate_relation': 'module_imitation.relation',
+         'imitation_blocks': 'module_imitation.student_blocks',
+         'teacher_imitation_blocks': 'module_imitation.teacher_blocks',
+         'teacher_imitation_layout': 'module_imitation.teacher_layout'}
 FRACTION = dict(low=0., high=1., high_open=True)   # a probability-like rate that must stay below 1
 
 
@@ -84,15 +89,9 @@ class TrainConfig:
     kd: str = 'soft_ce'
     kd_alpha: float = bounded(0.5, 0., 1.)
     kd_tau: float = bounded(1.0, 0., low_open=True)
-    # RIFormer module imitation (leanvit.distill.imitation): one weight per term, 0 turns it off; needs a live teacher
-    imitate_block_output: float = bounded(0., 0.)
-    imitate_mixer_output: float = bounded(0., 0.)
-    imitate_relation: float = bounded(0., 0.)
-    # Regexes naming the student's / teacher's blocks (groups: stage, block); None: MetaFormer names
-    # (leanvit.distill.imitation.BLOCK_PATTERN, stages.S.blocks.B)
-    imitation_blocks: str | None = None
-    teacher_imitation_blocks: str | None = None
-    teacher_imitation_layout: str = 'NCHW'         # the teacher's block outputs: NCHW, NHWC (GFNet) or NLC
+    # Auxiliary objectives by name, each with its options (leanvit.train.objectives), e.g.
+    # {module_imitation: {relation: 1.0}}
+    objectives: dict = dataclasses.field(default_factory=dict)
     init_from_teacher: bool = False      # copy every same-name, same-shape teacher weight but the token mixers
     seed: int = bounded(0, 0)
     deterministic: bool = False
@@ -113,13 +112,6 @@ class TrainConfig:
         for name in ('model', 'output'):
             if not getattr(self, name).strip():
                 raise UsageError(f'{name} (--{flag(name)}) must not be empty')
-        for name in ('imitation_blocks', 'teacher_imitation_blocks'):
-            pattern = getattr(self, name)
-            try:
-                re.compile(pattern or '')
-            except re.error as e:
-                raise UsageError(f'{name} (--{flag(name)}) is not a valid regular expression: {e} in {pattern!r}') \
-                    from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> 'TrainConfig':
@@ -135,6 +127,9 @@ class TrainConfig:
                              f'got a YAML {type(values).__name__}')
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(map(str, set(values) - set(names)))
+        moved = [f'{key} is now objectives.{MOVED[key]}' for key in unknown if key in MOVED]
+        if moved:
+            raise UsageError(f'recipe {path}: {"; ".join(moved)} (one section per auxiliary objective)')
         if unknown:
             raise UsageError(f'recipe {path}: unknown keys {unknown}; valid keys: {sorted(names)}')
         try:

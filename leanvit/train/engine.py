@@ -9,7 +9,6 @@ granularity, with the RNG state, and the data order of an epoch depends only on 
 import contextlib
 import csv
 import dataclasses
-import math
 import os
 import time
 from functools import partial
@@ -32,14 +31,17 @@ import leanvit
 from leanvit.checkpoint import atomic_write, check_state_dict_fits
 from leanvit.data import WithIndex, build_datasets
 from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
-from leanvit.distill.imitation import LAYOUTS, ImitationWeights, ModuleImitation
 from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.errors import TrainingDivergedError, UsageError
 from leanvit.train.checkpoints import CheckpointManager, RunLock, rng_state, set_rng_state, write_json
 from leanvit.train.config import TrainConfig
 from leanvit.train.evaluation import data_config, evaluate_model
+from leanvit.train.objectives import build_objectives, check_objective_names
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# Progress is printed, and losses checked for NaN, every this many steps (and before each checkpoint): reading the
+# running metrics waits for the device.
+LOG_EVERY_STEPS = 10
 
 
 class EpochSampler(Sampler):
@@ -79,11 +81,11 @@ def train(config: TrainConfig) -> dict:
 
 def check_choices(config: TrainConfig) -> None:
     """Raise a UsageError for a config value that is not one of its choices (names kept by the modules using them)."""
-    for name, value, choices in (('kd', config.kd, KD_LOSSES), ('amp', config.amp, AMP_DTYPES),
-                                 ('teacher_imitation_layout', config.teacher_imitation_layout, LAYOUTS)):
+    for name, value, choices in (('kd', config.kd, KD_LOSSES), ('amp', config.amp, AMP_DTYPES)):
         if value not in choices:
             raise UsageError(f'{name} (--{name.replace("_", "-")}) must be one of {", ".join(choices)}, '
                              f'got {value!r}')
+    check_objective_names(config.objectives)
     if config.opt.lower() not in list_optimizers():
         raise UsageError(f"opt (--opt) {config.opt!r} is not a timm optimizer, such as 'adamw', 'sgd' or 'lamb' "
                          f'(timm.optim.list_optimizers() lists all)')
@@ -147,11 +149,9 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
     model = leanvit.create_model(config.model, num_classes=data.num_classes, **model_kwargs).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    imitation_weights = ImitationWeights(config.imitate_block_output, config.imitate_mixer_output,
-                                         config.imitate_relation)
-    if (config.init_from_teacher or imitation_weights) and teacher is None:
-        raise UsageError('init_from_teacher and module imitation (imitate_*) need a live teacher model (teacher: '
-                         'NAME), not precomputed teacher_logits')
+    if config.init_from_teacher and teacher is None:
+        raise UsageError('init_from_teacher needs a live teacher model (teacher: NAME), not precomputed '
+                         'teacher_logits')
     if config.init_from_teacher:
         report = init_from_teacher(model, teacher)
         if is_main:
@@ -179,10 +179,8 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
     except (ValueError, AssertionError) as e:  # timm names no scheduler list to check against up front
         raise UsageError(f'sched (--sched) {config.sched!r} is not a timm scheduler: {e}') from None
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
-    # Taps are hooked after the EMA copy is made, so that evaluating the EMA model does not write into them.
-    imitation = ModuleImitation(model, teacher, imitation_weights, config.imitation_blocks,
-                                config.teacher_imitation_blocks,
-                                teacher_layout=config.teacher_imitation_layout) if imitation_weights else None
+    # Built after the EMA copy is made: hooks an objective installs must not be copied into the EMA model.
+    objectives = build_objectives(config.objectives, model, teacher)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
 
     # Resume from the last complete checkpoint of this output directory, if any.
@@ -197,6 +195,8 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
         scaler.load_state_dict(state['scaler'])
         if ema is not None:
             ema.load_state_dict(state['ema'])
+        for name, objective in objectives.items():
+            objective.load_state_dict(state.get('objectives', {}).get(name, {}))
         if is_main:
             set_rng_state(state['rng'])
         else:  # only rank 0's generators are saved; the others restart from (seed, rank, position)
@@ -214,21 +214,73 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
     if config.compile:
         forward_model = torch.compile(forward_model)
 
-    def save(tag_epoch: int, tag_step: int, metrics: dict | None = None) -> str:
+    autocast = partial(torch.autocast, device.type, dtype=AMP_DTYPES[config.amp], enabled=config.amp != 'none')
+
+    def micro_batch_loss(images: torch.Tensor, targets: torch.Tensor,
+                         indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and loss of one micro-batch: labels, or distillation, plus every auxiliary objective's term."""
+        with autocast():
+            logits = forward_model(images).float()
+            if teacher is None and teacher_table is None:
+                loss = label_loss(logits, targets)
+            else:
+                if teacher_table is not None:
+                    teacher_logits = teacher_table[indices].to(device)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images).float()
+                loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha, config.kd_tau)
+            for objective in objectives.values():
+                loss = loss + objective.loss()
+        return logits, loss
+
+    def train_step(batches) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``accum_steps`` micro-batches.
+
+        Returns the images seen, the correct predictions and the summed loss, as tensors on the device (no host
+        sync), and each micro-batch's loss for the finiteness check.
+        """
+        seen, correct, loss_sum, losses = 0, 0, 0, []
+        for micro_step in range(config.accum_steps):
+            images, targets, indices = next(batches)
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = targets
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            # Gradients are averaged across processes only on the last micro-step of an accumulation.
+            sync = micro_step == config.accum_steps - 1 or world_size == 1
+            with contextlib.nullcontext() if sync else forward_model.no_sync():
+                logits, loss = micro_batch_loss(images, targets, indices)
+                scaler.scale(loss / config.accum_steps).backward()
+            seen += labels.numel()
+            correct = correct + (logits.argmax(-1) == labels).sum()
+            loss_sum = loss_sum + loss.detach().double() * labels.numel()
+            losses.append(loss.detach())
+        if config.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return seen, correct, loss_sum, torch.stack(losses)
+
+    def save(tag_epoch: int, tag_step: int, stats: dict, metrics: dict | None = None) -> str:
         tag = f'step-{tag_epoch * steps_per_epoch + tag_step:07d}'
         if is_main:
             meta = dict(model=config.model, model_kwargs=dict(model_kwargs, num_classes=data.num_classes),
-                        epoch=tag_epoch, step=tag_step, metrics=metrics, history=history,
-                        epoch_stats=dict(seen=seen, correct=correct, loss_sum=loss_sum),
+                        epoch=tag_epoch, step=tag_step, metrics=metrics, history=history, epoch_stats=stats,
                         config=dataclasses.asdict(config))
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), rng=rng_state(),
-                         ema=ema.state_dict() if ema is not None else None)
+                         ema=ema.state_dict() if ema is not None else None,
+                         objectives={name: objective.state_dict() for name, objective in objectives.items()})
             checkpoints.save(tag, model, meta, state, metric=metrics['top1'] if metrics else None,
                              evaluated_model=ema.module if ema is not None else model)
         return tag
 
-    # The loop.
+    # The loop. Running metrics stay on the device; the host reads them (one sync) only to log or save.
     last_good = CheckpointManager.latest_in(output)
     while epoch < config.epochs:
         model.train()
@@ -237,78 +289,47 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
         bar = tqdm(total=steps_per_epoch, initial=step, desc=f'epoch {epoch + 1}/{config.epochs}',
                    disable=not (config.progress and is_main), leave=False)
         # Running training metrics of this epoch (restored on resume, so the summary matches an uninterrupted run).
-        seen, correct, loss_sum = epoch_stats['seen'], epoch_stats['correct'], epoch_stats['loss_sum']
-        epoch_stats, start, start_seen = dict(seen=0, correct=0, loss_sum=0.), time.perf_counter(), seen
+        seen = epoch_stats['seen']
+        correct = torch.tensor(epoch_stats['correct'], device=device)
+        loss_sum = torch.tensor(epoch_stats['loss_sum'], dtype=torch.float64, device=device)
+        unchecked, start, start_seen = [], time.perf_counter(), seen
         while step < steps_per_epoch:
-            for micro_step in range(config.accum_steps):
-                images, targets, indices = next(batches)
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if config.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = targets
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                # Gradients are averaged across processes only on the last micro-step of an accumulation.
-                sync = micro_step == config.accum_steps - 1 or world_size == 1
-                with contextlib.nullcontext() if sync else forward_model.no_sync():
-                    with torch.autocast(device.type, dtype=AMP_DTYPES[config.amp], enabled=config.amp != 'none'):
-                        logits = forward_model(images).float()
-                        if teacher is not None or teacher_table is not None:
-                            if teacher_table is not None:
-                                teacher_logits = teacher_table[indices].to(device)
-                            else:
-                                with torch.no_grad():
-                                    teacher_logits = teacher(images).float()
-                            loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha,
-                                                     config.kd_tau)
-                            if imitation is not None:
-                                loss = loss + imitation.loss()
-                        else:
-                            loss = label_loss(logits, targets)
-                    if not math.isfinite(loss.item()):
-                        raise TrainingDivergedError(
-                            f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. The last good '
-                            f'checkpoint is {last_good or "none (no checkpoint saved yet)"} in {output}')
-                    scaler.scale(loss / config.accum_steps).backward()
-                seen += labels.numel()
-                correct += (logits.argmax(-1) == labels).sum().item()
-                loss_sum += loss.item() * labels.numel()
-            if config.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            step_seen, step_correct, step_loss_sum, losses = train_step(batches)
+            seen, correct, loss_sum = seen + step_seen, correct + step_correct, loss_sum + step_loss_sum
             step += 1
+            unchecked.append((step, losses))
             scheduler.step_update(epoch * steps_per_epoch + step)
             if ema is not None:
                 ema.update(model, step=epoch * steps_per_epoch + step)
             bar.update()
-            bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100 * correct / seen:.1f}',
-                            img_s=f'{world_size * (seen - start_seen) / (time.perf_counter() - start):.0f}')
-            if config.save_every_steps and step % config.save_every_steps == 0 and step < steps_per_epoch:
-                last_good = save(epoch, step)
+            to_save = config.save_every_steps and step % config.save_every_steps == 0 and step < steps_per_epoch
+            if to_save or step % LOG_EVERY_STEPS == 0 or step == steps_per_epoch:
+                check_finite(unchecked, epoch, last_good, output)
+                bar.set_postfix(loss=f'{loss_sum.item() / seen:.4f}', acc=f'{100 * correct.item() / seen:.1f}',
+                                img_s=f'{world_size * (seen - start_seen) / (time.perf_counter() - start):.0f}')
+            if to_save:
+                last_good = save(epoch, step, dict(seen=seen, correct=correct.item(), loss_sum=loss_sum.item()))
         bar.close()
         train_speed = (seen - start_seen) / (time.perf_counter() - start)  # this process, training steps only
 
+        totals = torch.stack([torch.tensor(seen, dtype=torch.float64, device=device), correct.double(), loss_sum])
         if world_size > 1:  # the epoch's training metrics over every process's share
-            totals = torch.tensor([seen, correct, loss_sum], dtype=torch.float64, device=device)
             dist.all_reduce(totals)
-            seen, correct, loss_sum = int(totals[0]), int(totals[1]), float(totals[2])
+        seen, correct, loss_sum = int(totals[0]), int(totals[1]), float(totals[2])
         metrics = evaluate_model(ema.module if ema is not None else model, val_loader, device).metrics()
         history.append(dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
                             train_top1=100 * correct / max(seen, 1), val_loss=metrics['loss'],
                             val_top1=metrics['top1'], val_top5=metrics['top5'],
                             lr=optimizer.param_groups[0]['lr'], train_images_per_s=round(train_speed, 1)))
-        epoch, step, seen, correct, loss_sum = epoch + 1, 0, 0, 0, 0.
-        last_good = save(epoch, 0, metrics)
+        epoch, step, epoch_stats = epoch + 1, 0, dict(seen=0, correct=0, loss_sum=0.)
+        last_good = save(epoch, 0, epoch_stats, metrics)
         if is_main:
             write_summary(output, history)
             print(f'epoch {epoch}/{config.epochs}: train loss {history[-1]["train_loss"]:.4f}, '
                   f'val top-1 {metrics["top1"]:.2f}%, val loss {metrics["loss"]:.4f}', flush=True)
 
-    if imitation is not None:
-        imitation.remove()
+    for objective in objectives.values():
+        objective.remove()
     final = history[-1] if history else {}
     if is_main:
         plot_curves(output, history)
@@ -316,6 +337,23 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
     if world_size > 1:
         dist.barrier()
     return final
+
+
+def check_finite(unchecked: list[tuple[int, torch.Tensor]], epoch: int, last_good: str | None, output: Path) -> None:
+    """Raise a TrainingDivergedError naming the first step whose loss was NaN or infinite; then forget the steps.
+
+    ``unchecked`` holds (step, micro-batch losses) of the steps since the last check: one host sync for all of them.
+    """
+    if not unchecked:
+        return
+    finite = torch.isfinite(torch.stack([losses for _, losses in unchecked])).all(dim=1)
+    if not bool(finite.all()):
+        step, losses = unchecked[int((~finite).nonzero()[0])]
+        value = losses[~torch.isfinite(losses)][0].item()
+        raise TrainingDivergedError(
+            f'loss is {value} at epoch {epoch + 1}, step {step}; stopping. The last good checkpoint is '
+            f'{last_good or "none (no checkpoint saved yet)"} in {output}')
+    unchecked.clear()
 
 
 def write_summary(output: Path, history: list[dict]) -> None:

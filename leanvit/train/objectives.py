@@ -1,0 +1,73 @@
+"""Auxiliary objectives: the loss terms a method adds to the training step, behind one small protocol.
+
+The training loop knows no paper. A method's extra terms (RIFormer's module imitation now; MiniViT's weight
+distillation and GLiT's supernet sampling next) are objects that the loop
+1. builds once from the student, the teacher and their options (a recipe's ``objectives:`` section, e.g.
+   ``objectives: {module_imitation: {relation: 1.0}}``, or ``--objectives JSON``), after the EMA copy is made, so
+   that hooks an objective installs are not copied into the EMA model;
+2. asks for a loss term after each micro-batch's student (and teacher) forward: ``loss()``;
+3. saves and restores with each checkpoint: ``state_dict()`` / ``load_state_dict()``;
+4. detaches at the end of training: ``remove()``.
+A new objective is a class with these four methods and one entry in ``OBJECTIVES``.
+"""
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from leanvit.distill.imitation import LAYOUTS, ImitationWeights, ModuleImitation
+from leanvit.errors import UsageError
+
+
+class Objective(Protocol):
+    def loss(self) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def remove(self) -> None: ...
+
+
+def module_imitation(student: nn.Module, teacher: nn.Module | None, *, block_output: float = 0.,
+                     mixer_output: float = 0., relation: float = 0., student_blocks: str | None = None,
+                     teacher_blocks: str | None = None, teacher_layout: str = 'NCHW') -> ModuleImitation:
+    """RIFormer's module imitation (see ``leanvit.distill.imitation``): one weight per term, 0 turns it off."""
+    if teacher is None:
+        raise UsageError('module_imitation needs a live teacher model (teacher: NAME), not precomputed '
+                         'teacher_logits')
+    weights = ImitationWeights(block_output, mixer_output, relation)
+    if not weights:
+        raise UsageError('module_imitation needs a weight > 0 for at least one of block_output, mixer_output and '
+                         'relation')
+    if teacher_layout not in LAYOUTS:
+        raise UsageError(f'module_imitation: teacher_layout must be one of {", ".join(LAYOUTS)}, '
+                         f'got {teacher_layout!r}')
+    return ModuleImitation(student, teacher, weights, student_blocks, teacher_blocks, teacher_layout=teacher_layout)
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {'module_imitation': module_imitation}
+
+
+def build_objectives(options: dict, student: nn.Module, teacher: nn.Module | None) -> dict[str, Objective]:
+    """One objective per entry of ``options`` (name -> keyword options), in the order given."""
+    check_objective_names(options)
+    objectives = {}
+    for name, kwargs in options.items():
+        try:
+            objectives[name] = OBJECTIVES[name](student, teacher, **kwargs)
+        except TypeError as e:  # an option the objective does not take, or a value of the wrong type
+            raise UsageError(f'objectives.{name}: {e}') from None
+    return objectives
+
+
+def check_objective_names(options: dict) -> None:
+    """Raise a UsageError unless every key names an objective and every value is a mapping of options."""
+    for name, kwargs in options.items():
+        if name not in OBJECTIVES:
+            raise UsageError(f'objectives (--objectives): unknown objective {name!r}; known: {", ".join(OBJECTIVES)}')
+        if not isinstance(kwargs, dict):
+            raise UsageError(f'objectives.{name} must be a mapping of options, such as {{relation: 1.0}}, '
+                             f'got {kwargs!r}')
