@@ -235,7 +235,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, t
     if filter_fn is None:
         filter_fn = family_function(model, 'checkpoint_filter_fn')
     if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except (ValueError, KeyError) as e:  # a converter that meets a file of another layout or model
+            raise CheckpointError(f'{path} cannot be converted for {type(model).__name__}: '
+                                  f'{e if isinstance(e, ValueError) else f"no entry {e}"}') from e
     check_state_dict_fits(model, state_dict, source=str(path))
     model.load_state_dict(state_dict, strict=True)
     return model

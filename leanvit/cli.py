@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f'leanvit {args.command}: error: {e}', file=sys.stderr)
         return EXIT_USAGE
-    except (LeanvitError, OSError, ValueError) as e:  # the library's documented errors for bad input
+    except (LeanvitError, OSError) as e:  # bad input files and folders; anything else is a bug: its traceback shows
         print(f'leanvit {args.command}: error: {describe(e)}', file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import Compose
 
-from leanvit.errors import BadImageError, UsageError
+from leanvit.errors import BadImageError, DataError, UsageError
 
 # The digits are 8x8: a horizontal flip turns some digits into others or into no digit at all, and a strong
 # random-resized crop cuts away strokes that decide the class. Only mild scale / aspect jitter is kept.
@@ -149,20 +149,20 @@ def build_datasets(
         BadImageError: Under ``bad_images='stop'``, an image file cannot be decoded or converted to RGB.
     """
     if bad_images not in BAD_IMAGE_POLICIES:
-        raise ValueError(f'bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}')
+        raise UsageError(f'bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}')
     if val_split is not None and not 0 < val_split < 1:
-        raise ValueError(f'val_split must be a fraction between 0 and 1, got {val_split}')
+        raise UsageError(f'val_split must be a fraction between 0 and 1, got {val_split}')
     is_digits = data in (None, 'digits')
     train_tf, val_tf = _transforms(model_cfg, auto_augment, re_prob, **(DIGITS_TRAIN_AUG if is_digits else {}))
     if not augment:
         train_tf = val_tf
     if is_digits or data.startswith('torch/'):
         if val_split is not None:
-            raise ValueError(f'{data or "digits"} has its own validation split; val_split applies to a folder of '
+            raise UsageError(f'{data or "digits"} has its own validation split; val_split applies to a folder of '
                              f'class folders only')
         return _digits_datasets(train_tf, val_tf) if is_digits else _torchvision_datasets(data, train_tf, val_tf)
     if data.lower().startswith(_NETWORK_PREFIXES):
-        raise ValueError(f'{data}: leanvit reads local data only; export it as an image folder or use a torch/ name')
+        raise UsageError(f'{data}: leanvit reads local data only; export it as an image folder or use a torch/ name')
     return _folder_datasets(data, val_split, seed, bad_images, train_tf, val_tf)
 
 
@@ -215,19 +215,19 @@ def _folder_datasets(root: str, val_split: float | None, seed: int, bad_images: 
     train_dir, val_dir = os.path.join(root, 'train'), os.path.join(root, 'val')
     if os.path.isdir(train_dir) or os.path.isdir(val_dir):
         if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
-            raise ValueError(f'{root} needs both train/ and val/ subfolders, or neither (then pass val_split)')
+            raise DataError(f'{root} needs both train/ and val/ subfolders, or neither (then pass val_split)')
         if val_split is not None:
-            raise ValueError(f'{root} has train/ and val/ subfolders, so val_split does not apply')
+            raise DataError(f'{root} has train/ and val/ subfolders, so val_split does not apply')
         classes, class_to_idx = find_classes(train_dir)
         missing = sorted(set(find_classes(val_dir)[0]) - set(classes))
         if missing:
-            raise ValueError(f'validation classes missing from {train_dir}: {", ".join(map(display_name, missing))}')
+            raise DataError(f'validation classes missing from {train_dir}: {", ".join(map(display_name, missing))}')
         (train, train_links), (val, val_links) = _scan(train_dir, class_to_idx), _scan(val_dir, class_to_idx)
         skipped_links = train_links + val_links
         layout = 'train/ + val/'
     else:
         if val_split is None:
-            raise ValueError(f'{root} has no train/ and val/ subfolders: pass val_split to split its class folders')
+            raise DataError(f'{root} has no train/ and val/ subfolders: pass val_split to split its class folders')
         classes, class_to_idx = find_classes(root)
         samples, skipped_links = _scan(root, class_to_idx)
         train, val = _stratified_split(samples, val_split, seed, root)
@@ -260,7 +260,7 @@ def _scan(folder: str, class_to_idx: dict[str, int]) -> tuple[list[tuple[str, in
             continue
         images, class_skipped = _list_images(class_dir)
         if not images:
-            raise ValueError(f'class folder {class_dir} holds no images (looked for {", ".join(IMG_EXTENSIONS)})')
+            raise DataError(f'class folder {class_dir} holds no images (looked for {", ".join(IMG_EXTENSIONS)})')
         samples += [(path, class_to_idx[name]) for path in images]
         skipped += class_skipped
     return samples, skipped
@@ -321,7 +321,7 @@ def _stratified_split(samples: list[tuple[str, int]], val_split: float, seed: in
         return train_test_split(samples, test_size=val_split, stratify=[label for _, label in samples],
                                 random_state=seed)
     except ValueError as e:  # too few images in a class for a stratified split
-        raise ValueError(f'cannot split {root} with val_split={val_split}: {e}') from None
+        raise DataError(f'cannot split {root} with val_split={val_split}: {e}') from None
 
 
 def _labelled(samples: list[tuple[str, int]], transform: Callable) -> LabelledImages:
@@ -412,7 +412,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _torchvision_datasets(data: str, train_tf: Callable, val_tf: Callable) -> DataBundle:
     name, _, root = data.partition(':')
     if not root:
-        raise ValueError(f"{data}: name the folder that holds the dataset, e.g. '{name}:/data/{name[len('torch/'):]}'")
+        raise UsageError(f"{data}: name the folder that holds the dataset, e.g. '{name}:/data/{name[len('torch/'):]}'")
     if not os.path.isdir(root):
         raise FileNotFoundError(f'dataset folder {root} (for {name}) does not exist')
     # Grayscale datasets (MNIST) give 'L' images; the model's 3-channel mean/std need RGB.

@@ -31,7 +31,11 @@ class RunLockedError(RunDirectoryError):
     """Another live process owns the run directory."""
 
 
-class BadImageError(LeanvitError, ValueError):
+class DataError(LeanvitError, ValueError):
+    """A dataset folder whose layout or content is not what leanvit reads (no class folders, an empty class, ...)."""
+
+
+class BadImageError(DataError):
     """An image file that cannot be opened, decoded or converted; the message names its path."""
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from leanvit.errors import ExportVerificationError, LeanvitError
+from leanvit.errors import ExportVerificationError, LeanvitError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +90,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
 
     Raises:
         ExportVerificationError: A difference exceeds ``atol``; the message names it and the tolerance.
-        ValueError: An unknown format.
+        UsageError: An unknown format or a negative tolerance.
         TypeError: The model's output is not one tensor.
         LeanvitError: The packages the format needs are not installed.
     """
@@ -100,9 +100,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
     from leanvit.checkpoint import atomic_write
 
     if format not in FORMATS:
-        raise ValueError(f'unknown export format {format!r}; choose one of {", ".join(FORMATS)}')
+        raise UsageError(f'unknown export format {format!r}; choose one of {", ".join(FORMATS)}')
     if not atol >= 0:  # also refuses NaN
-        raise ValueError(f'atol must be a number >= 0, got {atol}')
+        raise UsageError(f'atol must be a number >= 0, got {atol}')
     if format == 'onnx':
         _require('onnx', 'onnxruntime', 'onnxscript')
     model.eval()

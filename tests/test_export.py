@@ -136,7 +136,7 @@ def test_tolerance_is_the_users_to_set(run, tmp_path, capsys, monkeypatch):
 def test_a_wrong_resolution_is_a_clear_error(run, tmp_path, capsys):
     _, checkpoint = run
     code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--img-size', 64, '--out', tmp_path / 'x.onnx')
-    assert code == 1 and err.startswith('leanvit export: error: ') and '32x32' in err and '64x64' in err
+    assert code == 2 and err.startswith('leanvit export: error: ') and '32x32' in err and '64x64' in err
     assert list(tmp_path.iterdir()) == []
 
 

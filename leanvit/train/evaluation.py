@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 import leanvit
 from leanvit.checkpoint import atomic_write
 from leanvit.data import build_datasets, display_name
-from leanvit.errors import CheckpointError, UsageError
+from leanvit.errors import CheckpointError, DataError, UsageError
 from leanvit.train.checkpoints import read_sidecar, write_json
 
 # Past 20 classes the counts no longer fit in their cells; past 50 the names on the axes overlap, so the axes show
@@ -184,7 +184,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     cfg = data_config(model)
     bundle = build_datasets(data, cfg)
     if model.num_classes != bundle.num_classes:
-        raise ValueError(f'class count mismatch: checkpoint {checkpoint} ({name}) has {model.num_classes} classes, '
+        raise DataError(f'class count mismatch: checkpoint {checkpoint} ({name}) has {model.num_classes} classes, '
                          f'the data has {bundle.num_classes} ({bundle.description})')
     result = evaluate_model(model, DataLoader(bundle.val, batch_size))
     output = Path(output)

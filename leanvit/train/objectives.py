@@ -11,6 +11,7 @@ distillation and GLiT's supernet sampling next) are objects that the loop
 A new objective is a class with these four methods and one entry in ``OBJECTIVES``.
 """
 
+import re
 from collections.abc import Callable
 from typing import Protocol
 
@@ -45,7 +46,11 @@ def module_imitation(student: nn.Module, teacher: nn.Module | None, *, block_out
     if teacher_layout not in LAYOUTS:
         raise UsageError(f'module_imitation: teacher_layout must be one of {", ".join(LAYOUTS)}, '
                          f'got {teacher_layout!r}')
-    return ModuleImitation(student, teacher, weights, student_blocks, teacher_blocks, teacher_layout=teacher_layout)
+    try:
+        return ModuleImitation(student, teacher, weights, student_blocks, teacher_blocks,
+                               teacher_layout=teacher_layout)
+    except (ValueError, re.error) as e:  # block patterns that match nothing, stages that do not pair, bad regexes
+        raise UsageError(f'module_imitation: {e}') from None
 
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {'module_imitation': module_imitation}
