@@ -312,9 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument('--format', choices=FORMATS, default='onnx',
                         help='onnx (dynamic batch axis, verified in ONNX Runtime) or torchscript (torch.jit.trace)')
     export.add_argument('--out', required=True, help='output file; replaced only once the new one passes')
-    export.add_argument('--reparam', action='store_true',
-                        help='re-parameterize for inference first (fuse()/reparameterize() of each module, e.g. '
-                             'RepVGG branches, RIFormer mixers); checked against the original model too')
+    export.add_argument('--reparam', action=argparse.BooleanOptionalAction, default=True,
+                        help='re-parameterize for inference first (timm.utils.model.reparameterize_model: each '
+                             "module's reparameterize()/fuse(), e.g. RIFormer's folded mixers, SReT's folded stem); "
+                             'checked against the original model too (default: on)')
     export.add_argument('--img-size', type=positive_int, default=None,
                         help='input resolution (default: the one the model was built for; to build it at another, '
                              'pass img_size in --model-kwargs)')

@@ -219,3 +219,15 @@ def test_riformer_exports_reparameterized_to_onnx_without_a_token_mixer(tmp_path
         expected = model.eval()(images).numpy()
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0], expected,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_export_reparameterizes_by_default_and_can_be_told_not_to(run, tmp_path, capsys):
+    _, checkpoint = run
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript',
+                                   '--out', tmp_path / 'a.pt')
+    assert code == 0, err
+    assert any(line.startswith('reparam ') for line in stdout.splitlines())
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--no-reparam',
+                                   '--out', tmp_path / 'b.pt')
+    assert code == 0, err
+    assert not any(line.startswith('reparam ') for line in stdout.splitlines())
