@@ -20,7 +20,7 @@ import time
 import leanvit
 from leanvit.errors import LeanvitError, UsageError
 from leanvit.export import DEFAULT_ATOL, FORMATS
-from leanvit.train.config import TrainConfig, flag, value_types
+from leanvit.train.config import GROUPS, TrainConfig, flag, value_types
 
 EXIT_USAGE = 2
 EXIT_INPUT = 1
@@ -216,20 +216,29 @@ positive_int.__name__, non_negative_float.__name__, json_object.__name__ = 'posi
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; only flags given on the command line override the recipe.
+    """One flag per TrainConfig field, grouped by topic, with the field's help line and default; only flags given on
+    the command line override the recipe.
 
-    The types come from the field annotations; ranges are checked by ``TrainConfig`` itself, so a recipe value and
-    a flag are held to the same rules.
+    Types come from the field annotations; ranges are checked by ``TrainConfig`` itself, so a recipe value and a flag
+    are held to the same rules.
     """
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     for field in dataclasses.fields(TrainConfig):
         name = '--' + flag(field.name)
         kind = next(t for t in value_types(field) if t is not type(None))
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        shown = 'none' if default is None else json.dumps(default) if isinstance(default, dict) else default
+        valid = field.metadata.get('range')
+        help_text = f'{field.metadata["help"]} (default: {shown}' + (f'; {valid}' if valid else '') + ')'
+        group = groups[field.metadata['group']]
         if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            group.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
         elif kind is dict:
-            parser.add_argument(name, type=json_object, default=argparse.SUPPRESS, metavar='JSON')
+            group.add_argument(name, type=json_object, default=argparse.SUPPRESS, metavar='JSON', help=help_text)
         else:
-            parser.add_argument(name, type=kind, default=argparse.SUPPRESS)
+            group.add_argument(name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                               metavar=kind.__name__.upper())
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser, data: bool = True) -> None:
@@ -279,8 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument('--iters', type=positive_int, default=5)
     profile.set_defaults(func=cmd_profile)
 
-    train = sub.add_parser('train', help='train or distil a model (resumes from the output folder if possible)')
-    train.add_argument('--config', help='YAML recipe; flags override its values')
+    train = sub.add_parser(
+        'train', help='train or distil a model (resumes from the output folder if possible)',
+        description='Train or distil a model. Every option is also a recipe key (a YAML file of key: value\n'
+                    'lines, given with --config); options on the command line override the recipe.',
+        epilog='examples:\n'
+               '  leanvit train --model sret_t --img-size 32 --epochs 5                 # the bundled digits\n'
+               '  leanvit train --data photos/ --val-split 0.2 --output runs/photos   # your image folder\n'
+               '  leanvit train --config recipes/digits_sret_t_kd.yaml --lr 2e-3       # a recipe, one value changed\n'
+               '  leanvit train --output runs/photos                                   # resume that run',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument('--config', metavar='YAML', help='recipe; options given here override its values')
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
 

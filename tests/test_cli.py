@@ -72,3 +72,21 @@ def test_readme_model_table_is_the_generated_one(capsys):
     readme = open(README).read()
     table = readme.split('<!-- models:start -->', 1)[1].split('<!-- models:end -->', 1)[0]
     assert table.strip() == out.strip(), 'README model table is stale: run `make readme`'
+
+
+def test_every_train_option_has_a_help_line_with_its_default_under_a_topic():
+    import dataclasses
+
+    from leanvit.cli import build_parser
+    from leanvit.train.config import GROUPS, TrainConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices['train']
+    by_flag = {action.option_strings[0]: action for action in train._actions if action.option_strings}
+    topics = {group.title: [a.option_strings[0] for a in group._group_actions] for group in train._action_groups}
+    for field in dataclasses.fields(TrainConfig):
+        option = '--' + field.name.replace('_', '-')
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        shown = 'none' if default is None else json.dumps(default) if isinstance(default, dict) else str(default)
+        assert f'(default: {shown}' in by_flag[option].help, option
+        assert option in topics[GROUPS[field.metadata['group']]], option
+    assert list(topics)[-len(GROUPS):] == list(GROUPS.values())

@@ -38,12 +38,21 @@ class Interval:
         return f'{"<" if self.high_open else "<="} {self.high:g}' if self.high is not None else 'any'
 
 
-def bounded(default, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False):
-    """A dataclass field whose numeric value must lie in ``Interval(low, high, low_open, high_open)``."""
-    return dataclasses.field(default=default, metadata={'range': Interval(low, high, low_open, high_open)})
+def option(default, group: str, help: str, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False):
+    """A TrainConfig field: its default, its help line and topic for ``leanvit train --help``, and for numbers the
+    interval its value must lie in. A mutable default (a dict) is copied for each config."""
+    metadata = {'group': group, 'help': help}
+    if low is not None or high is not None:
+        metadata['range'] = Interval(low, high, low_open, high_open)
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
+# Topics of `leanvit train --help`, in order.
+GROUPS = {'data': 'data', 'model': 'model', 'optimisation': 'optimisation', 'distillation': 'distillation',
+          'checkpoints': 'checkpoints and output', 'hardware': 'hardware'}
 # Keys of older recipes that moved into an objective's section.
 MOVED = {'imitate_block_output': 'module_imitation.block_output',
          'imitate_mixer_output': 'module_imitation.mixer_output', 'imitate_relation': 'module_imitation.relation',
@@ -56,53 +65,62 @@ FRACTION = dict(low=0., high=1., high_open=True)   # a probability-like rate tha
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a run. Recipes are YAML files of these fields; command-line flags override them."""
-    model: str = 'sret_t'
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
-    img_size: int | None = bounded(None, 1)   # None: the model's default input size
-    data: str | None = None              # None: scikit-learn's digits; else an ImageFolder path
-    val_split: float | None = bounded(None, 0., 1., low_open=True, high_open=True)
-    bad_images: str = 'stop'
-    output: str = 'runs/train'
-    epochs: int = bounded(10, 1)
-    batch_size: int = bounded(64, 1)
-    opt: str = 'adamw'
-    lr: float = bounded(1e-3, 0., low_open=True)
-    weight_decay: float = bounded(0.05, 0.)
-    sched: str = 'cosine'
-    warmup_epochs: int = bounded(0, 0)
-    min_lr: float = bounded(1e-5, 0.)
-    clip_grad: float | None = bounded(None, 0., low_open=True)
-    accum_steps: int = bounded(1, 1)
-    ema_decay: float = bounded(0., **FRACTION)
-    drop_path: float = bounded(0., **FRACTION)
-    smoothing: float = bounded(0., **FRACTION)
-    augment: bool = True                 # False: train on the evaluation transform (deterministic inputs)
-    auto_augment: str | None = None
-    re_prob: float = bounded(0., 0., 1.)
-    mixup: float = bounded(0., 0.)       # Mixup / CutMix alphas (timm's Mixup); 0 disables each
-    cutmix: float = bounded(0., 0.)
-    teacher: str | None = None
-    teacher_checkpoint: str | None = None
-    teacher_kwargs: dict = dataclasses.field(default_factory=dict)
-    trust_teacher_checkpoint: bool = False   # unpickle the teacher's .pth fully (can run code): trusted files only
-    teacher_logits: str | None = None    # precomputed by `leanvit teacher-logits`, instead of a live teacher
-    kd: str = 'soft_ce'
-    kd_alpha: float = bounded(0.5, 0., 1.)
-    kd_tau: float = bounded(1.0, 0., low_open=True)
-    # Auxiliary objectives by name, each with its options (leanvit.train.objectives), e.g.
-    # {module_imitation: {relation: 1.0}}
-    objectives: dict = dataclasses.field(default_factory=dict)
-    init_from_teacher: bool = False      # copy every same-name, same-shape teacher weight but the token mixers
-    seed: int = bounded(0, 0)
-    deterministic: bool = False
-    device: str | None = None            # None: CUDA if available, else CPU (torchrun: this rank's GPU)
-    amp: str = 'none'                    # 'none', 'bf16' (CPU or CUDA) or 'fp16' (CUDA, with loss scaling)
-    channels_last: bool = False
-    compile: bool = False
-    num_workers: int = bounded(0, 0)
-    save_every_steps: int = bounded(0, 0)   # 0: checkpoint at the end of each epoch only
-    keep_last: int = bounded(2, 1)
-    progress: bool = True
+    model: str = option('sret_t', 'model', 'model name, any leanvit or timm model (`leanvit models --all`)')
+    model_kwargs: dict = option({}, 'model', "model arguments as a JSON object, e.g. '{\"num_blocks\": [2, 4, 2]}'")
+    img_size: int | None = option(None, 'model', "input resolution (none: the model's default)", low=1)
+    data: str | None = option(None, 'data', 'an image folder (class folders, or train/ and val/ of them), '
+                                            'torch/NAME:ROOT, or none for the bundled digits')
+    val_split: float | None = option(None, 'data', 'fraction of each class held out for validation, for a folder '
+                                                   'without train/ and val/', low=0., high=1., low_open=True,
+                                     high_open=True)
+    bad_images: str = option('stop', 'data', 'unreadable images: stop (naming them) or skip (and count them)')
+    output: str = option('runs/train', 'checkpoints', 'run directory; running again resumes the run in it')
+    epochs: int = option(10, 'optimisation', 'training epochs', low=1)
+    batch_size: int = option(64, 'optimisation', 'images per optimizer step (global, over all processes)', low=1)
+    opt: str = option('adamw', 'optimisation', 'timm optimizer name (timm.optim.list_optimizers())')
+    lr: float = option(1e-3, 'optimisation', 'peak learning rate', low=0., low_open=True)
+    weight_decay: float = option(0.05, 'optimisation', 'weight decay (not on 1-D parameters)', low=0.)
+    sched: str = option('cosine', 'optimisation', 'timm scheduler: cosine, tanh, step, multistep, plateau, poly')
+    warmup_epochs: int = option(0, 'optimisation', 'epochs of linear learning-rate warm-up', low=0)
+    min_lr: float = option(1e-5, 'optimisation', 'learning rate at the end of the schedule', low=0.)
+    clip_grad: float | None = option(None, 'optimisation', 'gradient-norm clipping (none: off)', low=0.,
+                                     low_open=True)
+    accum_steps: int = option(1, 'optimisation', 'micro-batches per optimizer step (gradient accumulation)', low=1)
+    ema_decay: float = option(0., 'optimisation', 'decay of an EMA copy of the weights, which is then evaluated '
+                                                  '(0: no EMA)', **FRACTION)
+    drop_path: float = option(0., 'model', 'stochastic-depth rate', **FRACTION)
+    smoothing: float = option(0., 'optimisation', 'label smoothing', **FRACTION)
+    augment: bool = option(True, 'data', 'augment training images (--no-augment: the evaluation transform)')
+    auto_augment: str | None = option(None, 'data', "timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'")
+    re_prob: float = option(0., 'data', 'random-erasing probability', low=0., high=1.)
+    mixup: float = option(0., 'data', 'Mixup alpha (0: off)', low=0.)
+    cutmix: float = option(0., 'data', 'CutMix alpha (0: off)', low=0.)
+    teacher: str | None = option(None, 'distillation', 'teacher model name (none: train on labels)')
+    teacher_checkpoint: str | None = option(None, 'distillation', "the teacher's weights (.safetensors or .pth)")
+    teacher_kwargs: dict = option({}, 'distillation', 'teacher model arguments as a JSON object')
+    trust_teacher_checkpoint: bool = option(False, 'distillation', "unpickle the teacher's .pth fully, which can "
+                                                                   'run code it carries: trusted files only')
+    teacher_logits: str | None = option(None, 'distillation', 'teacher logits stored by `leanvit teacher-logits`, '
+                                                              'instead of a live teacher (much faster)')
+    kd: str = option('soft_ce', 'distillation', 'distillation loss: soft_ce, kl_batchmean, deit_soft, deit_hard')
+    kd_alpha: float = option(0.5, 'distillation', 'weight of the distillation term (1: no ground-truth term)',
+                             low=0., high=1.)
+    kd_tau: float = option(1.0, 'distillation', 'distillation temperature', low=0., low_open=True)
+    objectives: dict = option({}, 'distillation', 'auxiliary objectives with their options as a JSON object, e.g. '
+                                                  '\'{"module_imitation": {"relation": 1}}\'')
+    init_from_teacher: bool = option(False, 'distillation', 'start from every teacher weight of the same name and '
+                                                            'shape (token mixers excepted)')
+    seed: int = option(0, 'optimisation', 'seed of initialisation, data order, augmentation and split', low=0)
+    deterministic: bool = option(False, 'hardware', 'deterministic algorithms only (slower)')
+    device: str | None = option(None, 'hardware', 'cpu, cuda or cuda:N (none: CUDA if available)')
+    amp: str = option('none', 'hardware', 'mixed precision: none, bf16 (CPU or CUDA) or fp16 (CUDA)')
+    channels_last: bool = option(False, 'hardware', 'channels-last memory format')
+    compile: bool = option(False, 'hardware', 'torch.compile the model')
+    num_workers: int = option(0, 'hardware', 'data-loader worker processes', low=0)
+    save_every_steps: int = option(0, 'checkpoints', 'also checkpoint every N steps (0: at the end of each epoch '
+                                                     'only)', low=0)
+    keep_last: int = option(2, 'checkpoints', 'step checkpoints kept (best.* is kept apart)', low=1)
+    progress: bool = option(True, 'checkpoints', 'progress bar')
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
