@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
     from leanvit.train import train  # torch and timm load only once the configuration is known to be valid
 
-    final = train(config)
+    final = train(config, resume_anyway=args.resume_anyway)
     print(json.dumps(final, indent=2))
     return 0
 
@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                '  leanvit train --output runs/photos                                   # resume that run',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument('--config', metavar='YAML', help='recipe; options given here override its values')
+    train.add_argument('--resume-anyway', action='store_true',
+                       help='resume the run in --output even if its settings differ from these (default: a '
+                            'difference is an error that names it)')
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
 

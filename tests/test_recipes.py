@@ -76,7 +76,7 @@ def test_overrides_win_over_recipe_values():
 
 def test_command_line_flags_override_the_recipe(monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(leanvit.train, 'train', lambda config: seen.append(config) or {})
+    monkeypatch.setattr(leanvit.train, 'train', lambda config, resume_anyway: seen.append(config) or {})
     recipe = RECIPES / 'digits_sret_t_kd.yaml'
     assert main(['train', '--config', str(recipe), '--lr', '0.25', '--epochs', '1', '--teacher-checkpoint',
                  '/tmp/t.safetensors', '--no-progress']) == 0

@@ -44,8 +44,9 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 
 def train_cli(capsys, run: Path, *extra) -> tuple[int, str]:
+    """``leanvit train`` with the settings of ``finished_run`` but one more epoch (a resumable change)."""
     return run_cli(capsys, 'train', '--output', run, '--model', 'test_sret', '--img-size', 32, '--epochs', 2,
-                   '--no-progress', *extra)
+                   '--lr', 2e-3, '--no-progress', '--resume-anyway', *extra)
 
 
 def assert_one_line_naming(err: str, *parts: str):
@@ -249,3 +250,36 @@ def test_resume_state_that_is_not_leanvits_is_named(finished_run, tmp_path, caps
     code, err = train_cli(capsys, run)
     assert code == 1
     assert_one_line_naming(err, f'{tag}.resume.pt is not a leanvit resume state')
+
+
+def test_a_run_directory_belongs_to_one_configuration(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / 'run')
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != 'run.lock'}
+    code, err = run_cli(capsys, 'train', '--output', run, '--model', 'test_sret', '--img-size', 32, '--epochs', 1,
+                        '--lr', 0.25, '--no-progress')
+    assert code == 2
+    assert_one_line_naming(err, f'run directory {run} holds a run with other settings (lr: 0.002 -> 0.25)',
+                           '--resume-anyway')
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != 'run.lock'} == before
+    code = main(['train', '--output', str(run), '--model', 'test_sret', '--img-size', '32', '--epochs', '1',
+                 '--lr', '2e-3', '--no-progress', '--keep-last', '3'])
+    out = capsys.readouterr().out
+    assert code == 0 and f'{run} already finished its 1 epochs; nothing to train' in out
+
+
+def test_config_yaml_records_only_the_settings_that_apply(finished_run):
+    import yaml
+
+    recorded = yaml.safe_load((finished_run / 'config.yaml').read_text())
+    assert recorded['model'] == 'test_sret' and recorded['lr'] == 2e-3
+    assert not {'kd', 'kd_alpha', 'kd_tau', 'teacher_checkpoint', 'val_split'} & set(recorded)
+    assert TrainConfig(**recorded) == TrainConfig(**TINY, output=str(finished_run))  # still a valid recipe
+
+
+def test_a_log_file_gets_no_progress_bar_redraws(tmp_path):
+    result = subprocess.run([sys.executable, '-m', 'leanvit.cli', 'train', '--output', str(tmp_path / 'run'),
+                             '--model', 'test_sret', '--img-size', '32', '--epochs', '1'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert '\r' not in result.stdout + result.stderr
+    assert 'epoch 1/1: train loss' in result.stdout

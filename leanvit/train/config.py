@@ -59,6 +59,8 @@ MOVED = {'imitate_block_output': 'module_imitation.block_output',
          'imitation_blocks': 'module_imitation.student_blocks',
          'teacher_imitation_blocks': 'module_imitation.teacher_blocks',
          'teacher_imitation_layout': 'module_imitation.teacher_layout'}
+# Settings a resumed run may change: they change how it runs, not what it computes.
+RESUMABLE = frozenset({'output', 'progress', 'num_workers', 'save_every_steps', 'keep_last', 'device', 'compile'})
 FRACTION = dict(low=0., high=1., high_open=True)   # a probability-like rate that must stay below 1
 
 
@@ -130,6 +132,24 @@ class TrainConfig:
         for name in ('model', 'output'):
             if not getattr(self, name).strip():
                 raise UsageError(f'{name} (--{flag(name)}) must not be empty')
+
+    def applicable(self) -> dict:
+        """The settings as a dict, without those that do nothing in this run (distillation settings of a run that
+        trains on labels, ``val_split`` of a dataset with its own split): what ``config.yaml`` records."""
+        values = dataclasses.asdict(self)
+        if self.teacher is None and self.teacher_logits is None:
+            for name in ('teacher_checkpoint', 'teacher_kwargs', 'trust_teacher_checkpoint', 'kd', 'kd_alpha', 'kd_tau',
+                         'init_from_teacher'):
+                values.pop(name)
+        if self.val_split is None:
+            values.pop('val_split')
+        return values
+
+    def differences(self, recorded: dict) -> list[str]:
+        """``'name: recorded -> now'`` for each setting that differs from ``recorded`` (the config a checkpoint was
+        saved with), except those a resumed run may change (``RESUMABLE``)."""
+        return [f'{name}: {recorded[name]!r} -> {value!r}' for name, value in dataclasses.asdict(self).items()
+                if name in recorded and name not in RESUMABLE and recorded[name] != value]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> 'TrainConfig':

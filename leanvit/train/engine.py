@@ -70,13 +70,17 @@ class EpochSampler(Sampler):
         return (self.size - self.start) // self.batch_size * (self.batch_size // self.world_size)
 
 
-def train(config: TrainConfig) -> dict:
-    """Train (or distil) ``config.model`` and return its final validation metrics; see the module docstring."""
+def train(config: TrainConfig, resume_anyway: bool = False) -> dict:
+    """Train (or distil) ``config.model`` and return its final validation metrics; see the module docstring.
+
+    A run directory that holds a run resumes it if its settings are ``config``'s (but for ``RESUMABLE`` ones), and
+    is a UsageError naming the differences otherwise, unless ``resume_anyway``.
+    """
     check_choices(config)
     rank = int(os.environ.get('RANK', 0))
     # Rank 0 owns the run directory for the whole run: a second run on it stops at once instead of mixing files.
     with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
-        return _train(config, rank, int(os.environ.get('WORLD_SIZE', 1)))
+        return _train(config, rank, int(os.environ.get('WORLD_SIZE', 1)), resume_anyway)
 
 
 def check_choices(config: TrainConfig) -> None:
@@ -99,7 +103,7 @@ def check_choices(config: TrainConfig) -> None:
             raise UsageError(f'device (--device) is {config.device!r}, but torch sees no CUDA device here')
 
 
-def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
+def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool) -> dict:
     # Processes: one, or one per device under torchrun (gloo on CPU, NCCL on CUDA); rank 0 logs and saves.
     device = torch.device(config.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and world_size > 1:
@@ -188,6 +192,14 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
     epoch, step, history, epoch_stats = 0, 0, [], dict(seen=0, correct=0, loss_sum=0.)
     if (tag := CheckpointManager.latest_in(output)) is not None:
         weights, meta, state = CheckpointManager.load_from(output, tag)
+        changed = config.differences(meta.get('config') or {})
+        if changed and not resume_anyway:
+            raise UsageError(f'run directory {output} holds a run with other settings ({"; ".join(changed)}): run '
+                             f'with its settings to resume it, choose another output for a new run, or pass '
+                             f'--resume-anyway to resume it with the new ones')
+        if is_main:
+            print(f'resuming {output} from {tag} (epoch {meta["epoch"]}, step {meta["step"]})'
+                  + (f' with changed settings: {"; ".join(changed)}' if changed else ''), flush=True)
         check_state_dict_fits(model, weights, source=str(output / f'{tag}.safetensors'))
         model.load_state_dict(weights)
         optimizer.load_state_dict(state['optimizer'])
@@ -205,7 +217,7 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
 
     if is_main:  # only now: a run directory that failed validation above is left exactly as it was
         atomic_write(output / 'config.yaml',
-                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(dataclasses.asdict(config))))
+                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.applicable())))
 
     forward_model = model
     if world_size > 1:
@@ -282,12 +294,15 @@ def _train(config: TrainConfig, rank: int, world_size: int) -> dict:
 
     # The loop. Running metrics stay on the device; the host reads them (one sync) only to log or save.
     last_good = CheckpointManager.latest_in(output)
+    if epoch >= config.epochs and is_main:
+        print(f'{output} already finished its {config.epochs} epochs; nothing to train', flush=True)
     while epoch < config.epochs:
         model.train()
         sampler.set_position(epoch, step * config.batch_size * config.accum_steps)
         batches = iter(train_loader)
         bar = tqdm(total=steps_per_epoch, initial=step, desc=f'epoch {epoch + 1}/{config.epochs}',
-                   disable=not (config.progress and is_main), leave=False)
+                   # None: no bar when the output is not a terminal (a log file gets the epoch lines only)
+                   disable=None if config.progress and is_main else True, leave=False)
         # Running training metrics of this epoch (restored on resume, so the summary matches an uninterrupted run).
         seen = epoch_stats['seen']
         correct = torch.tensor(epoch_stats['correct'], device=device)
@@ -371,6 +386,7 @@ def plot_curves(output: Path, history: list[dict]) -> None:
     if not history:
         return
     from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures stay untouched
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row['epoch'] for row in history]
     for name, series in (('loss', ('train_loss', 'val_loss')), ('accuracy', ('train_top1', 'val_top1'))):
@@ -378,6 +394,7 @@ def plot_curves(output: Path, history: list[dict]) -> None:
         ax = fig.subplots()
         for key in series:
             ax.plot(epochs, [row[key] for row in history], marker='o', label=key.replace('_', ' '))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel('epoch')
         ax.set_ylabel('top-1 (%)' if name == 'accuracy' else 'loss')
         ax.grid(alpha=0.3)
