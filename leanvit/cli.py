@@ -131,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  data=args.data, batch_size=args.batch_size,
                                  trust=args.trust_checkpoint)
     print(f'model      {report["model"]} ({"x".join(map(str, report["input_size"]))}) from {args.checkpoint}')
-    print(f'data       {report["data"]}')
+    print(f'data       {report["data"]} ({report["data_source"]})')
     print(f'top-1      {report["top1"]:.2f}%')
     print(f'top-5      {report["top5"]:.2f}%')
     print(f'loss       {report["loss"]:.4f}')
@@ -241,17 +241,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                metavar=kind.__name__.upper())
 
 
-def _add_checkpoint_args(parser: argparse.ArgumentParser, data: bool = True) -> None:
-    """Which trained model to run (shared by eval, teacher-logits and export), and on which data if ``data``."""
+def _add_checkpoint_args(parser: argparse.ArgumentParser, data_default: str | None = None) -> None:
+    """Which trained model to run (shared by eval, teacher-logits and export), and on which data if the command
+    reads data (``data_default`` says what it reads without --data)."""
     parser.add_argument('--checkpoint', required=True, help="a leanvit run's .safetensors (its .json names the "
                                                             "model), or any checkpoint leanvit loads, with --model")
     parser.add_argument('--model', default=None, help="model name (default: from the checkpoint's .json)")
     parser.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON',
                         help="model arguments, e.g. '{\"num_classes\": 10}'; override the checkpoint's .json")
     _add_trust_flag(parser)
-    if data:
-        parser.add_argument('--data', default=None, help='an image folder or torch/NAME:ROOT, as in training '
-                                                         '(default: the bundled digits)')
+    if data_default:
+        parser.add_argument('--data', default=None,
+                            help=f'an image folder or torch/NAME:ROOT, as in training (default: {data_default})')
 
 
 class Parser(argparse.ArgumentParser):
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser('eval', help='top-1 / top-5 / loss and confusion matrix of a checkpoint on the '
                                            'validation split')
-    _add_checkpoint_args(evaluate)
+    _add_checkpoint_args(evaluate, data_default="the run's own data and split, as its checkpoint records them")
     evaluate.add_argument('--batch-size', type=positive_int, default=64)
     evaluate.add_argument('--output', default=None,
                           help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     logits = sub.add_parser('teacher-logits', help="store a teacher's logits for the training split once, so that "
                                                    "students train with --teacher-logits instead of a live teacher")
-    _add_checkpoint_args(logits)
+    _add_checkpoint_args(logits, data_default='the bundled digits')
     logits.add_argument('--val-split', type=float, default=None, help='as the student run will use it')
     logits.add_argument('--seed', type=int, default=0, help='as the student run will use it (val-split order)')
     logits.add_argument('--batch-size', type=positive_int, default=64)
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                     'more than --atol. TorchScript is traced (torch.jit.trace), not scripted: leanvit models do not '
                     'script, and a trace records one path through the code, so it is verified like the ONNX file; '
                     'torch deprecates TorchScript, prefer ONNX. ONNX export needs pip install "leanvit[export]".')
-    _add_checkpoint_args(export, data=False)
+    _add_checkpoint_args(export)
     export.add_argument('--format', choices=FORMATS, default='onnx',
                         help='onnx (dynamic batch axis, verified in ONNX Runtime) or torchscript (torch.jit.trace)')
     export.add_argument('--out', required=True, help='output file; replaced only once the new one passes')

@@ -139,3 +139,23 @@ def test_plots_leave_the_callers_matplotlib_state_alone(tmp_path):
         matplotlib.use(previous)
     for name in ('cm.png', 'loss.png', 'accuracy.png'):
         assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
+
+
+def test_eval_uses_the_data_the_run_trained_on(tmp_path, capsys):
+    from PIL import Image
+
+    from leanvit.train import TrainConfig, train
+
+    for split in ('train', 'val'):
+        for label, value in (('dark', 30), ('light', 220)):
+            (tmp_path / 'data' / split / label).mkdir(parents=True)
+            for i in range(8):
+                Image.new('RGB', (16, 16), (value + i,) * 3).save(tmp_path / 'data' / split / label / f'{i}.png')
+    train(TrainConfig(model='test_sret', img_size=32, epochs=1, batch_size=8, progress=False,
+                      data=str(tmp_path / 'data'), output=str(tmp_path / 'run')))
+    capsys.readouterr()
+    assert main(['eval', '--checkpoint', str(tmp_path / 'run' / 'best.safetensors')]) == 0
+    out = capsys.readouterr().out
+    assert f'image folder {tmp_path / "data"} (train/ + val/)' in out and 'the data the run trained on' in out
+    report = json.loads((tmp_path / 'run' / 'eval.json').read_text())
+    assert report['images'] == 16 and report['class_names'] == ['dark', 'light']

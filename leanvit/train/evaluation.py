@@ -24,6 +24,7 @@ from leanvit.checkpoint import atomic_write
 from leanvit.data import build_datasets, display_name
 from leanvit.errors import CheckpointError, DataError, UsageError
 from leanvit.train.checkpoints import read_sidecar, write_json
+from leanvit.train.config import TrainConfig
 
 # Past 20 classes the counts no longer fit in their cells; past 50 the names on the axes overlap, so the axes show
 # class indices instead.
@@ -128,17 +129,8 @@ def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = N
     same model) and ``model_kwargs`` override the kwargs key by key. Any other checkpoint needs ``model_name``.
     """
     path = Path(checkpoint)
-    if path.is_dir():
-        raise CheckpointError(f'checkpoint {path} is a folder; give a checkpoint file such as '
-                              f'{path / "best.safetensors"}')
-    if not path.is_file():
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    meta = run_metadata(path)
     sidecar = path.with_suffix('.json')
-    meta = read_sidecar(sidecar) if path.suffix == '.safetensors' and sidecar.is_file() else {}
-    for key, kind in (('model', str), ('model_kwargs', dict)):
-        if key in meta and not isinstance(meta[key], kind):
-            raise CheckpointError(f'{sidecar}: field "{key}" must be a {"string" if kind is str else "JSON object"}, '
-                                  f'got {meta[key]!r}')
     name = model_name or meta.get('model')
     if name is None:
         raise UsageError(f'{path} has no {sidecar.name} beside it that names its model: pass the model name '
@@ -147,6 +139,25 @@ def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = N
     model = leanvit.create_model(name, **kwargs)
     leanvit.load_checkpoint(model, path, trust=trust)
     return model, name, kwargs
+
+
+def run_metadata(checkpoint: Path) -> dict:
+    """The validated ``{tag}.json`` beside a leanvit run's ``{tag}.safetensors`` (model, model_kwargs, config), or
+    {} for any other checkpoint."""
+    if checkpoint.is_dir():
+        raise CheckpointError(f'checkpoint {checkpoint} is a folder; give a checkpoint file such as '
+                              f'{checkpoint / "best.safetensors"}')
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f'checkpoint {checkpoint} does not exist')
+    sidecar = checkpoint.with_suffix('.json')
+    if checkpoint.suffix != '.safetensors' or not sidecar.is_file():
+        return {}
+    meta = read_sidecar(sidecar)
+    for key, kind in (('model', str), ('model_kwargs', dict), ('config', dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f'{sidecar}: field "{key}" must be a {"string" if kind is str else "JSON object"}, '
+                                  f'got {meta[key]!r}')
+    return meta
 
 
 def data_config(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> dict:
@@ -171,7 +182,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     Args:
         checkpoint: Weights, see ``load_trained_model`` (which ``model_name`` and ``model_kwargs`` go to).
         output: Folder for the two files.
-        data: As ``leanvit.data.build_datasets`` takes it; None: the bundled digits.
+        data: As ``leanvit.data.build_datasets`` takes it; None: the data (and split) the run was trained on, as its
+            sidecar records it, or the bundled digits for a checkpoint without one.
         batch_size: Images per forward pass.
 
     Returns:
@@ -185,7 +197,20 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     """
     model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs, trust=trust)
     cfg = data_config(model)
-    bundle = build_datasets(data, cfg)
+    recorded = run_metadata(Path(checkpoint)).get('config') or {}
+    split = {}
+    if data is not None:
+        source = 'given'
+    elif recorded:
+        # The run's own data and split; TrainConfig checks the recorded values like any recipe's.
+        try:
+            run = TrainConfig(**{key: recorded[key] for key in ('data', 'val_split', 'seed') if key in recorded})
+        except UsageError as e:
+            raise CheckpointError(f'{Path(checkpoint).with_suffix(".json")}: field "config": {e}') from None
+        data, split, source = run.data, dict(val_split=run.val_split, seed=run.seed), 'the data the run trained on'
+    else:
+        source = 'the bundled digits: no --data, and the checkpoint records no run'
+    bundle = build_datasets(data, cfg, **split)
     if model.num_classes != bundle.num_classes:
         raise DataError(f'class count mismatch: checkpoint {checkpoint} ({name}) has {model.num_classes} classes, '
                          f'the data has {bundle.num_classes} ({bundle.description})')
@@ -195,8 +220,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     result = evaluate_model(model, DataLoader(bundle.val, batch_size))
     output = Path(output)
     report = dict(checkpoint=str(checkpoint), model=name, model_kwargs=kwargs, input_size=list(cfg['input_size']),
-                  data=bundle.description, images=result.images, batch_size=batch_size, **result.metrics(),
-                  images_per_s=result.images_per_s, class_names=bundle.class_names,
+                  data=bundle.description, data_source=source, images=result.images, batch_size=batch_size,
+                  **result.metrics(), images_per_s=result.images_per_s, class_names=bundle.class_names,
                   confusion_matrix=result.confusion.tolist())
     write_json(output / 'eval.json', report)
     plot_confusion_matrix(result.confusion, bundle.class_names, output / 'confusion_matrix.png')
