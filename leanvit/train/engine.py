@@ -218,6 +218,20 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     if is_main:  # only now: a run directory that failed validation above is left exactly as it was
         atomic_write(output / 'config.yaml',
                      lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.applicable())))
+        teacher_line = (f'{config.teacher} ({config.kd}, alpha {config.kd_alpha}, tau {config.kd_tau})' if teacher
+                        else f'stored logits {config.teacher_logits}' if teacher_table is not None else 'none (labels)')
+        print('\n'.join([
+            f'model      {config.model}: {leanvit.count_params(model):,} parameters, input '
+            f'{"x".join(map(str, data_config(model, config.img_size)["input_size"]))}',
+            f'data       {data.description}',
+            f'augment    {"training transforms" if config.augment else "none (evaluation transform)"}'
+            + (f', auto-augment {config.auto_augment}' if config.auto_augment else '')
+            + (f', mixup {config.mixup} / cutmix {config.cutmix}' if mixup is not None else ''),
+            f'teacher    {teacher_line}' + (f'; objectives {", ".join(objectives)}' if objectives else ''),
+            f'device     {device}, {torch.get_num_threads()} compute threads, {config.num_workers} data-loader '
+            f'workers, {world_size} process(es)',
+            f'output     {output} ({f"resuming from {tag}" if tag else "new run"})',
+        ]), flush=True)
 
     forward_model = model
     if world_size > 1:
