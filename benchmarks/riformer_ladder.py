@@ -41,7 +41,7 @@ def deploy_top1(run: Path, config: TrainConfig) -> tuple[float, float]:
     tag = json.loads((run / 'latest.json').read_text())['tag']
     model = leanvit.create_model(config.model, num_classes=10, **config.model_kwargs)
     leanvit.load_checkpoint(model, run / f'{tag}.safetensors')
-    data = build_datasets(None, data_config(model, config.img_size), augment=False, seed=config.seed)
+    data = build_datasets(None, data_config(model, config.img_size), augment='none', seed=config.seed)
     loader = DataLoader(data.val, 128)
     device = torch.device('cpu')
     trained = evaluate_model(model, loader, device).metrics()['top1']

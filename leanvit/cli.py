@@ -151,7 +151,7 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
                                                trust=args.trust_checkpoint)
     # The evaluation transform on the training split: one deterministic view per image, in the split's order.
     data = build_datasets(args.data, data_config(teacher, kwargs.get('img_size')), val_split=args.val_split,
-                          augment=False, seed=args.seed)
+                          augment='none', seed=args.seed)
     logits = compute_teacher_logits(teacher, data.train, args.batch_size)
     save_teacher_logits(args.out, logits, dict(teacher=name, teacher_kwargs=kwargs, checkpoint=str(args.checkpoint),
                                                data=data.description))

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 import leanvit
 from leanvit.data import BadImageError, LabelledImages, build_datasets, digits_split, display_name
-from leanvit.errors import LeanvitError
+from leanvit.errors import LeanvitError, UsageError
 from leanvit.train.evaluation import evaluate_checkpoint, plot_confusion_matrix
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
@@ -281,7 +281,7 @@ def saved_pixels(tmp_path, image: Image.Image, filename: str) -> np.ndarray:
     for split in ('train', 'val'):
         os.makedirs(tmp_path / split / 'a', exist_ok=True)
         image.save(tmp_path / split / 'a' / filename)
-    tensor, _ = build_datasets(str(tmp_path), PIXEL_CFG, augment=False).val[0]
+    tensor, _ = build_datasets(str(tmp_path), PIXEL_CFG, augment='none').val[0]
     return (tensor * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
@@ -344,7 +344,7 @@ def test_16bit_and_float_greyscale_scale_to_8bit(tmp_path, mode, save):
         save(tmp_path / split / 'a')
     (path,) = (tmp_path / 'val' / 'a').iterdir()
     assert Image.open(path).mode == mode
-    tensor, _ = build_datasets(str(tmp_path), PIXEL_CFG, augment=False).val[0]
+    tensor, _ = build_datasets(str(tmp_path), PIXEL_CFG, augment='none').val[0]
     pixels = (tensor * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert (pixels == grey_ramp(RAMP_8BIT, np.uint8)[..., None]).all(), pixels[0]
 
@@ -427,3 +427,28 @@ def test_class_folder_name_that_is_not_utf8_is_shown_escaped_and_evaluated(tmp_p
     written = json.loads((tmp_path / 'eval' / 'eval.json').read_bytes().decode('utf-8'))
     assert written['class_names'] == report['class_names'] == ['caf\\xe9', 'tea']
     assert (tmp_path / 'eval' / 'confusion_matrix.png').read_bytes().startswith(b'\x89PNG')
+
+
+@pytest.mark.parametrize('preset, crop_scale, flips', [('light', (0.8, 1.0), False), ('imagenet', (0.08, 1.0), True)])
+def test_augmentation_presets_build_the_transforms_they_name(tmp_path, preset, crop_scale, flips):
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import RandomHorizontalFlip
+
+    write_images(tmp_path / 'train', {'a': 2, 'b': 2})
+    write_images(tmp_path / 'val', {'a': 1, 'b': 1})
+    steps = build_datasets(str(tmp_path), CFG, augment=preset).train.transform.transforms
+    (crop,) = [t for t in steps if isinstance(t, RandomResizedCropAndInterpolation)]
+    assert crop.scale == crop_scale
+    assert any(isinstance(t, RandomHorizontalFlip) for t in steps) == flips
+
+
+def test_default_augmentation_is_light_and_none_is_the_evaluation_transform(tmp_path):
+    import inspect
+
+    write_images(tmp_path / 'train', {'a': 2, 'b': 2})
+    write_images(tmp_path / 'val', {'a': 1, 'b': 1})
+    assert inspect.signature(build_datasets).parameters['augment'].default == 'light'
+    bundle = build_datasets(str(tmp_path), CFG, augment='none')
+    assert bundle.train.transform is bundle.val.transform
+    with pytest.raises(UsageError, match="augment \\(--augment\\) must be one of none, light, imagenet, got 'heavy'"):
+        build_datasets(str(tmp_path), CFG, augment='heavy')

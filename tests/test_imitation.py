@@ -169,7 +169,7 @@ def test_teacher_init_from_official_poolformer_and_timm_poolformer():
 
 
 TINY = dict(model='test_riformer', img_size=32, batch_size=64, epochs=1, lr=2e-3, warmup_epochs=0, progress=False,
-            augment=False)
+            augment='none')
 
 
 def test_engine_trains_with_imitation_and_teacher_init(tmp_path, monkeypatch):

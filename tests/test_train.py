@@ -113,7 +113,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     # process and two processes compute the same global-batch gradients. SGD, because Adam turns the float noise of
     # zero gradients (the attention key bias has one) into full-size steps.
     common = ['train', '--model', 'test_vit', '--img-size', '32', '--batch-size', '32', '--epochs', '1',
-              '--opt', 'sgd', '--lr', '0.05', '--weight-decay', '0', '--no-augment', '--no-progress']
+              '--opt', 'sgd', '--lr', '0.05', '--weight-decay', '0', '--augment', 'none', '--no-progress']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     single = subprocess.run([sys.executable, '-m', 'leanvit.cli', *common, '--output', str(tmp_path / 'one')],
                             capture_output=True, text=True, env=env)
@@ -139,7 +139,7 @@ def test_precomputed_teacher_logits_train_like_the_live_teacher(tmp_path):
     from leanvit.cli import main
     assert main(['teacher-logits', '--checkpoint', str(tmp_path / 'teacher.safetensors'),
                  '--out', str(tmp_path / 'logits.safetensors')]) == 0
-    common = dict(TINY, epochs=1, augment=False, kd='soft_ce', kd_alpha=0.5, kd_tau=2.0)
+    common = dict(TINY, epochs=1, augment='none', kd='soft_ce', kd_alpha=0.5, kd_tau=2.0)
     live = train(TrainConfig(**common, output=str(tmp_path / 'live'), teacher='test_sret',
                              teacher_checkpoint=str(tmp_path / 'teacher.safetensors')))
     stored = train(TrainConfig(**common, output=str(tmp_path / 'stored'),
@@ -161,7 +161,7 @@ def test_teacher_logits_for_other_data_are_refused(tmp_path):
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     # test_vit has no batch statistics, so two micro-batches of 32 make the same step as one batch of 64.
-    common = dict(TINY, model='test_vit', epochs=1, augment=False, opt='sgd', lr=0.05, weight_decay=0.)
+    common = dict(TINY, model='test_vit', epochs=1, augment='none', opt='sgd', lr=0.05, weight_decay=0.)
     train(TrainConfig(**dict(common, batch_size=64), output=str(tmp_path / 'large')))
     train(TrainConfig(**dict(common, batch_size=32), accum_steps=2, output=str(tmp_path / 'accumulated')))
     assert_close_weights(*final_weights(tmp_path / 'large', tmp_path / 'accumulated'))

@@ -3,7 +3,7 @@
 The file is a .safetensors with one tensor ``logits`` of shape (training images, classes), in the training split's
 order, and metadata naming the teacher and the data. The logits are of each image under the evaluation transform:
 a student that trains with augmentation sees other pixels than the stored logits describe, so the exact equivalent
-of live distillation is training with ``augment=False`` (and no Mixup/CutMix, which the engine refuses).
+of live distillation is training with ``augment='none'`` (and no Mixup/CutMix, which the engine refuses).
 """
 
 import json

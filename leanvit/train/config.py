@@ -92,7 +92,8 @@ class TrainConfig:
                                                   '(0: no EMA)', **FRACTION)
     drop_path: float = option(0., 'model', 'stochastic-depth rate', **FRACTION)
     smoothing: float = option(0., 'optimisation', 'label smoothing', **FRACTION)
-    augment: bool = option(True, 'data', 'augment training images (--no-augment: the evaluation transform)')
+    augment: str = option('light', 'data', 'training-transform preset: none, light (no flip, mild crops) or '
+                                           'imagenet (README, "Augmentation")')
     auto_augment: str | None = option(None, 'data', "timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'")
     re_prob: float = option(0., 'data', 'random-erasing probability', low=0., high=1.)
     mixup: float = option(0., 'data', 'Mixup alpha (0: off)', low=0.)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import leanvit
 from leanvit.checkpoint import atomic_write, check_state_dict_fits
-from leanvit.data import WithIndex, build_datasets
+from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets
 from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
 from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.errors import TrainingDivergedError, UsageError
@@ -85,7 +85,8 @@ def train(config: TrainConfig, resume_anyway: bool = False) -> dict:
 
 def check_choices(config: TrainConfig) -> None:
     """Raise a UsageError for a config value that is not one of its choices (names kept by the modules using them)."""
-    for name, value, choices in (('kd', config.kd, KD_LOSSES), ('amp', config.amp, AMP_DTYPES)):
+    for name, value, choices in (('kd', config.kd, KD_LOSSES), ('amp', config.amp, AMP_DTYPES),
+                                 ('augment', config.augment, AUGMENTATIONS)):
         if value not in choices:
             raise UsageError(f'{name} (--{name.replace("_", "-")}) must be one of {", ".join(choices)}, '
                              f'got {value!r}')
@@ -224,7 +225,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             f'model      {config.model}: {leanvit.count_params(model):,} parameters, input '
             f'{"x".join(map(str, data_config(model, config.img_size)["input_size"]))}',
             f'data       {data.description}',
-            f'augment    {"training transforms" if config.augment else "none (evaluation transform)"}'
+            f'augment    {config.augment}: {AUGMENTATIONS[config.augment].use}'
             + (f', auto-augment {config.auto_augment}' if config.auto_augment else '')
             + (f', mixup {config.mixup} / cutmix {config.cutmix}' if mixup is not None else ''),
             f'teacher    {teacher_line}' + (f'; objectives {", ".join(objectives)}' if objectives else ''),
