@@ -1,7 +1,9 @@
 """timm's generic model checks, run over every model leanvit registers.
 
 The checks follow timm's own tests/test_models.py (forward, backward, default cfg, features, intermediates, FX),
-plus what leanvit promises on top: deterministic evaluation and safetensors checkpoints without aliased weights.
+plus what leanvit promises on top: deterministic evaluation, safetensors checkpoints without aliased weights, an
+ordinary forward (every layer is called as a module: hooks fire, wrapped layers take effect, nothing a hook saw is
+overwritten later) and speed only through ``timm.utils.model.reparameterize_model``, which keeps the outputs.
 Every model is parametrized from ``leanvit.list_models()``, so a new family is tested as soon as it registers.
 Architectures are full size, but built at a small resolution (the cfg's ``test_input_size``, else at most
 64 x 64) so that the module runs in a few minutes on a CPU.
@@ -16,6 +18,7 @@ import timm
 import torch
 from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import get_pretrained_cfg
+from timm.utils.model import reparameterize_model
 from torch import nn
 
 import leanvit
@@ -277,3 +280,115 @@ def test_leanvit_create_model_builds_timm_architecture(name):
     assert type(from_leanvit) is type(from_timm)
     shapes = {k: v.shape for k, v in from_timm.state_dict().items()}
     assert {k: v.shape for k, v in from_leanvit.state_dict().items()} == shapes
+
+
+def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if not next(module.children(), None)}
+
+
+@over_models
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_forward_hook_fires_on_every_leaf_module(model, x, mode):
+    """Every leaf module is called by the forward, in both modes: identities (drop_path 0) and dropouts of rate 0
+    included, so a hook on any of them sees the tensors it names."""
+    model.train(mode == 'train')
+    leaves = leaf_modules(model)
+    fired = set()
+    for name, module in leaves.items():
+        module.register_forward_hook(lambda module, args, output, name=name: fired.add(name))
+    torch.manual_seed(0)
+    model(x)
+    assert not leaves.keys() - fired, f'forward hooks that never fired in {mode} mode: {sorted(leaves.keys() - fired)}'
+
+
+class AddDelta(nn.Module):
+    """``layer(x) + scale * noise``: a stand-in for what replaces a layer in practice (LoRA adapter, quantized layer).
+
+    ``scale`` is 0, so the output is unchanged until it is set, and its gradient says whether the layer's output
+    reaches the model's output; the noise is drawn from the wrapper's own generator, the same on every forward.
+    """
+
+    def __init__(self, layer: nn.Module, seed: int):
+        super().__init__()
+        self.layer = layer
+        self.scale = nn.Parameter(torch.zeros(()))
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer(x)
+        return out + self.scale * torch.randn(out.shape, generator=torch.Generator().manual_seed(self.seed))
+
+
+@over_models
+def test_every_linear_and_conv_output_reaches_the_model_output(model, x):
+    """Each nn.Linear and nn.Conv2d is called as a module: a wrapper around any one of them changes the output (to
+    first order, through the gradient of each wrapper's scale), and wrapping all of them changes it."""
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    wrappers = {}
+    for i, name in enumerate(layers):
+        parent, _, child = name.rpartition('.')
+        wrappers[name] = AddDelta(model.get_submodule(name), seed=i)
+        setattr(model.get_submodule(parent), child, wrappers[name])
+    reference = model(x)
+    projection = torch.randn(reference.shape, generator=torch.Generator().manual_seed(0))
+    (reference * projection).sum().backward()
+    unused = [name for name, w in wrappers.items() if w.scale.grad is None or w.scale.grad == 0]
+    assert not unused, f'layers whose output does not reach the model output: {unused}'
+    with torch.no_grad():
+        for wrapper in wrappers.values():
+            wrapper.scale.fill_(1e-2)
+        assert not torch.allclose(model(x), reference), 'wrapping every Linear and Conv2d changed nothing'
+
+
+@over_models
+@pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
+def test_tensors_seen_by_hooks_are_not_overwritten(model, x, context):
+    """A hook that keeps an input or output (feature taps, imitation losses) needs no clone: nothing the model
+    computes later writes into a tensor a module received or returned."""
+    seen = {}
+
+    def keep(module, args, output, name):
+        for value in (*args, output):
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen[id(value)] = (name, value, value.clone())
+
+    for name, module in model.named_modules():
+        module.register_forward_hook(lambda module, args, output, name=name: keep(module, args, output, name))
+    with context():
+        model(x)
+    assert seen
+    overwritten = sorted({name for name, value, copy in seen.values() if not torch.equal(value, copy)})
+    assert not overwritten, f'tensors seen by hooks on these modules were overwritten later: {overwritten}'
+
+
+def randomise_folded_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Move what re-parameterization folds (BatchNorm statistics and affine, RIFormer's affine mixer, SReT's residual
+    scales) off its init, so that a wrong fold cannot pass by accident."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(generator=generator)
+                module.running_var.uniform_(0.5, 2., generator=generator)
+                module.weight.normal_(generator=generator)
+                module.bias.normal_(generator=generator)
+        for name, param in model.named_parameters():
+            if '.affine.' in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+            elif name.endswith('_scale'):
+                param.mul_(1 + 0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@over_models
+def test_reparameterize_model_keeps_outputs(model, x):
+    randomise_folded_statistics(model)
+    with torch.no_grad():
+        expected = model(x)
+    fast = reparameterize_model(model)
+    assert not any(hasattr(m, 'canonical') for m in model.modules()), 'reparameterize_model changed the original'
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.fx.symbolic_trace(fast)(x), expected, rtol=1e-4, atol=1e-5)

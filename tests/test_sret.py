@@ -8,10 +8,19 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from timm.utils.model import reparameterize_model
+from torch import nn
 
 import leanvit
-from leanvit.layers import GroupAttention
-from leanvit.models.sret import SReT, checkpoint_filter_fn
+from leanvit.layers import (
+    DepthwiseMultiplierConv,
+    FoldedConvNormAct,
+    GroupAttention,
+    InplaceGELU,
+    Mlp,
+    PaddedLinear,
+)
+from leanvit.models.sret import InplaceLearnableResidual, LearnableResidual, SReT, checkpoint_filter_fn
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 GOLDEN = json.load(open(os.path.join(FIXTURES, 'sret_official_tiny.json')))
@@ -269,16 +278,54 @@ def test_per_stage_arguments_must_match_the_stage_count():
         timm.create_model('sret_t', groups=(8, 4))
 
 
-def test_in_place_inference_path_equals_the_autograd_path():
-    model = timm.create_model('test_sret').eval()
-    x = torch.randn(2, 3, 64, 64)
-    with_autograd = model(x)
+def randomise_folded_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Move every BatchNorm (statistics and affine) and residual scale off its init, so that a wrong fold cannot pass
+    by accident."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        without_autograd = model(x)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(generator=generator)
+                module.running_var.uniform_(0.5, 2., generator=generator)
+                module.weight.normal_(generator=generator)
+                module.bias.normal_(generator=generator)
+            elif isinstance(module, LearnableResidual):
+                module.shortcut_scale.uniform_(0.5, 1.5, generator=generator)
+                module.branch_scale.uniform_(0.5, 1.5, generator=generator)
+    return model
+
+
+def test_reparameterized_model_equals_the_canonical_model():
+    model = randomise_folded_parameters(timm.create_model('test_sret')).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x).detach()
+    fast = reparameterize_model(model)
+    fast_types = {type(m) for m in fast.modules()}
+    assert {FoldedConvNormAct, DepthwiseMultiplierConv, PaddedLinear, InplaceGELU, InplaceLearnableResidual} <= \
+        fast_types
+    assert not any(isinstance(m, (nn.BatchNorm2d, LearnableResidual)) for m in fast.modules())
+    assert all(m.fc1.out_features % 8 == 0 for m in fast.modules() if isinstance(m, Mlp))
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
+    assert fast.stem(x).is_contiguous(memory_format=torch.channels_last)
+    # The canonical model is untouched, and its forward does not depend on the autograd mode.
+    assert not any(hasattr(m, 'canonical') for m in model.modules())
     with torch.inference_mode():
-        in_inference_mode = model(x)
-    torch.testing.assert_close(without_autograd, with_autograd.detach(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(in_inference_mode, with_autograd.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_reparameterized_model_is_counted_as_the_architecture():
+    model = timm.create_model('sret_t').to('meta')
+    fast = reparameterize_model(model)
+    assert leanvit.profile(fast) == leanvit.profile(model)
+    assert leanvit.profile(fast).params == PUBLISHED['sret_t'][0]
+    assert leanvit.count_params(fast) == leanvit.count_params(model)
+
+
+def test_stage_widths_must_allow_the_depthwise_downsampling():
+    with pytest.raises(ValueError, match='a stage of width 48 cannot follow one of width 32'):
+        timm.create_model('sret_t', head_dim=(16, 16, 32), num_heads=(2, 3, 8))
 
 
 def test_timm_pretrained_loading_converts_an_official_file():

@@ -1,9 +1,16 @@
-"""Building blocks shared by two or more leanvit model families."""
+"""Building blocks shared by two or more leanvit model families.
+
+The model families import these from their modules (``leanvit.layers.mlp``), not from this package: importing timm
+registers leanvit's models (see ``leanvit/__init__.py``), and when that happens while this package is initialising,
+the models must not need its names yet. timm is imported first for the same reason.
+"""
+
+import timm  # noqa: F401  (registers leanvit's models before the names below exist; see above)
 
 from leanvit.layers.attention import GroupAttention
-from leanvit.layers.conv import DepthwiseMultiplierConv, fold_batchnorm
+from leanvit.layers.conv import DepthwiseMultiplierConv, FoldedConvNormAct, depthwise_multiplier, fold_batchnorm
 from leanvit.layers.input_checks import check_input_size
-from leanvit.layers.mlp import ConvMlp, Mlp, pointwise_conv, unpadded_hidden
+from leanvit.layers.mlp import ConvMlp, InplaceGELU, Mlp, PaddedLinear, PointwiseLinear, inplace_activation
 from leanvit.layers.token_mixers import (
     AffineTokenMixer,
     PoolingTokenMixer,
@@ -11,6 +18,7 @@ from leanvit.layers.token_mixers import (
 )
 
 __all__ = [
-    'AffineTokenMixer', 'ConvMlp', 'DepthwiseMultiplierConv', 'GroupAttention', 'Mlp', 'PoolingTokenMixer',
-    'check_input_size', 'fold_affine_into_norm', 'fold_batchnorm', 'pointwise_conv', 'unpadded_hidden',
+    'AffineTokenMixer', 'ConvMlp', 'DepthwiseMultiplierConv', 'FoldedConvNormAct', 'GroupAttention', 'InplaceGELU',
+    'Mlp', 'PaddedLinear', 'PointwiseLinear', 'PoolingTokenMixer', 'check_input_size', 'depthwise_multiplier',
+    'fold_affine_into_norm', 'fold_batchnorm', 'inplace_activation',
 ]

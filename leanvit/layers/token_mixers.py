@@ -20,11 +20,27 @@ class PoolingTokenMixer(nn.Module):
         return F.avg_pool2d(x, self.pool_size, 1, self.pool_size // 2, count_include_pad=False) - x
 
 
+class ChannelAffine(nn.Module):
+    """Per-channel ``weight * x + bias`` on a (B, C, H, W) map, with the parameters of a depthwise 1 x 1 convolution
+    (``weight`` [C, 1, 1, 1], ``bias`` [C]): what ``nn.Conv2d(C, C, 1, groups=C)`` computes, as one elementwise
+    multiply-add (not a convolution, so it is not counted as MACs either). Starts as the identity."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, 1, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
+
+
 class AffineTokenMixer(nn.Module):
     """RIFormer's training-time mixer (Sec. 3.3): a per-channel affine ``s * x + t`` minus the identity.
 
-    The parameters live in a depthwise 1 x 1 convolution (``affine.weight`` [C, 1, 1, 1] is s, ``affine.bias`` is t)
-    so that the state_dict matches the official mmpretrain layout; the forward is one fused multiply-add.
+    ``affine.weight`` [C, 1, 1, 1] is s and ``affine.bias`` is t: the official mmpretrain layout, a depthwise 1 x 1
+    convolution (`ChannelAffine`). The mixer exists in training only: the deploy form folds it into the preceding
+    norm (`fold_affine_into_norm`).
+
     The official code leaves the initial values to a config whose truncated-normal init makes s almost 0 (the mixer
     starts as -x). leanvit starts at s = 1, t = 0: the mixer adds nothing, so training starts from the
     token-mixer-free network the paper is about and the affine learns only what helps.
@@ -32,13 +48,10 @@ class AffineTokenMixer(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.affine = nn.Conv2d(dim, dim, kernel_size=1, groups=dim, bias=True)
-        nn.init.ones_(self.affine.weight)
-        nn.init.zeros_(self.affine.bias)
+        self.affine = ChannelAffine(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale_minus_one = (self.affine.weight.view(1, -1, 1, 1) - 1)
-        return torch.addcmul(self.affine.bias.view(1, -1, 1, 1), x, scale_minus_one)
+        return self.affine(x) - x
 
 
 def fold_affine_into_norm(

@@ -37,7 +37,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from leanvit.checkpoint import unwrap_state_dict
-from leanvit.layers import Mlp, check_input_size
+from leanvit.layers.input_checks import check_input_size
+from leanvit.layers.mlp import Mlp
 from leanvit.models._registry import PaperCfg
 
 __all__ = ['GFNet', 'GFNetHierarchical', 'GlobalFilter', 'GlobalFilterBlock']

@@ -30,7 +30,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from leanvit.checkpoint import unwrap_state_dict
-from leanvit.layers import AffineTokenMixer, ConvMlp, PoolingTokenMixer, check_input_size, fold_affine_into_norm
+from leanvit.layers.input_checks import check_input_size
+from leanvit.layers.mlp import ConvMlp
+from leanvit.layers.token_mixers import AffineTokenMixer, PoolingTokenMixer, fold_affine_into_norm
 from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import StagedClassifier
 
@@ -82,17 +84,9 @@ class RIFormerBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.layer_scale2 = LayerScale(dim, layer_scale_init)
 
-    def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, layer_scale: nn.Module, drop_path: nn.Module):
-        if isinstance(layer_scale, nn.Identity):
-            return x + drop_path(branch)
-        if self.training and not isinstance(drop_path, nn.Identity):
-            return x + drop_path(layer_scale(branch))
-        # One fused pass instead of a multiply and an add: the deploy block is memory-bound.
-        return torch.addcmul(x, layer_scale.scale.view(1, -1, 1, 1), branch)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._add_branch(x, self.token_mixer(self.norm1(x)), self.layer_scale1, self.drop_path1)
-        return self._add_branch(x, self.mlp(self.norm2(x)), self.layer_scale2, self.drop_path2)
+        x = x + self.drop_path1(self.layer_scale1(self.token_mixer(self.norm1(x))))
+        return x + self.drop_path2(self.layer_scale2(self.mlp(self.norm2(x))))
 
     @torch.no_grad()
     def reparameterize(self, fold_layer_scale: bool = False):
@@ -208,9 +202,11 @@ class RIFormer(StagedClassifier):
     def reparameterize(self, fold_layer_scale: bool = False) -> 'RIFormer':
         """Fold every affine token mixer into its norm, in place; outputs are unchanged up to float rounding.
 
-        Also reached through ``timm.utils.model.reparameterize_model``. ``fold_layer_scale`` folds ``ls1`` too (one
-        multiply less per block; the state_dict then lacks ``layer_scale1``, so the deploy parameter count drops).
-        PoolFormer (``token_mixer='pooling'``) has nothing to fold and is returned unchanged.
+        ``fold_layer_scale`` folds ``ls1`` too (one multiply less per block; the state_dict then lacks
+        ``layer_scale1``, so the deploy parameter count drops). PoolFormer (``token_mixer='pooling'``) has nothing to
+        fold and is returned unchanged. The result is the paper's deploy model, with the deploy state_dict layout.
+        ``timm.utils.model.reparameterize_model`` folds the same way (on a copy, ``ls1`` kept) and also switches the
+        MLPs to their CPU inference form (`leanvit.layers.ConvMlp.reparameterize`), which keeps the state_dict too.
         """
         for stage in self.stages:
             for block in stage.blocks:
