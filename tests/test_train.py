@@ -178,3 +178,21 @@ def test_bf16_autocast_ema_mixup_and_channels_last_train(tmp_path):
 def test_unknown_amp_mode_is_named(tmp_path):
     with pytest.raises(UsageError, match=r"amp \(--amp\) must be one of none, bf16, fp16, got 'fp8'"):
         train(TrainConfig(**dict(TINY, epochs=1), output=str(tmp_path), amp='fp8'))
+
+
+@pytest.mark.parametrize('cpus, busy, workers, processes, expected', [
+    (2, 0.1, 0, 1, 2), (2, 1.6, 0, 1, 1), (2, 2.0, 0, 1, 1), (8, 0.4, 2, 1, 6), (8, 0., 0, 2, 4), (4, 5.0, 3, 1, 1)])
+def test_default_threads_leave_busy_cpus_and_loader_workers_alone(cpus, busy, workers, processes, expected):
+    from leanvit.train.engine import default_threads
+
+    assert default_threads(cpus, busy, workers, processes) == expected
+
+
+def test_threads_option_sets_the_compute_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        train(TrainConfig(**dict(TINY, epochs=1), output=str(tmp_path), threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert 'cpu, 1 compute threads (--threads)' in capsys.readouterr().out

@@ -60,7 +60,8 @@ MOVED = {'imitate_block_output': 'module_imitation.block_output',
          'teacher_imitation_blocks': 'module_imitation.teacher_blocks',
          'teacher_imitation_layout': 'module_imitation.teacher_layout'}
 # Settings a resumed run may change: they change how it runs, not what it computes.
-RESUMABLE = frozenset({'output', 'progress', 'num_workers', 'save_every_steps', 'keep_last', 'device', 'compile'})
+RESUMABLE = frozenset({'output', 'progress', 'num_workers', 'threads', 'save_every_steps', 'keep_last', 'device',
+                       'compile'})
 FRACTION = dict(low=0., high=1., high_open=True)   # a probability-like rate that must stay below 1
 
 
@@ -120,6 +121,8 @@ class TrainConfig:
     channels_last: bool = option(False, 'hardware', 'channels-last memory format')
     compile: bool = option(False, 'hardware', 'torch.compile the model')
     num_workers: int = option(0, 'hardware', 'data-loader worker processes', low=0)
+    threads: int | None = option(None, 'hardware', 'compute threads (none: the CPUs this process may use that other '
+                                                   'processes are not busy on, less the data-loader workers)', low=1)
     save_every_steps: int = option(0, 'checkpoints', 'also checkpoint every N steps (0: at the end of each epoch '
                                                      'only)', low=0)
     keep_last: int = option(2, 'checkpoints', 'step checkpoints kept (best.* is kept apart)', low=1)

@@ -118,6 +118,9 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     output = Path(config.output)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
+    cpus, busy = usable_cpus(), (0. if config.threads else busy_cpus())
+    threads = config.threads or default_threads(cpus, busy, config.num_workers, world_size)
+    torch.set_num_threads(threads)
 
     # Model and data: the model's pretrained cfg decides the input pipeline, at the resolution the model is built for.
     model_kwargs = dict(config.model_kwargs, drop_path_rate=config.drop_path)
@@ -229,8 +232,9 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             + (f', auto-augment {config.auto_augment}' if config.auto_augment else '')
             + (f', mixup {config.mixup} / cutmix {config.cutmix}' if mixup is not None else ''),
             f'teacher    {teacher_line}' + (f'; objectives {", ".join(objectives)}' if objectives else ''),
-            f'device     {device}, {torch.get_num_threads()} compute threads, {config.num_workers} data-loader '
-            f'workers, {world_size} process(es)',
+            f'device     {device}, {threads} compute threads '
+            + ('(--threads)' if config.threads else f'({cpus} usable CPUs, {busy:.1f} busy with other processes)')
+            + f', {config.num_workers} data-loader workers, {world_size} process(es)',
             f'output     {output} ({f"resuming from {tag}" if tag else "new run"})',
         ]), flush=True)
 
@@ -367,6 +371,53 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     if world_size > 1:
         dist.barrier()
     return final
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    try:
+        quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
+        if quota != 'max':
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def busy_cpus(interval: float = 0.25) -> float:
+    """How many of the usable CPUs other processes keep busy, measured over ``interval`` seconds while this process
+    sleeps (Linux ``/proc/stat``; 0 where it cannot be read). Unlike the load average, it does not lag a minute
+    behind, so a run started right after another is not mistaken for a busy machine."""
+    cpus = [f'cpu{i} ' for i in (os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else ())]
+
+    def sample() -> tuple[int, int]:
+        busy = total = 0
+        for line in Path('/proc/stat').read_text().splitlines():
+            if line.startswith(tuple(cpus)):
+                ticks = [int(v) for v in line.split()[1:]]
+                idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+                busy, total = busy + sum(ticks) - idle, total + sum(ticks)
+        return busy, total
+
+    try:
+        (busy0, total0), _, (busy1, total1) = sample(), time.sleep(interval), sample()
+    except (OSError, ValueError, IndexError):
+        return 0.
+    return len(cpus) * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def default_threads(cpus: int, busy: float, num_workers: int, processes: int = 1) -> int:
+    """Compute threads that do not oversubscribe the CPUs: the ``cpus`` this process may use (`usable_cpus`), less
+    the ``busy`` ones other processes occupy (`busy_cpus`) and the data-loader workers, shared among this run's
+    ``processes``; at least 1.
+
+    Why: torch's OpenMP threads wait for each other at every operator, so one thread that shares its core with
+    another process stalls them all. On 2 CPUs with other processes busy on them (load 5), SReT-T at 64 px trained
+    at 19-27 images/s with 2 threads and at 76-84 with 1 (``leanvit train --model sret_t --img-size 64 --epochs 1``,
+    ``OMP_NUM_THREADS`` 2 vs 1, alternating runs).
+    """
+    return max(1, (cpus - round(busy) - num_workers) // processes)
 
 
 def check_finite(unchecked: list[tuple[int, torch.Tensor]], epoch: int, last_good: str | None, output: Path) -> None:
