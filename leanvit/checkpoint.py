@@ -61,6 +61,11 @@ def checkpoint_format(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     if not path.is_file():
         raise CheckpointError(f'{path} is not a regular file, so it cannot be a checkpoint')
+    from leanvit.export import exported_format
+
+    if exported := exported_format(path):
+        raise CheckpointError(f'{path} is an exported {exported} model, not a checkpoint: `leanvit eval` runs it as '
+                              f'it is; loading weights needs the checkpoint it was exported from (.safetensors)')
     with open(path, 'rb') as f:
         head = f.read(9)
     if not head:
@@ -220,8 +225,8 @@ def family_function(model: nn.Module, name: str):
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, trust: bool = False) -> nn.Module:
     """Load weights from ``path`` into ``model`` (in place) and return it.
 
-    ``filter_fn(state_dict, model)`` converts another layout first; by default the model's own family converter
-    (the ``checkpoint_filter_fn`` of the model's module) is used, so official checkpoints load directly.
+    ``filter_fn(state_dict, model)`` converts another layout first; by default the converter its family registered
+    for the model's class (`leanvit.models.register_converter`) is used, so official checkpoints load directly.
     ``trust`` is `read_checkpoint`'s.
 
     Raises:
@@ -233,7 +238,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, t
     # Before the converter, which takes every value for a tensor.
     _require_tensors(state_dict, str(path))
     if filter_fn is None:
-        filter_fn = family_function(model, 'checkpoint_filter_fn')
+        from leanvit.models import converter_for  # the families import this module
+
+        filter_fn = converter_for(model)
     if filter_fn is not None:
         try:
             state_dict = filter_fn(state_dict, model)

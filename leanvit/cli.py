@@ -9,6 +9,7 @@ means a bug in leanvit.
 import argparse
 import csv
 import dataclasses
+import fnmatch
 import io
 import json
 import logging
@@ -16,6 +17,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import leanvit
 from leanvit.errors import LeanvitError, UsageError
@@ -31,20 +33,30 @@ MODEL_COLUMNS = ('model', 'params', 'gmacs', 'input', 'paper_params', 'paper_gma
 
 
 def model_rows(pattern: str = '', include_test: bool = False) -> list[dict]:
-    """One row per registered model: measured params / GMACs at the default input size beside the paper's figures."""
+    """One row per published configuration: measured params / GMACs at its input size beside the paper's figures.
+
+    A configuration is ``architecture.tag`` (timm's pretrained tag, e.g. ``sret_t.distill_in1k``), or the bare
+    architecture where it has no tag (the test models); ``pattern`` matches either the tagged or the bare name.
+    """
+    from timm.models import get_arch_pretrained_cfgs
+
     rows = []
-    for name in leanvit.list_models(pattern, include_test=include_test):
-        model = leanvit.create_model(name)
-        cfg = model.pretrained_cfg
-        # Counting needs shapes, not values: on the meta device a 40-GMAC forward costs nothing.
-        measured = leanvit.profile(model.to('meta'), cfg['input_size'])
-        # Re-parameterizable models (RIFormer) also report their inference form.
-        deployed = leanvit.count_params(model.reparameterize()) if hasattr(model, 'reparameterize') else None
-        rows.append(dict(
-            model=name, params=measured.params, gmacs=round(measured.gmacs, 3), input=cfg['input_size'][-1],
-            paper_params=cfg.get('paper_params'), paper_gmacs=cfg.get('paper_gmacs'), paper_top1=cfg.get('paper_top1'),
-            deploy_params=deployed, paper_deploy_params=cfg.get('paper_deploy_params'),
-        ))
+    for arch in leanvit.list_models(include_test=include_test):
+        for name in get_arch_pretrained_cfgs(arch) or [arch]:
+            if pattern and not (fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(arch, pattern)):
+                continue
+            model = leanvit.create_model(name)
+            cfg = model.pretrained_cfg
+            # Counting needs shapes, not values: on the meta device a 40-GMAC forward costs nothing.
+            measured = leanvit.profile(model.to('meta'), cfg['input_size'])
+            # Re-parameterizable models (RIFormer) also report their inference form.
+            deployed = leanvit.count_params(model.reparameterize()) if hasattr(model, 'reparameterize') else None
+            rows.append(dict(
+                model=name, params=measured.params, gmacs=round(measured.gmacs, 3), input=cfg['input_size'][-1],
+                paper_params=cfg.get('paper_params'), paper_gmacs=cfg.get('paper_gmacs'),
+                paper_top1=cfg.get('paper_top1'), deploy_params=deployed,
+                paper_deploy_params=cfg.get('paper_deploy_params'),
+            ))
     return rows
 
 
@@ -164,15 +176,22 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from leanvit.export import export_model
-    from leanvit.train.evaluation import data_config, load_trained_model
+    from leanvit.train.evaluation import data_config, load_trained_model, run_metadata
 
     # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
     logging.getLogger('onnxscript').setLevel(logging.ERROR)
     model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
                                              trust=args.trust_checkpoint)
-    input_size = data_config(model, args.img_size or kwargs.get('img_size'))['input_size']
+    cfg = data_config(model, args.img_size or kwargs.get('img_size'))
+    input_size = cfg['input_size']
+    # What `leanvit eval` needs to evaluate the file as it evaluates the checkpoint: the input pipeline, the classes
+    # and the run's data.
+    recorded = run_metadata(Path(args.checkpoint)).get('config') or {}
+    metadata = dict(model=name, model_kwargs=kwargs, num_classes=model.num_classes, data_config=cfg,
+                    config={key: recorded[key] for key in ('data', 'val_split', 'seed') if key in recorded})
     report = export_model(model, args.out, args.format, input_size, batch_size=args.batch_size,
-                          dynamic_batch=not args.static_batch, opset=args.opset, atol=args.atol, reparam=args.reparam)
+                          dynamic_batch=not args.static_batch, opset=args.opset, atol=args.atol, reparam=args.reparam,
+                          metadata=metadata)
     print(f'model      {name} ({"x".join(map(str, input_size))}) from {args.checkpoint}')
     if report.reparam_modules is not None:
         print(f'reparam    {report.reparam_modules} modules folded; max abs diff vs the original model '

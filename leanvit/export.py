@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import zipfile
 import os
 import warnings
 from pathlib import Path
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 FORMATS = ('onnx', 'torchscript')
+METADATA_KEY = 'leanvit'   # the exported file's own record: model, input pipeline, the run's data
 # Logits of one fp32 model differ by ~1e-6..1e-5 between PyTorch and ONNX Runtime (other kernels, other summation
 # orders), more in deep models; an export or fold that is wrong is off by orders of magnitude more.
 DEFAULT_ATOL = 1e-3
@@ -69,7 +72,7 @@ class ExportReport:
 def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx',
                  input_size: tuple[int, int, int] = (3, 224, 224), *, batch_size: int = 2, dynamic_batch: bool = True,
                  opset: int | None = None, atol: float = DEFAULT_ATOL, reparam: bool = False, samples: int = 2,
-                 seed: int = 0) -> ExportReport:
+                 seed: int = 0, metadata: dict | None = None) -> ExportReport:
     """Export ``model`` (set to eval mode) to ``path`` and verify the file against it; replace ``path`` on success.
 
     Args:
@@ -84,6 +87,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
         reparam: Re-parameterize a copy of ``model`` for inference and export that; ``model`` is unchanged.
         samples: Seeded random batches of ``batch_size`` to compare on (plus one at the second batch size).
         seed: Seed of the sample batches.
+        metadata: JSON-serializable facts stored in the file (ONNX ``metadata_props``, a TorchScript extra file)
+            under ``leanvit``: ``leanvit eval`` reads the model, its input pipeline and the run's data from them.
 
     Returns:
         An ``ExportReport``.
@@ -132,10 +137,10 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
 
     def write_and_verify(tmp: str) -> None:
         if format == 'onnx':
-            actual = _export_onnx(model, tmp, inputs, dynamic_batch, opset)
+            actual = _export_onnx(model, tmp, inputs, dynamic_batch, opset, metadata or {})
             report['opset'] = _onnx_opset(tmp)
         else:
-            actual = _export_torchscript(model, tmp, inputs, device)
+            actual = _export_torchscript(model, tmp, inputs, device, metadata or {})
         report['max_diff'] = max_diff = _max_diff(actual, expected)
         if not max_diff <= atol:
             raise ExportVerificationError(
@@ -149,8 +154,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
 
 
 def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynamic_batch: bool,
-                 opset: int | None) -> list[np.ndarray]:
+                 opset: int | None, metadata: dict) -> list[np.ndarray]:
     """Write ``model`` as ONNX to ``path``, traced on ``inputs[0]``; return ONNX Runtime's outputs for ``inputs``."""
+    import onnx
     import onnxruntime
     import torch
 
@@ -159,12 +165,15 @@ def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynami
     torch.onnx.export(model, (inputs[0],), path, dynamo=True, external_data=False, verbose=False,
                       input_names=['input'], output_names=['output'], opset_version=opset,
                       dynamic_shapes=dynamic_shapes)
+    exported = onnx.load(path)
+    exported.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+    onnx.save(exported, path)
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     return [session.run(None, {'input': x.cpu().numpy()})[0] for x in inputs]
 
 
-def _export_torchscript(model: nn.Module, path: str, inputs: list[torch.Tensor],
-                        device: torch.device) -> list[np.ndarray]:
+def _export_torchscript(model: nn.Module, path: str, inputs: list[torch.Tensor], device: torch.device,
+                        metadata: dict) -> list[np.ndarray]:
     """Write ``model`` traced on ``inputs[0]`` to ``path``; return what the reloaded file computes from ``inputs``."""
     import torch
 
@@ -174,7 +183,7 @@ def _export_torchscript(model: nn.Module, path: str, inputs: list[torch.Tensor],
         # fresh inputs, at a second batch size too, is the check that matters.
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         traced = torch.jit.trace(model, inputs[0], check_trace=False)
-    torch.jit.save(traced, path)
+    torch.jit.save(traced, path, _extra_files={f'{METADATA_KEY}.json': json.dumps(metadata)})
     loaded = torch.jit.load(path, map_location=device)
     return _outputs(loaded, inputs)
 
@@ -210,3 +219,68 @@ def _require(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise LeanvitError(f'ONNX export needs {", ".join(missing)}: pip install "leanvit[export]"')
+
+
+def exported_format(path: str | os.PathLike) -> str | None:
+    """``'onnx'`` or ``'torchscript'`` for a file ``export_model`` writes, None for anything else (a checkpoint)."""
+    path = Path(path)
+    if path.suffix == '.onnx':
+        return 'onnx'
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:  # torch.jit.save writes code/ beside the pickled constants
+            if any('/code/' in name for name in archive.namelist()):
+                return 'torchscript'
+    return None
+
+
+def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """A module that runs the exported file at ``path`` (ONNX Runtime, or the TorchScript interpreter) on CPU
+    tensors, and the metadata ``export_model`` stored in it.
+
+    Raises:
+        LeanvitError: The file is not an export of leanvit's, or lacks its metadata.
+    """
+    import torch
+
+    path = Path(path)
+    kind = exported_format(path)
+    try:
+        if kind == 'onnx':
+            _require('onnx', 'onnxruntime')
+            import onnx
+            import onnxruntime
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+            runner = _OnnxModule(session)
+            stored = props.get(METADATA_KEY)
+        elif kind == 'torchscript':
+            files = {f'{METADATA_KEY}.json': ''}
+            runner = torch.jit.load(str(path), map_location='cpu', _extra_files=files)
+            stored = files[f'{METADATA_KEY}.json'] or None
+        else:
+            raise LeanvitError(f'{path} is not an ONNX or TorchScript file written by leanvit export')
+    except LeanvitError:
+        raise
+    except Exception as e:  # the runtimes' own errors for a file they cannot read
+        raise LeanvitError(f'{path} cannot be loaded as {kind}: {" ".join(str(e).split())[:200]}') from None
+    if not stored:
+        raise LeanvitError(f'{path} has no leanvit metadata (model, input pipeline): it was not written by '
+                           f'leanvit export; evaluate its checkpoint instead')
+    return runner, json.loads(stored)
+
+
+class _OnnxModule:
+    """An ONNX Runtime session called like a module: float32 CPU tensor in, logits tensor out."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def eval(self):
+        return self
+
+    def __call__(self, images):
+        import torch
+
+        return torch.from_numpy(self.session.run(None, {'input': images.float().cpu().numpy()})[0])
+

@@ -25,19 +25,30 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def test_models_json_reports_measured_and_published_figures(capsys):
     code, out, _ = run_cli(capsys, 'models', '--filter', 'sret_t', '--format', 'json')
     assert code == 0
+    rows = json.loads(out)
+    assert [row['model'] for row in rows] == ['sret_t.in1k', 'sret_t.distill_in1k']  # one row per pretrained tag
+    for row in rows:
+        model = leanvit.create_model(row['model'])
+        assert row['params'] == leanvit.count_params(model) == row['paper_params']
+        assert row['gmacs'] == pytest.approx(row['paper_gmacs'], rel=0.02)
+        assert row['paper_top1'] == model.pretrained_cfg['paper_top1']
+    assert [row['paper_top1'] for row in rows] == [76.0, 77.6]
+
+
+def test_models_measures_each_tag_at_its_input_size(capsys):
+    code, out, _ = run_cli(capsys, 'models', '--filter', 'riformer_s12.in1k_384', '--format', 'json')
+    assert code == 0
     (row,) = json.loads(out)
-    model = leanvit.create_model('sret_t')
-    assert row['model'] == 'sret_t'
-    assert row['params'] == leanvit.count_params(model) == row['paper_params']
-    assert row['gmacs'] == pytest.approx(row['paper_gmacs'], rel=0.02)
-    assert row['paper_top1'] == model.pretrained_cfg['paper_top1']
+    assert row['input'] == 384 and row['paper_top1'] == 78.29
+    assert row['gmacs'] == pytest.approx(row['paper_gmacs'], rel=0.007)
 
 
 def test_models_csv_lists_every_matching_model(capsys):
     code, out, _ = run_cli(capsys, 'models', '--filter', 'sret_lt*', '--format', 'csv')
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0
-    assert [r['model'] for r in rows] == leanvit.list_models('sret_lt*')
+    assert [r['model'] for r in rows] == ['sret_lt.in1k', 'sret_lt.distill_in1k', 'sret_lt_unsliced.in1k',
+                                          'sret_lt_unsliced.distill_in1k']
 
 
 def test_models_hides_test_configurations_unless_asked(capsys):

@@ -232,3 +232,26 @@ def test_export_reparameterizes_by_default_and_can_be_told_not_to(run, tmp_path,
                                    '--out', tmp_path / 'b.pt')
     assert code == 0, err
     assert not any(line.startswith('reparam ') for line in stdout.splitlines())
+
+
+@pytest.mark.parametrize('fmt, suffix', [('onnx', '.onnx'), ('torchscript', '.pt')])
+def test_eval_runs_an_exported_file_in_its_runtime_as_it_evaluates_the_checkpoint(tmp_path, capsys, fmt, suffix):
+    _, checkpoint = save_run_checkpoint(tmp_path / 'run', dict(img_size=32, num_classes=10))  # the digits' classes
+    out = tmp_path / f'model{suffix}'
+    code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--format', fmt, '--out', out)
+    assert code == 0, err
+    assert main(['eval', '--checkpoint', str(checkpoint), '--output', str(tmp_path / 'from_checkpoint')]) == 0
+    assert main(['eval', '--checkpoint', str(out), '--output', str(tmp_path / 'from_export')]) == 0
+    capsys.readouterr()
+    expected, got = (json.loads((tmp_path / name / 'eval.json').read_text())
+                     for name in ('from_checkpoint', 'from_export'))
+    assert got['model'] == expected['model'] and got['data'] == expected['data']
+    assert got['confusion_matrix'] == expected['confusion_matrix']
+    assert got['loss'] == pytest.approx(expected['loss'], abs=1e-4)
+
+
+def test_an_exported_file_passed_as_a_checkpoint_is_named_as_such(run, tmp_path):
+    _, checkpoint = run
+    main(['export', '--checkpoint', str(checkpoint), '--format', 'onnx', '--out', str(tmp_path / 'm.onnx')])
+    with pytest.raises(LeanvitError, match=r'm\.onnx is an exported onnx model, not a checkpoint'):
+        leanvit.load_checkpoint(leanvit.create_model('test_sret', img_size=32, num_classes=10), tmp_path / 'm.onnx')

@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 from timm.layers import get_channel_dim, get_spatial_dim
-from timm.models import get_pretrained_cfg
+from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg
 from timm.utils.model import reparameterize_model
 from torch import nn
 
@@ -32,6 +32,8 @@ REQUIRED_CFG_KEYS = ('input_size', 'num_classes', 'first_conv', 'classifier', 'm
 MODEL_NAMES = leanvit.list_models()
 
 over_models = pytest.mark.parametrize('name', MODEL_NAMES)
+# Every pretrained tag (``arch.tag``): weights of a registered architecture, checked for their cfg only.
+TAGGED_NAMES = [tagged for name in MODEL_NAMES for tagged in get_arch_pretrained_cfgs(name) if '.' in tagged]
 
 
 def small_input_size(name: str) -> tuple[int, int, int]:
@@ -122,6 +124,18 @@ def test_default_cfg_matches_model(name, model):
     assert state_dict[first_conv].shape[1] == cfg['input_size'][0], 'first_conv does not take the input channels'
     assert state_dict[classifier].shape[0] == cfg['num_classes'], 'classifier does not give num_classes outputs'
     assert model.get_classifier() is model.get_submodule(cfg['classifier'])
+
+
+@pytest.mark.parametrize('tagged', TAGGED_NAMES)
+def test_every_pretrained_tag_has_a_complete_cfg_of_its_architecture(tagged):
+    cfg = get_pretrained_cfg(tagged)
+    missing = [k for k in REQUIRED_CFG_KEYS if getattr(cfg, k) is None]
+    assert not missing, f'pretrained_cfg lacks {missing}'
+    model = leanvit.create_model(tagged)
+    assert model.pretrained_cfg['tag'] == tagged.split('.', 1)[1]
+    if cfg.pool_size:
+        reduction = model.feature_info[-1]['reduction']
+        assert tuple(cfg.pool_size) == feature_grid(torch.empty(cfg.input_size, device='meta'), reduction)
 
 
 @over_models
@@ -392,3 +406,12 @@ def test_reparameterize_model_keeps_outputs(model, x):
             torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
     with torch.inference_mode():
         torch.testing.assert_close(torch.fx.symbolic_trace(fast)(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@over_models
+def test_family_registers_a_checkpoint_converter(name):
+    model = timm.create_model(name)
+    convert = leanvit.models.converter_for(model)
+    assert convert is not None and convert.__module__ == type(model).__module__
+    subclass = type('Subclass', (type(model),), {})
+    assert leanvit.models.converter_for(subclass.__new__(subclass)) is convert  # found along the MRO

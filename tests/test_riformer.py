@@ -12,8 +12,10 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import leanvit
+from leanvit.checkpoint import unwrap_state_dict
+from leanvit.errors import CheckpointError
 from leanvit.layers import AffineTokenMixer, ConvMlp, PointwiseLinear, PoolingTokenMixer
-from leanvit.models.riformer import RIFormer, checkpoint_filter_fn
+from leanvit.models.riformer import Layout, RIFormer, checkpoint_filter_fn, detect_layout
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 FIXTURE_ARCH = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)
@@ -30,7 +32,7 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize('name', FULL_SIZE + [n + '_384' for n in FULL_SIZE])
+@pytest.mark.parametrize('name', [n + tag for n in FULL_SIZE for tag in ('.in1k', '.in1k_384')])
 def test_params_and_macs_match_the_paper(name):
     model = leanvit.create_model(name).to('meta')
     cfg = model.pretrained_cfg
@@ -166,6 +168,29 @@ def test_checkpoints_of_another_token_mixer_are_refused_by_name(tmp_path):
             leanvit.load_checkpoint(RIFormer(**FIXTURE_ARCH, token_mixer='pooling'), FIXTURES / name)
 
 
+def test_checkpoint_of_another_family_is_named_as_such(tmp_path):
+    leanvit.save_weights(leanvit.create_model('test_sret'), tmp_path / 'sret.safetensors')
+    with pytest.raises(CheckpointError, match=r"not a RIFormer/PoolFormer checkpoint: its keys match no known layout "
+                                              r"\(e.g. '[\w.]+'\)") as error:
+        leanvit.load_checkpoint(leanvit.create_model('test_riformer'), tmp_path / 'sret.safetensors')
+    assert 'unfolded' not in str(error.value)
+
+
+@pytest.mark.parametrize('file, layout', [
+    ('riformer_mmpretrain_tiny.pth', Layout.MMPRETRAIN_TRAINING),
+    ('riformer_mmpretrain_tiny_deploy.pth', Layout.MMPRETRAIN_DEPLOY),
+    ('poolformer_official_tiny.pth', Layout.POOLFORMER_OFFICIAL),
+])
+def test_official_layouts_are_detected(file, layout):
+    assert detect_layout(unwrap_state_dict(leanvit.read_checkpoint(FIXTURES / file))) is layout
+
+
+def test_leanvit_layouts_are_detected():
+    model = leanvit.create_model('test_riformer')
+    assert detect_layout(model.state_dict()) is Layout.LEANVIT_TRAINING
+    assert detect_layout(model.reparameterize().state_dict()) is Layout.LEANVIT_DEPLOY
+
+
 def test_any_input_size_but_channels_are_checked():
     model = leanvit.create_model('test_riformer').eval()
     with torch.no_grad():
@@ -220,9 +245,12 @@ def test_official_poolformer_checkpoint_matches_official_outputs():
 
 
 def test_pretrained_cfg_points_at_the_official_files():
-    cfg = timm.models.get_pretrained_cfg('riformer_m48_384')
+    cfg = timm.models.get_pretrained_cfg('riformer_m48.in1k_384')
     assert cfg.url.startswith('https://download.openmmlab.com/mmclassification/v1/riformer/riformer-m48_')
-    assert cfg.input_size == (3, 384, 384) and cfg.interpolation == 'bicubic'
+    assert '384px' in cfg.url and cfg.url != timm.models.get_pretrained_cfg('riformer_m48').url
+    assert cfg.input_size == (3, 384, 384) and cfg.interpolation == 'bicubic' and cfg.crop_pct == 1.0
+    tagged = [n for name in FULL_SIZE for n in timm.models.get_arch_pretrained_cfgs(name)]
+    assert tagged == [n + tag for n in FULL_SIZE for tag in ('.in1k', '.in1k_384')]
     assert timm.models.get_pretrained_cfg('riformer_m36').crop_pct == 0.95
 
 

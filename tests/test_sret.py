@@ -27,11 +27,14 @@ GOLDEN = json.load(open(os.path.join(FIXTURES, 'sret_official_tiny.json')))
 
 # Figures of the official implementation (../shared/spec/sret.md): parameters exact, MACs within 2 %.
 PUBLISHED = {
-    'sret_t': (4_755_979, 1.112), 'sret_lt': (4_988_024, 1.164), 'sret_s': (20_899_692, 4.173),
-    'sret_t_unsliced': (4_755_979, 1.366), 'sret_lt_unsliced': (4_988_024, 1.418),
-    'sret_s_unsliced': (20_899_692, 4.671),
-    'sret_t_unsliced_distill_384': (None, 6.4), 'sret_s_unsliced_distill_384': (None, 18.5),
-    'sret_s_unsliced_distill_512': (None, 42.8),
+    'sret_t.in1k': (4_755_979, 1.112), 'sret_t.distill_in1k': (4_755_979, 1.112),
+    'sret_lt.in1k': (4_988_024, 1.164), 'sret_lt.distill_in1k': (4_988_024, 1.164),
+    'sret_s.in1k': (20_899_692, 4.173),
+    'sret_t_unsliced.in1k': (4_755_979, 1.366), 'sret_t_unsliced.distill_in1k': (4_755_979, 1.366),
+    'sret_lt_unsliced.in1k': (4_988_024, 1.418), 'sret_lt_unsliced.distill_in1k': (4_988_024, 1.418),
+    'sret_s_unsliced.in1k': (20_899_692, 4.671),
+    'sret_t_unsliced_distill_384.in1k': (None, 6.4), 'sret_s_unsliced_distill_384.in1k': (None, 18.5),
+    'sret_s_unsliced_distill_512.in1k': (None, 42.8),
 }
 
 
@@ -66,6 +69,19 @@ def test_published_params_and_macs(name):
         assert measured.params == params
     assert measured.params == cfg['paper_params']
     assert measured.gmacs == pytest.approx(gmacs, rel=0.02)
+
+
+def test_every_published_configuration_is_checked():
+    tagged = [n for name in leanvit.list_models('sret_*') for n in timm.models.get_arch_pretrained_cfgs(name)]
+    assert sorted(PUBLISHED) == sorted(tagged)
+
+
+def test_distilled_weights_are_a_tag_of_the_same_architecture():
+    model = timm.create_model('sret_t.distill_in1k')
+    assert model.pretrained_cfg['tag'] == 'distill_in1k' and model.pretrained_cfg['paper_top1'] == 77.6
+    assert timm.create_model('sret_t').pretrained_cfg['tag'] == 'in1k'
+    assert model.state_dict().keys() == timm.create_model('sret_t').state_dict().keys()
+    assert 'sret_t_distill' not in leanvit.list_models()
 
 
 def test_high_resolution_params_grow_by_the_position_embedding_only():
@@ -319,7 +335,7 @@ def test_reparameterized_model_is_counted_as_the_architecture():
     model = timm.create_model('sret_t').to('meta')
     fast = reparameterize_model(model)
     assert leanvit.profile(fast) == leanvit.profile(model)
-    assert leanvit.profile(fast).params == PUBLISHED['sret_t'][0]
+    assert leanvit.profile(fast).params == PUBLISHED['sret_t.in1k'][0]
     assert leanvit.count_params(fast) == leanvit.count_params(model)
 
 

@@ -1,11 +1,13 @@
-"""What leanvit adds to timm's registry: published figures on every pretrained cfg, and a list of its own models."""
+"""What leanvit adds to timm's registry: published figures on every pretrained cfg, a list of its own models, and
+each family's checkpoint converter."""
 
 import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm
-from timm.models import PretrainedCfg, is_model, model_entrypoint
+from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, is_model, model_entrypoint
 from torch import nn
 
 from leanvit.errors import UsageError
@@ -26,15 +28,19 @@ class PaperCfg(PretrainedCfg):
 
 
 def create_model(model_name: str, **kwargs) -> nn.Module:
-    """``timm.create_model`` for any timm or leanvit model, with errors that name the problem.
+    """``timm.create_model`` for any timm or leanvit model, ``arch`` or ``arch.tag``, with errors naming the problem.
 
-    An unknown name, or arguments the model's constructor refuses (an unknown keyword, a value of the wrong type or
-    range), are a ``UsageError`` naming the model and the arguments, since they come from the user's input.
+    An unknown name or pretrained tag, or arguments the model's constructor refuses (an unknown keyword, a value of
+    the wrong type or range), are a ``UsageError`` naming the model and the arguments, since they come from the
+    user's input.
     """
     if not isinstance(model_name, str) or not is_model(model_name):
-        close = difflib.get_close_matches(str(model_name), timm.list_models(), n=3)
+        close = difflib.get_close_matches(str(model_name), timm.list_models() + timm.list_pretrained(), n=3)
         raise UsageError(f'unknown model {model_name!r}' + (f' (did you mean {", ".join(close)}?)' if close else '')
                          + "; `leanvit models --all` lists leanvit's models, timm.list_models() every model")
+    tags = get_arch_pretrained_cfgs(model_name)
+    if '.' in model_name and model_name not in tags:  # timm would warn and build with default metadata
+        raise UsageError(f'unknown pretrained tag in {model_name!r}; known: {", ".join(tags) or "none"}')
     try:
         return timm.create_model(model_name, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:  # timm's constructors check arguments with asserts too
@@ -53,3 +59,29 @@ def list_models(filter: str = '', include_test: bool = True) -> list[str]:
             continue
         names.append(name)
     return sorted(names)
+
+
+Converter = Callable[[dict, nn.Module], dict]
+_converters: dict[type, Converter] = {}
+
+
+def register_converter(*model_classes: type) -> Callable[[Converter], Converter]:
+    """Decorator: ``fn(state_dict, model) -> state_dict`` converts checkpoints of other layouts for ``model_classes``
+    (and their subclasses); `leanvit.load_checkpoint` finds it through `converter_for`.
+
+    Raises:
+        ValueError: another function already converts for one of ``model_classes``.
+    """
+    def register(fn: Converter) -> Converter:
+        for cls in model_classes:
+            known = _converters.get(cls)
+            if known is not None and known.__qualname__ != fn.__qualname__:  # a module reload re-registers itself
+                raise ValueError(f'{cls.__name__} already has a checkpoint converter: {known.__qualname__}')
+            _converters[cls] = fn
+        return fn
+    return register
+
+
+def converter_for(model: nn.Module) -> Converter | None:
+    """The checkpoint converter registered for ``model``'s class, or the nearest base class along its MRO."""
+    return next((_converters[cls] for cls in type(model).__mro__ if cls in _converters), None)

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from leanvit.checkpoint import unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
-from leanvit.models._registry import PaperCfg
+from leanvit.models._registry import PaperCfg, register_converter
 
 __all__ = ['GFNet', 'GFNetHierarchical', 'GlobalFilter', 'GlobalFilterBlock']
 
@@ -454,6 +454,7 @@ class GFNetHierarchical(_GFNetBase):
         return take_indices
 
 
+@register_converter(GFNet, GFNetHierarchical)
 def checkpoint_filter_fn(state_dict: dict, model: GFNet | GFNetHierarchical) -> dict:
     """Convert an official GFNet / GFNet-H state_dict (github.com/raoyongming/GFNet) to leanvit's layout.
 

@@ -21,6 +21,8 @@ the map before pooling, unlike timm's ``poolformer_*``, which pools first), so o
 into ``riformer_s12(token_mixer='pooling')`` and a PoolFormer teacher shares every module name with its student.
 """
 
+import enum
+
 import torch
 import torch.fx
 from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
@@ -33,10 +35,10 @@ from leanvit.checkpoint import unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import ConvMlp
 from leanvit.layers.token_mixers import AffineTokenMixer, PoolingTokenMixer, fold_affine_into_norm
-from leanvit.models._registry import PaperCfg
+from leanvit.models._registry import PaperCfg, register_converter
 from leanvit.models._staged import StagedClassifier
 
-__all__ = ['RIFormer', 'RIFormerBlock']
+__all__ = ['Layout', 'RIFormer', 'RIFormerBlock', 'detect_layout']
 
 torch.fx.wrap('check_input_size')
 TOKEN_MIXERS = {'affine': AffineTokenMixer, 'pooling': PoolingTokenMixer, 'none': None}
@@ -293,48 +295,80 @@ _OFFICIAL_BLOCK_NAMES = {'norm_reparam.': 'norm1.', 'layer_scale_1': 'layer_scal
                          'layer_scale_2': 'layer_scale2.scale'}
 
 
+class Layout(enum.Enum):
+    """The checkpoint layouts the RIFormer family reads; each value names its layout in messages.
+
+    An official PoolFormer file (no mixer weights) and a deploy RIFormer look alike once renamed, so the official
+    layouts are told apart by their own names. leanvit's files carry no such mark: a deploy RIFormer and a
+    ``token_mixer='pooling'`` PoolFormer have the same keys, and both are `LEANVIT_DEPLOY`.
+    """
+    MMPRETRAIN_TRAINING = 'an mmpretrain RIFormer training-form'
+    MMPRETRAIN_DEPLOY = 'an mmpretrain RIFormer deploy'
+    POOLFORMER_OFFICIAL = 'an official PoolFormer'
+    LEANVIT_TRAINING = 'a leanvit RIFormer training-form'
+    LEANVIT_DEPLOY = 'a leanvit deploy RIFormer (or PoolFormer)'
+
+    @property
+    def official(self) -> bool:
+        return self in (Layout.MMPRETRAIN_TRAINING, Layout.MMPRETRAIN_DEPLOY, Layout.POOLFORMER_OFFICIAL)
+
+
+def detect_layout(state_dict: dict) -> Layout:
+    """The `Layout` of an unwrapped state dict.
+
+    Raises:
+        ValueError: the keys match no layout of the family (another family's checkpoint, say).
+    """
+    if any(k.startswith('backbone.') for k in state_dict):
+        deploy = any('.norm_reparam.' in k for k in state_dict)
+        return Layout.MMPRETRAIN_DEPLOY if deploy else Layout.MMPRETRAIN_TRAINING
+    if 'patch_embed.proj.weight' in state_dict:
+        return Layout.POOLFORMER_OFFICIAL
+    if 'stem.conv.weight' in state_dict:
+        training = any('.token_mixer.affine.' in k for k in state_dict)
+        return Layout.LEANVIT_TRAINING if training else Layout.LEANVIT_DEPLOY
+    example = f' (e.g. {next(iter(state_dict))!r})' if state_dict else ' (it is empty)'
+    raise ValueError(f'not a RIFormer/PoolFormer checkpoint: its keys match no known layout{example}')
+
+
+@register_converter(RIFormer)
 def checkpoint_filter_fn(state_dict: dict, model: RIFormer) -> dict:
     """Convert a RIFormer or PoolFormer checkpoint to ``model``'s layout (see `convert_layout`), refusing a mixer
     the model does not have.
 
     A training-form checkpoint loaded into a deploy model is folded on the way in (and its first layer scale too if
     the model was built with ``fold_layer_scale``); a deploy checkpoint cannot be unfolded into a training model.
-    An official PoolFormer file (no mixer weights) and a deploy RIFormer look alike once renamed, so the official
-    layouts are told apart before renaming; leanvit's own files carry no such mark.
+    A state dict of no known `Layout` is refused.
     """
     state_dict = unwrap_state_dict(state_dict)
-    source = _official_source(state_dict)
+    layout = detect_layout(state_dict)
     pooling = any(isinstance(m, PoolingTokenMixer) for m in model.modules())
-    if source == 'an official PoolFormer' and not pooling:
-        raise ValueError(f'{source} checkpoint has a pooling token mixer; load it into a model created with '
+    if layout is Layout.POOLFORMER_OFFICIAL and not pooling:
+        raise ValueError(f'{layout.value} checkpoint has a pooling token mixer; load it into a model created with '
                          "token_mixer='pooling', or start a RIFormer from it with "
                          'leanvit.distill.teacher_init.init_from_teacher')
-    if source and source != 'an official PoolFormer' and pooling:
-        raise ValueError(f"{source} checkpoint has no pooling token mixer; create the model with token_mixer='affine' "
-                         '(training form) or deploy=True')
-    return _fold_for(convert_layout(state_dict, model), model)
-
-
-def _official_source(state_dict: dict) -> str | None:
-    if any(k.startswith('backbone.') for k in state_dict):
-        deploy = any('.norm_reparam.' in k for k in state_dict)
-        return f'an mmpretrain RIFormer{" deploy" if deploy else " training-form"}'
-    return 'an official PoolFormer' if 'patch_embed.proj.weight' in state_dict else None
+    if layout in (Layout.MMPRETRAIN_TRAINING, Layout.MMPRETRAIN_DEPLOY, Layout.LEANVIT_TRAINING) and pooling:
+        raise ValueError(f"{layout.value} checkpoint has no pooling token mixer; create the model with "
+                         "token_mixer='affine' (training form) or deploy=True")
+    return _fold_for(convert_layout(state_dict, model), model, layout)
 
 
 def convert_layout(state_dict: dict, model: RIFormer) -> dict:
     """Rename an official checkpoint's entries to leanvit's; values are unchanged.
 
     Accepted: mmpretrain RIFormer classifiers, training or deploy form (``backbone.network.*``, ``head.fc.*``); the
-    official PoolFormer layout (``network.*``, ``norm.*``, ``head.*``); leanvit's own (returned as is). The official
-    layouts number blocks and stage transitions together (``network.{0,2,4,6}`` are stages, ``network.{1,3,5}`` the
-    convs between).
+    official PoolFormer layout (``network.*``, ``norm.*``, ``head.*``); anything else (leanvit's own) is returned
+    as is. The official layouts number blocks and stage transitions together (``network.{0,2,4,6}`` are stages,
+    ``network.{1,3,5}`` the convs between).
     """
     state_dict = unwrap_state_dict(state_dict)
-    source = _official_source(state_dict)
-    if source is None:
+    try:
+        layout = detect_layout(state_dict)
+    except ValueError:  # only names are mapped here; checkpoint_filter_fn refuses unknown layouts
         return state_dict
-    mmpretrain = source.startswith('an mmpretrain')
+    if not layout.official:
+        return state_dict
+    mmpretrain = layout in (Layout.MMPRETRAIN_TRAINING, Layout.MMPRETRAIN_DEPLOY)
     return _convert_official(state_dict, f'backbone.norm{2 * len(model.stages) - 2}.' if mmpretrain else 'norm.')
 
 
@@ -366,16 +400,16 @@ def _convert_official(state_dict: dict, norm_prefix: str) -> dict:
     return out
 
 
-def _fold_for(state_dict: dict, model: RIFormer) -> dict:
+def _fold_for(state_dict: dict, model: RIFormer, layout: Layout) -> dict:
     for s, stage in enumerate(model.stages):
         for b, block in enumerate(stage.blocks):
             prefix = f'stages.{s}.blocks.{b}.'
             has_affine = prefix + 'token_mixer.affine.weight' in state_dict
             if isinstance(block.token_mixer, AffineTokenMixer) and not has_affine and \
                     prefix + 'norm1.weight' in state_dict:
-                raise ValueError(f'the checkpoint has no affine token mixer ({prefix}token_mixer.affine is missing): '
-                                 'a deploy (re-parameterized) RIFormer cannot be unfolded, create the model with '
-                                 "deploy=True; a PoolFormer belongs in token_mixer='pooling'")
+                raise ValueError(f'{layout.value} checkpoint has no affine token mixer ({prefix}token_mixer.affine '
+                                 'is missing): a deploy (re-parameterized) RIFormer cannot be unfolded, create the '
+                                 "model with deploy=True; a PoolFormer belongs in token_mixer='pooling'")
             if not isinstance(block.token_mixer, nn.Identity):
                 continue
             scale = state_dict.pop(prefix + 'layer_scale1.scale') \
@@ -417,6 +451,8 @@ def _cfg_384(file: str = '', **kwargs) -> PaperCfg:
 
 # Figures: riformer.md (paper Table 2 and the mmpretrain metafile). paper_params is the training form (what the
 # constructor builds); paper_deploy_params is after reparameterize(). Checkpoint file names: mmpretrain metafile.
+# The network has no position embedding, so the 384 x 384 fine-tunes are pretrained tags (timm's convformer_s18's
+# sail_in1k_384), not other architectures.
 default_cfgs = generate_default_cfgs({
     'riformer_s12.in1k': _cfg('riformer-s12_32xb128_in1k_20230406-6741ce71.pth', paper_params=11_921_832,
                               paper_deploy_params=11_915_176, paper_gmacs=1.822, paper_top1=76.90),
@@ -430,16 +466,21 @@ default_cfgs = generate_default_cfgs({
     'riformer_m48.in1k': _cfg('riformer-m48_32xb128_in1k_20230406-2b9d1abf.pth', crop_pct=0.95,
                               paper_params=73_508_776, paper_deploy_params=73_473_448, paper_gmacs=11.59,
                               paper_top1=82.75),
-    'riformer_s12_384.in1k': _cfg_384('riformer-s12_32xb128_in1k-384px_20230406-145eda4c.pth', paper_params=11_921_832,
-                                      paper_deploy_params=11_915_176, paper_gmacs=5.355, paper_top1=78.29),
-    'riformer_s24_384.in1k': _cfg_384('riformer-s24_32xb128_in1k-384px_20230406-bafae7ab.pth', paper_params=21_402_280,
-                                      paper_deploy_params=21_388_968, paper_gmacs=10.028, paper_top1=81.36),
-    'riformer_s36_384.in1k': _cfg_384('riformer-s36_32xb128_in1k-384px_20230406-017ed3c4.pth', paper_params=30_882_728,
-                                      paper_deploy_params=30_862_760, paper_gmacs=14.702, paper_top1=82.22),
-    'riformer_m36_384.in1k': _cfg_384('riformer-m36_32xb128_in1k-384px_20230406-66a6f764.pth', paper_params=56_199_016,
-                                      paper_deploy_params=56_172_520, paper_gmacs=25.865, paper_top1=83.39),
-    'riformer_m48_384.in1k': _cfg_384('riformer-m48_32xb128_in1k-384px_20230406-2e874826.pth', paper_params=73_508_776,
-                                      paper_deploy_params=73_473_448, paper_gmacs=34.06, paper_top1=83.70),
+    'riformer_s12.in1k_384': _cfg_384(
+        'riformer-s12_32xb128_in1k-384px_20230406-145eda4c.pth', paper_params=11_921_832,
+        paper_deploy_params=11_915_176, paper_gmacs=5.355, paper_top1=78.29),
+    'riformer_s24.in1k_384': _cfg_384(
+        'riformer-s24_32xb128_in1k-384px_20230406-bafae7ab.pth', paper_params=21_402_280,
+        paper_deploy_params=21_388_968, paper_gmacs=10.028, paper_top1=81.36),
+    'riformer_s36.in1k_384': _cfg_384(
+        'riformer-s36_32xb128_in1k-384px_20230406-017ed3c4.pth', paper_params=30_882_728,
+        paper_deploy_params=30_862_760, paper_gmacs=14.702, paper_top1=82.22),
+    'riformer_m36.in1k_384': _cfg_384(
+        'riformer-m36_32xb128_in1k-384px_20230406-66a6f764.pth', paper_params=56_199_016,
+        paper_deploy_params=56_172_520, paper_gmacs=25.865, paper_top1=83.39),
+    'riformer_m48.in1k_384': _cfg_384(
+        'riformer-m48_32xb128_in1k-384px_20230406-2e874826.pth', paper_params=73_508_776,
+        paper_deploy_params=73_473_448, paper_gmacs=34.06, paper_top1=83.70),
     'test_riformer': PaperCfg(input_size=(3, 64, 64), pool_size=(2, 2), first_conv='stem.conv',
                               classifier='head.fc', interpolation='bicubic', crop_pct=0.9),
 })
@@ -475,32 +516,6 @@ def riformer_m36(pretrained: bool = False, **kwargs) -> RIFormer:
 @register_model
 def riformer_m48(pretrained: bool = False, **kwargs) -> RIFormer:
     return _create_riformer('riformer_m48', pretrained, _M48, **kwargs)
-
-
-@register_model
-def riformer_s12_384(pretrained: bool = False, **kwargs) -> RIFormer:
-    """RIFormer-S12 fine-tuned at 384 x 384 (same weights layout as riformer_s12)."""
-    return _create_riformer('riformer_s12_384', pretrained, _S12, **kwargs)
-
-
-@register_model
-def riformer_s24_384(pretrained: bool = False, **kwargs) -> RIFormer:
-    return _create_riformer('riformer_s24_384', pretrained, _S24, **kwargs)
-
-
-@register_model
-def riformer_s36_384(pretrained: bool = False, **kwargs) -> RIFormer:
-    return _create_riformer('riformer_s36_384', pretrained, _S36, **kwargs)
-
-
-@register_model
-def riformer_m36_384(pretrained: bool = False, **kwargs) -> RIFormer:
-    return _create_riformer('riformer_m36_384', pretrained, _M36, **kwargs)
-
-
-@register_model
-def riformer_m48_384(pretrained: bool = False, **kwargs) -> RIFormer:
-    return _create_riformer('riformer_m48_384', pretrained, _M48, **kwargs)
 
 
 @register_model

@@ -42,7 +42,7 @@ from leanvit.layers.attention import GroupAttention
 from leanvit.layers.conv import DepthwiseMultiplierConv, FoldedConvNormAct, depthwise_multiplier
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
-from leanvit.models._registry import PaperCfg
+from leanvit.models._registry import PaperCfg, register_converter
 from leanvit.models._staged import StagedClassifier
 
 __all__ = ['SReT']
@@ -435,6 +435,7 @@ def _init_weights(module: nn.Module):
         nn.init.zeros_(module.bias)
 
 
+@register_converter(SReT)
 def checkpoint_filter_fn(state_dict: dict, model: SReT) -> dict:
     """Convert an official SReT state_dict (github.com/szq0214/SReT) to leanvit's layout.
 
@@ -528,28 +529,30 @@ def _cfg(drive_id: str = '', **kwargs) -> PaperCfg:
 
 # Official weights live on Google Drive, which timm cannot fetch; download them and pass
 # pretrained_cfg_overlay=dict(file=...) or use leanvit.load_checkpoint. Figures: official README and paper.
+# The distilled weights are pretrained tags of the same architectures (timm's convention), not other names.
 default_cfgs = generate_default_cfgs({
     'sret_t.in1k': _cfg('1FDTpva6y-I_bKmyVmLFDn_3BlDq3dwni', paper_params=4_755_979, paper_gmacs=1.112,
                         paper_top1=76.0),
+    'sret_t.distill_in1k': _cfg('1xzG4VQyQyxWJfQTcGCE-fuMuK3BwPCjK', paper_params=4_755_979, paper_gmacs=1.112,
+                                paper_top1=77.6),
     'sret_lt.in1k': _cfg('1uSWvoVLHmOH6rNYiXSxD_rlN5dSBvEm3', paper_params=4_988_024, paper_gmacs=1.164,
                          paper_top1=76.7),
+    'sret_lt.distill_in1k': _cfg('1l6u0q4kwli5czEyo4TeJANtqsulh-J5G', paper_params=4_988_024, paper_gmacs=1.164,
+                                 paper_top1=77.7),
     'sret_s.in1k': _cfg('1y6F_bCgS1sagm7pxjAtuSPUB5HoNb8Ed', paper_params=20_899_692, paper_gmacs=4.173,
                         paper_top1=81.9),
     'sret_t_unsliced.in1k': _cfg('1wHM7NRSkz-WykCSES17xFV56h_m5RMXj', paper_params=4_755_979, paper_gmacs=1.366,
                                  paper_top1=76.1),
+    'sret_t_unsliced.distill_in1k': _cfg('1P1qK-j1Cac5le8-DNUFBbjmIpRThuiVp', paper_params=4_755_979,
+                                         paper_gmacs=1.366, paper_top1=77.7),
     'sret_lt_unsliced.in1k': _cfg('1EXwfiMMa1UVQ_tmY6YQJ-Se0b3bW5NpC', paper_params=4_988_024, paper_gmacs=1.418,
                                   paper_top1=76.8),
+    'sret_lt_unsliced.distill_in1k': _cfg('1FDqkfkw5nZEuTcBmiBKg3lvPJOPQWS6i', paper_params=4_988_024,
+                                          paper_gmacs=1.418, paper_top1=77.9),
     'sret_s_unsliced.in1k': _cfg('1vlsxJieKhfnw-F6xFiwczvXBuk7ugXxm', paper_params=20_899_692, paper_gmacs=4.671,
                                  paper_top1=82.0),
-    'sret_t_distill.in1k': _cfg('1xzG4VQyQyxWJfQTcGCE-fuMuK3BwPCjK', paper_params=4_755_979, paper_gmacs=1.112,
-                                paper_top1=77.6),
-    'sret_lt_distill.in1k': _cfg('1l6u0q4kwli5czEyo4TeJANtqsulh-J5G', paper_params=4_988_024, paper_gmacs=1.164,
-                                 paper_top1=77.7),
-    'sret_t_unsliced_distill.in1k': _cfg('1P1qK-j1Cac5le8-DNUFBbjmIpRThuiVp', paper_params=4_755_979,
-                                         paper_gmacs=1.366, paper_top1=77.7),
-    'sret_lt_unsliced_distill.in1k': _cfg('1FDqkfkw5nZEuTcBmiBKg3lvPJOPQWS6i', paper_params=4_988_024,
-                                          paper_gmacs=1.418, paper_top1=77.9),
-    # Fine-tuned at higher resolution; the README rounds the parameter counts (4.9 M, 21.0 M, 21.3 M), the exact
+    # Fine-tuned at higher resolution: a larger position embedding, so other architectures with their own names (as
+    # timm's ViT *_384). The README rounds the parameter counts (4.9 M, 21.0 M, 21.3 M), the exact
     # figures here are the 224 counts plus the larger position embedding.
     'sret_t_unsliced_distill_384.in1k': _cfg('11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be', input_size=(3, 384, 384),
                                              pool_size=(12, 12), crop_pct=1.0, paper_params=4_853_259,
@@ -602,27 +605,6 @@ def sret_lt_unsliced(pretrained: bool = False, **kwargs) -> SReT:
 @register_model
 def sret_s_unsliced(pretrained: bool = False, **kwargs) -> SReT:
     return _create_sret('sret_s_unsliced', pretrained, _S, UNSLICED, **kwargs)
-
-
-@register_model
-def sret_t_distill(pretrained: bool = False, **kwargs) -> SReT:
-    """SReT-T trained with soft-label distillation (same architecture as sret_t)."""
-    return _create_sret('sret_t_distill', pretrained, _T, SLICED, **kwargs)
-
-
-@register_model
-def sret_lt_distill(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_lt_distill', pretrained, _LT, SLICED, **kwargs)
-
-
-@register_model
-def sret_t_unsliced_distill(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_t_unsliced_distill', pretrained, _T, UNSLICED, **kwargs)
-
-
-@register_model
-def sret_lt_unsliced_distill(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_lt_unsliced_distill', pretrained, _LT, UNSLICED, **kwargs)
 
 
 @register_model

@@ -33,7 +33,7 @@ from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets
 from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
 from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.errors import TrainingDivergedError, UsageError
-from leanvit.train.checkpoints import CheckpointManager, RunLock, rng_state, set_rng_state, write_json
+from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state, write_json
 from leanvit.train.config import TrainConfig
 from leanvit.train.evaluation import data_config, evaluate_model
 from leanvit.train.objectives import build_objectives, check_objective_names
@@ -118,8 +118,11 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     output = Path(config.output)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-    cpus, busy = usable_cpus(), (0. if config.threads else busy_cpus())
-    threads = config.threads or default_threads(cpus, busy, config.num_workers, world_size)
+    # A resumed run keeps the thread count it started with: other counts sum in other orders, and a resume must give
+    # the weights an uninterrupted run gives.
+    resumed_threads = recorded_threads(output)
+    cpus, busy = usable_cpus(), (0. if config.threads or resumed_threads else busy_cpus())
+    threads = config.threads or resumed_threads or default_threads(cpus, busy, config.num_workers, world_size)
     torch.set_num_threads(threads)
 
     # Model and data: the model's pretrained cfg decides the input pipeline, at the resolution the model is built for.
@@ -233,7 +236,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             + (f', mixup {config.mixup} / cutmix {config.cutmix}' if mixup is not None else ''),
             f'teacher    {teacher_line}' + (f'; objectives {", ".join(objectives)}' if objectives else ''),
             f'device     {device}, {threads} compute threads '
-            + ('(--threads)' if config.threads else f'({cpus} usable CPUs, {busy:.1f} busy with other processes)')
+            + ('(--threads)' if config.threads else '(as the run started)' if resumed_threads else
+               f'({cpus} usable CPUs, {busy:.1f} busy with other processes)')
             + f', {config.num_workers} data-loader workers, {world_size} process(es)',
             f'output     {output} ({f"resuming from {tag}" if tag else "new run"})',
         ]), flush=True)
@@ -301,7 +305,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         tag = f'step-{tag_epoch * steps_per_epoch + tag_step:07d}'
         if is_main:
             meta = dict(model=config.model, model_kwargs=dict(model_kwargs, num_classes=data.num_classes),
-                        epoch=tag_epoch, step=tag_step, metrics=metrics, history=history, epoch_stats=stats,
+                        threads=threads, epoch=tag_epoch, step=tag_step, metrics=metrics, history=history, epoch_stats=stats,
                         config=dataclasses.asdict(config))
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), rng=rng_state(),
@@ -371,6 +375,14 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     if world_size > 1:
         dist.barrier()
     return final
+
+
+def recorded_threads(output: Path) -> int | None:
+    """The compute threads the run in ``output`` used, as its last checkpoint records them; None for a new run."""
+    tag = CheckpointManager.latest_in(output)
+    sidecar = output / f'{tag}.json'
+    threads = read_sidecar(sidecar).get('threads') if tag and sidecar.is_file() else None  # a missing file: later
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1 else None
 
 
 def usable_cpus() -> int:

@@ -23,6 +23,7 @@ import leanvit
 from leanvit.checkpoint import atomic_write
 from leanvit.data import build_datasets, display_name
 from leanvit.errors import CheckpointError, DataError, UsageError
+from leanvit.export import exported_format, load_exported
 from leanvit.train.checkpoints import read_sidecar, write_json
 from leanvit.train.config import TrainConfig
 
@@ -195,9 +196,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         FileNotFoundError: The checkpoint or the data is not there.
         ValueError: The model cannot be named, the weights do not fit it, or its class count is not the data's.
     """
-    model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs, trust=trust)
-    cfg = data_config(model)
-    recorded = run_metadata(Path(checkpoint)).get('config') or {}
+    if exported_format(checkpoint):  # a file `leanvit export` wrote: run in its runtime, described by its metadata
+        model, meta = load_exported(checkpoint)
+        name, kwargs, num_classes, recorded = meta['model'], meta['model_kwargs'], meta['num_classes'], meta['config']
+        cfg = dict(meta['data_config'], input_size=tuple(meta['data_config']['input_size']))
+    else:
+        model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs, trust=trust)
+        cfg, num_classes = data_config(model), model.num_classes
+        recorded = run_metadata(Path(checkpoint)).get('config') or {}
+        # The inference form (folded norms, fused branches, fast kernels), which equals the trained one: what a
+        # deployed model runs, so the measured images/s is the deployed speed.
+        model = reparameterize_model(model.eval())
     split = {}
     if data is not None:
         source = 'given'
@@ -211,12 +220,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     else:
         source = 'the bundled digits: no --data, and the checkpoint records no run'
     bundle = build_datasets(data, cfg, **split)
-    if model.num_classes != bundle.num_classes:
-        raise DataError(f'class count mismatch: checkpoint {checkpoint} ({name}) has {model.num_classes} classes, '
+    if num_classes != bundle.num_classes:
+        raise DataError(f'class count mismatch: checkpoint {checkpoint} ({name}) has {num_classes} classes, '
                          f'the data has {bundle.num_classes} ({bundle.description})')
-    # The inference form (folded norms, fused branches, fast kernels), which equals the trained one: what a deployed
-    # model runs, so the measured images/s is the deployed speed.
-    model = reparameterize_model(model.eval())
     result = evaluate_model(model, DataLoader(bundle.val, batch_size))
     output = Path(output)
     report = dict(checkpoint=str(checkpoint), model=name, model_kwargs=kwargs, input_size=list(cfg['input_size']),
