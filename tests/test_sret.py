@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from timm.utils.model import reparameterize_model
 from torch import nn
 
+from test_models_generic import randomise_folded_statistics
+
 import leanvit
 from leanvit.layers import (
     DepthwiseMultiplierConv,
@@ -25,7 +27,7 @@ from leanvit.models.sret import InplaceLearnableResidual, LearnableResidual, SRe
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 GOLDEN = json.load(open(os.path.join(FIXTURES, 'sret_official_tiny.json')))
 
-# Figures of the official implementation (../shared/spec/sret.md): parameters exact, MACs within 2 %.
+# Figures of the official implementation (docs/sret.md, "Variants and figures"): parameters exact, MACs within 2 %.
 PUBLISHED = {
     'sret_t.in1k': (4_755_979, 1.112), 'sret_t.distill_in1k': (4_755_979, 1.112),
     'sret_lt.in1k': (4_988_024, 1.164), 'sret_lt.distill_in1k': (4_988_024, 1.164),
@@ -294,25 +296,8 @@ def test_per_stage_arguments_must_match_the_stage_count():
         timm.create_model('sret_t', groups=(8, 4))
 
 
-def randomise_folded_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every BatchNorm (statistics and affine) and residual scale off its init, so that a wrong fold cannot pass
-    by accident."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(generator=generator)
-                module.running_var.uniform_(0.5, 2., generator=generator)
-                module.weight.normal_(generator=generator)
-                module.bias.normal_(generator=generator)
-            elif isinstance(module, LearnableResidual):
-                module.shortcut_scale.uniform_(0.5, 1.5, generator=generator)
-                module.branch_scale.uniform_(0.5, 1.5, generator=generator)
-    return model
-
-
 def test_reparameterized_model_equals_the_canonical_model():
-    model = randomise_folded_parameters(timm.create_model('test_sret')).eval()
+    model = randomise_folded_statistics(timm.create_model('test_sret')).eval()
     x = torch.randn(2, 3, 64, 64)
     expected = model(x).detach()
     fast = reparameterize_model(model)

@@ -449,8 +449,9 @@ def _cfg_384(file: str = '', **kwargs) -> PaperCfg:
     return _cfg(file, input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, **kwargs)
 
 
-# Figures: riformer.md (paper Table 2 and the mmpretrain metafile). paper_params is the training form (what the
-# constructor builds); paper_deploy_params is after reparameterize(). Checkpoint file names: mmpretrain metafile.
+# Figures: paper Table 2 and the mmpretrain metafile (docs/riformer.md, "Variants and figures"). paper_params is the
+# training form (what the constructor builds); paper_deploy_params is after reparameterize(). Checkpoint file names:
+# mmpretrain metafile.
 # The network has no position embedding, so the 384 x 384 fine-tunes are pretrained tags (timm's convformer_s18's
 # sail_in1k_384), not other architectures.
 default_cfgs = generate_default_cfgs({
