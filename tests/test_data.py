@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import warnings
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -452,3 +453,17 @@ def test_default_augmentation_is_light_and_none_is_the_evaluation_transform(tmp_
     assert bundle.train.transform is bundle.val.transform
     with pytest.raises(UsageError, match="augment \\(--augment\\) must be one of none, light, imagenet, got 'heavy'"):
         build_datasets(str(tmp_path), CFG, augment='heavy')
+
+
+def test_digits_folder_script_writes_the_fixed_split_as_an_image_folder(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('digits_folder', Path(__file__).parent.parent / 'scripts' /
+                                                  'digits_folder.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(tmp_path / 'digits')
+    bundle = build_datasets(str(tmp_path / 'digits'), CFG)
+    train_idx, val_idx = digits_split()
+    assert (len(bundle.train), len(bundle.val), bundle.class_names) == (len(train_idx), len(val_idx),
+                                                                        [str(d) for d in range(10)])

@@ -20,6 +20,7 @@ from leanvit.layers import (
     Mlp,
     PaddedLinear,
     PointwiseLinear,
+    SharedWeightStage,
 )
 
 
@@ -130,3 +131,36 @@ def test_profiler_counts_the_architecture_not_the_padding():
     true_linear_macs = sum(v for k, v in counter.get_flop_counts()['Global'].items() if 'addmm' in str(k)) // 2
     assert executed_linear_macs > true_linear_macs
     assert leanvit.profile(model) == leanvit.profile(true_model) == leanvit.profile(model.to('meta'))
+
+
+@pytest.mark.parametrize('grad_checkpointing', [False, True])
+def test_shared_weight_stage_stores_each_block_once_and_runs_the_hand_written_loop(grad_checkpointing):
+    torch.manual_seed(0)
+    blocks, repeats = [nn.Linear(6, 6), nn.Linear(6, 6)], 3
+    stage = SharedWeightStage(blocks, repeats, per_application=lambda index, repeat: nn.LayerNorm(6),
+                              per_application_name='norms')
+    stage.grad_checkpointing = grad_checkpointing
+    assert len(stage.norms) == len(blocks) * repeats
+    block_params = sum(p.numel() for b in blocks for p in b.parameters())
+    assert leanvit.count_params(stage) == block_params + len(blocks) * repeats * 2 * 6
+    assert sorted(k for k in stage.state_dict() if k.startswith('blocks.')) == [
+        'blocks.0.bias', 'blocks.0.weight', 'blocks.1.bias', 'blocks.1.weight']
+    x = torch.randn(2, 6, requires_grad=True)
+    expected = x
+    for index, block in enumerate(blocks):
+        for repeat in range(repeats):
+            expected = stage.norms[index * repeats + repeat](block(expected))
+    torch.testing.assert_close(stage(x), expected)
+
+
+def test_shared_weight_stage_applications_hook_draws_fewer_applications():
+    class Shallow(SharedWeightStage):
+        def applications(self) -> int:
+            return 1
+
+    calls = []
+    stage = Shallow([nn.Identity(), nn.Identity()], 4, per_application=lambda index, repeat: nn.Identity())
+    for i, module in enumerate(stage.per_application):
+        module.register_forward_hook(lambda *_, i=i: calls.append(i))
+    stage(torch.zeros(1))
+    assert calls == [0, 4]

@@ -11,6 +11,7 @@ from leanvit.layers.attention import GroupAttention
 from leanvit.layers.conv import DepthwiseMultiplierConv, FoldedConvNormAct, depthwise_multiplier, fold_batchnorm
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import ConvMlp, InplaceGELU, Mlp, PaddedLinear, PointwiseLinear, inplace_activation
+from leanvit.layers.shared import SharedWeightStage
 from leanvit.layers.token_mixers import (
     AffineTokenMixer,
     PoolingTokenMixer,
@@ -19,6 +20,6 @@ from leanvit.layers.token_mixers import (
 
 __all__ = [
     'AffineTokenMixer', 'ConvMlp', 'DepthwiseMultiplierConv', 'FoldedConvNormAct', 'GroupAttention', 'InplaceGELU',
-    'Mlp', 'PaddedLinear', 'PointwiseLinear', 'PoolingTokenMixer', 'check_input_size', 'depthwise_multiplier',
-    'fold_affine_into_norm', 'fold_batchnorm', 'inplace_activation',
+    'Mlp', 'PaddedLinear', 'PointwiseLinear', 'PoolingTokenMixer', 'SharedWeightStage', 'check_input_size',
+    'depthwise_multiplier', 'fold_affine_into_norm', 'fold_batchnorm', 'inplace_activation',
 ]

@@ -31,7 +31,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.layers import ConvNormAct, DropPath, LayerNorm2d, NormMlpClassifierHead, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -42,6 +41,7 @@ from leanvit.layers.attention import GroupAttention
 from leanvit.layers.conv import DepthwiseMultiplierConv, FoldedConvNormAct, depthwise_multiplier
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
+from leanvit.layers.shared import SharedWeightStage
 from leanvit.models._registry import PaperCfg, register_converter
 from leanvit.models._staged import StagedClassifier
 
@@ -153,9 +153,11 @@ class NonLinearProjection(nn.Module):
         self.residual = fold_residual(self.residual, self.mlp.fc2)
 
 
-class RecursiveStage(nn.Module):
+class RecursiveStage(SharedWeightStage):
     """One resolution stage: ``num_blocks`` shared blocks, each applied ``recursion`` times, each application
-    followed by its own NLL. The first stage of SReT-T runs B0, N0, B0, N1, B1, N2, B1, N3.
+    followed by its own NLL (``projections``). The first stage of SReT-T runs B0, N0, B0, N1, B1, N2, B1, N3.
+    `SharedWeightStage` holds the blocks, the NLLs and the schedule; this class adds the sliced attention's groups
+    and token permutation, and mixed depth.
 
     Args:
         in_dim: Channels coming in; a depthwise stride-2 conv maps them to ``dim`` when ``downsample`` is set.
@@ -189,7 +191,6 @@ class RecursiveStage(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rates: tuple[float, ...] | None = None,
     ):
-        super().__init__()
         num_tokens = grid_size[0] * grid_size[1]
         for name, count in (('groups', groups), ('recursive_groups', recursive_groups)):
             if count < 1 or num_tokens % count:
@@ -198,25 +199,23 @@ class RecursiveStage(nn.Module):
                     f'of this stage; expected a divisor of {num_tokens}')
         if eval_permutation not in ('fixed', 'random'):
             raise ValueError(f"eval_permutation must be 'fixed' or 'random', got {eval_permutation!r}")
-        self.groups = groups
-        self.recursive_groups = recursive_groups
-        self.recursion = recursion
-        self.random_eval_permutation = eval_permutation == 'random'
-        self.mixed_depth = mixed_depth
-        self.grad_checkpointing = False
-
         # PiT's pooling: depthwise 3x3 stride-2 conv doubling the channels, no norm, no activation.
         if downsample and dim % in_dim:
             raise ValueError(f'a stage of width {dim} cannot follow one of width {in_dim}: the depthwise '
                              f'downsampling conv between them needs a multiple of {in_dim}')
-        self.downsample = nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, groups=in_dim) if downsample \
-            else nn.Identity()
         drop_path_rates = drop_path_rates or (0.,) * num_blocks
-        self.blocks = nn.ModuleList([
-            SharedBlock(dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rates[i])
-            for i in range(num_blocks)])
-        self.projections = nn.ModuleList([
-            NonLinearProjection(dim, nll_ratio, drop_rate) for _ in range(num_blocks * recursion)])
+        super().__init__(
+            [SharedBlock(dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rates[i])
+             for i in range(num_blocks)],
+            repeats=recursion,
+            per_application=lambda index, repeat: NonLinearProjection(dim, nll_ratio, drop_rate),
+            per_application_name='projections',
+            downsample=nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, groups=in_dim) if downsample else None,
+        )
+        self.groups = groups
+        self.recursive_groups = recursive_groups
+        self.random_eval_permutation = eval_permutation == 'random'
+        self.mixed_depth = mixed_depth
         # Seeded by the token count so the eval permutation depends on nothing but the stage's shape.
         fixed = torch.randperm(num_tokens, generator=torch.Generator().manual_seed(num_tokens))
         self.register_buffer('fixed_permutation', fixed if recursive_groups > 1 else None, persistent=False)
@@ -230,7 +229,13 @@ class RecursiveStage(nn.Module):
             return torch.randperm(x.shape[1]).to(x.device)
         return self.fixed_permutation
 
-    def apply_block(self, x: torch.Tensor, index: int, repeat: int) -> torch.Tensor:
+    @property
+    def recursion(self) -> int:
+        """Applications per shared block (the paper's recursion count)."""
+        return self.repeats
+
+    def forward_application(self, x: torch.Tensor, index: int, repeat: int) -> torch.Tensor:
+        """Shared block ``index``, sliced (and permuted on a recursive application), then its NLL."""
         if repeat == 0:
             x = self.blocks[index](x, self.groups, None)
         else:
@@ -251,13 +256,7 @@ class RecursiveStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         B, C, H, W = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        for index in range(len(self.blocks)):
-            for repeat in range(self.applications()):
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = checkpoint(self.apply_block, x, index, repeat, use_reentrant=False)
-                else:
-                    x = self.apply_block(x, index, repeat)
+        x = self.forward_applications(x.flatten(2).transpose(1, 2))
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
