@@ -121,8 +121,9 @@ class TrainConfig:
     channels_last: bool = option(False, 'hardware', 'channels-last memory format')
     compile: bool = option(False, 'hardware', 'torch.compile the model')
     num_workers: int = option(0, 'hardware', 'data-loader worker processes', low=0)
-    threads: int | None = option(None, 'hardware', 'compute threads (none: the CPUs this process may use that other '
-                                                   'processes are not busy on, less the data-loader workers)', low=1)
+    threads: int | None = option(None, 'hardware', 'compute threads (none: OMP_NUM_THREADS if set, else the CPUs '
+                                                   'this process may use that other processes are not busy on, less '
+                                                   'the data-loader workers)', low=1)
     save_every_steps: int = option(0, 'checkpoints', 'also checkpoint every N steps (0: at the end of each epoch '
                                                      'only)', low=0)
     keep_last: int = option(2, 'checkpoints', 'step checkpoints kept (best.* is kept apart)', low=1)

@@ -120,9 +120,11 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         torch.use_deterministic_algorithms(True)
     # A resumed run keeps the thread count it started with: other counts sum in other orders, and a resume must give
     # the weights an uninterrupted run gives.
+    # OMP_NUM_THREADS, if the user set it, is a choice as explicit as --threads.
     resumed_threads = recorded_threads(output)
-    cpus, busy = usable_cpus(), (0. if config.threads or resumed_threads else busy_cpus())
-    threads = config.threads or resumed_threads or default_threads(cpus, busy, config.num_workers, world_size)
+    chosen = config.threads or resumed_threads or environment_threads()
+    cpus, busy = usable_cpus(), (0. if chosen else busy_cpus())
+    threads = chosen or default_threads(cpus, busy, config.num_workers, world_size)
     torch.set_num_threads(threads)
 
     # Model and data: the model's pretrained cfg decides the input pipeline, at the resolution the model is built for.
@@ -227,6 +229,10 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
                      lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.applicable())))
         teacher_line = (f'{config.teacher} ({config.kd}, alpha {config.kd_alpha}, tau {config.kd_tau})' if teacher
                         else f'stored logits {config.teacher_logits}' if teacher_table is not None else 'none (labels)')
+        if teacher is not None and config.augment == 'none' and mixup is None and not objectives:
+            # The teacher's forward is most of a distillation step; here its inputs repeat every epoch.
+            teacher_line += ('; it sees the same images every epoch: `leanvit teacher-logits` stores its logits '
+                             'once, and --teacher-logits trains without running it')
         print('\n'.join([
             f'model      {config.model}: {leanvit.count_params(model):,} parameters, input '
             f'{"x".join(map(str, data_config(model, config.img_size)["input_size"]))}',
@@ -237,7 +243,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             f'teacher    {teacher_line}' + (f'; objectives {", ".join(objectives)}' if objectives else ''),
             f'device     {device}, {threads} compute threads '
             + ('(--threads)' if config.threads else '(as the run started)' if resumed_threads else
-               f'({cpus} usable CPUs, {busy:.1f} busy with other processes)')
+               '(OMP_NUM_THREADS)' if chosen else f'({cpus} usable CPUs, {busy:.1f} busy with other processes)')
             + f', {config.num_workers} data-loader workers, {world_size} process(es)',
             f'output     {output} ({f"resuming from {tag}" if tag else "new run"})',
         ]), flush=True)
@@ -383,6 +389,12 @@ def recorded_threads(output: Path) -> int | None:
     sidecar = output / f'{tag}.json'
     threads = read_sidecar(sidecar).get('threads') if tag and sidecar.is_file() else None  # a missing file: later
     return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1 else None
+
+
+def environment_threads() -> int | None:
+    """The thread count the ``OMP_NUM_THREADS`` environment variable sets, if it is a positive integer."""
+    value = os.environ.get('OMP_NUM_THREADS', '')
+    return int(value) if value.isdigit() and int(value) >= 1 else None
 
 
 def usable_cpus() -> int:
