@@ -6,7 +6,7 @@ import torch
 
 import leanvit
 
-# Published multiply-accumulates at 224 x 224 (docs/conventions.md, "Counting parameters and MACs"), within 2 %.
+# Published multiply-accumulates at 224 x 224 (docs/across-families.md, "Counting parameters and MACs"), within 2 %.
 REFERENCE_GMACS = {'deit_tiny_patch16_224': 1.26, 'poolformer_s12': 1.82, 'swin_tiny_patch4_window7_224': 4.5}
 
 

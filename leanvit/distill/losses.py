@@ -1,7 +1,7 @@
 """Prediction-level knowledge-distillation losses: logits in, scalar out.
 
 The papers leanvit reproduces normalise their KD terms differently, and the reported accuracies depend on it
-(docs/conventions.md, "Distillation loss normalisations"), so each normalisation is its own named function:
+(docs/across-families.md, "Distillation loss normalisations"), so each normalisation is its own named function:
 
 | name | formula | reproduces |
 |---|---|---|
