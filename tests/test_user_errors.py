@@ -4,7 +4,6 @@ Each case runs the real command line (``leanvit.cli.main``) on one bad input. Fi
 made in ``tmp_path``: a placeholder ``{tmp}`` in an argument becomes that folder.
 """
 
-import json
 import os
 import pickle
 import subprocess
