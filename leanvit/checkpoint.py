@@ -11,7 +11,6 @@ import os
 import pickle
 import pickletools
 import re
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -215,11 +214,6 @@ def _require_tensors(state_dict: dict, source: str) -> None:
     if wrong:
         raise CheckpointError(f'{source} is not a state dict of tensors: {len(wrong)} of its {len(state_dict)} entries '
                               f'are not (e.g. {"; ".join(wrong[:3])})')
-
-
-def family_function(model: nn.Module, name: str):
-    """A module-level function of the file that defines ``model``'s class (e.g. its ``checkpoint_filter_fn``)."""
-    return getattr(sys.modules[type(model).__module__], name, None)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, trust: bool = False) -> nn.Module:

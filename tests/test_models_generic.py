@@ -415,3 +415,45 @@ def test_family_registers_a_checkpoint_converter(name):
     assert convert is not None and convert.__module__ == type(model).__module__
     subclass = type('Subclass', (type(model),), {})
     assert leanvit.models.converter_for(subclass.__new__(subclass)) is convert  # found along the MRO
+    # Teacher-weight initialisation renames through the names-only converter, else the full one.
+    rename = leanvit.models.converter_for(model, names_only=True)
+    assert rename is not None and rename.__module__ == type(model).__module__
+
+
+def test_a_class_has_one_converter():
+    class Family(nn.Module):
+        pass
+
+    def convert(state_dict, model):
+        return state_dict
+
+    def other(state_dict, model):
+        return {}
+
+    leanvit.models.register_converter(Family)(convert)
+    leanvit.models.register_converter(Family, names_only=True)(other)
+    assert leanvit.models.converter_for(Family()) is convert
+    assert leanvit.models.converter_for(Family(), names_only=True) is other
+    with pytest.raises(ValueError, match='Family already has a checkpoint converter: .*convert'):
+        leanvit.models.register_converter(Family)(other)
+
+
+@over_models
+def test_norm_and_act_layers_are_injectable(name, x):
+    # timm's convention: the blocks' norm and activation are constructor arguments. A norm factory that returns the
+    # identity fits every layout (tokens or maps), so one check serves every family.
+    widths = []
+
+    def no_norm(dim: int) -> nn.Module:
+        widths.append(dim)
+        return nn.Identity()
+
+    default = create_small(name).eval()
+    injected = create_small(name, norm_layer=no_norm, act_layer=nn.SiLU).eval()
+    assert widths, f'{name} did not call norm_layer'
+    assert not any(isinstance(m, nn.GELU) for m in injected.modules())
+    assert sum(isinstance(m, nn.SiLU) for m in injected.modules()) == \
+        sum(isinstance(m, nn.GELU) for m in default.modules())
+    assert num_params(injected) < num_params(default)
+    with torch.no_grad():
+        assert injected(x).shape == default(x).shape

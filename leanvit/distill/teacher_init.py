@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from leanvit.checkpoint import family_function, unwrap_state_dict
+from leanvit.checkpoint import unwrap_state_dict
+from leanvit.models._registry import converter_for
 
 
 @dataclass
@@ -29,15 +30,15 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module | dict) -> TeacherI
     """Copy the teacher's weights into ``student`` wherever names and shapes agree, except token mixers.
 
     ``teacher`` is a model or a state_dict (wrappers such as ``'state_dict'`` or DDP's ``module.`` are removed); its
-    names pass through the student family's ``convert_layout`` (else its ``checkpoint_filter_fn``) first, so an
+    names pass through the student family's names-only converter (`leanvit.models.converter_for`) first, so an
     official PoolFormer checkpoint or a leanvit PoolFormer-form RIFormer maps onto a RIFormer student. The report
     lists every tensor that was not copied, and why.
     """
     own = student.state_dict()
     state_dict = unwrap_state_dict(dict(teacher.state_dict() if isinstance(teacher, nn.Module) else teacher))
-    # Only the names are converted: the family's full checkpoint filter would also refuse a teacher whose mixer is
-    # not the student's, which is the point here.
-    convert = family_function(student, 'convert_layout') or family_function(student, 'checkpoint_filter_fn')
+    # Only the names are converted: the family's full converter would also refuse a teacher whose mixer is not the
+    # student's, which is the point here.
+    convert = converter_for(student, names_only=True)
     if convert is not None:
         state_dict = convert(state_dict, student)
     report = TeacherInitReport()

@@ -24,13 +24,14 @@ convolutional models do.
 """
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -80,6 +81,7 @@ class GlobalFilterBlock(nn.Module):
         proj_drop: Dropout inside the MLP.
         drop_path: Stochastic depth rate.
         layer_scale_init: Initial value of the per-channel branch scale ``gamma`` (GFNet-H); None for no scale.
+        norm_layer: Norm on the (B, H, W, C) grid; act_layer: MLP activation.
     """
 
     def __init__(
@@ -90,12 +92,14 @@ class GlobalFilterBlock(nn.Module):
             proj_drop: float = 0.,
             drop_path: float = 0.,
             layer_scale_init: float | None = None,
+            norm_layer: Callable[[int], nn.Module] = LayerNorm,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
     ):
         super().__init__()
-        self.norm1 = LayerNorm(dim)
+        self.norm1 = norm_layer(dim)
         self.filter = GlobalFilter(dim, grid_size)
-        self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init)) if layer_scale_init is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -130,12 +134,13 @@ class _GFNetBase(nn.Module):
     ``feature_info``, then call ``_init_head`` and ``_init_weights``.
     """
 
-    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float):
+    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
+                   norm_layer: Callable[[int], nn.Module]):
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = num_features
         self.global_pool = _check_pool(global_pool)
         self.grad_checkpointing = False
-        self.norm = LayerNorm(num_features)
+        self.norm = norm_layer(num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -243,6 +248,9 @@ class GFNet(_GFNetBase):
         pos_drop_rate: Dropout after adding the position embedding (official ``drop_rate``).
         proj_drop_rate: Dropout inside the MLPs (official ``drop_rate``).
         drop_path_rate: Stochastic depth, rising linearly from 0 at the first block to this at the last.
+        norm_layer: Norm of the blocks and the final norm (a class or a name timm's ``get_norm_layer`` knows; default
+            LayerNorm with eps 1e-6).
+        act_layer: Activation of the MLPs (a class or a name timm's ``get_act_layer`` knows; default GELU).
     """
 
     def __init__(
@@ -259,8 +267,12 @@ class GFNet(_GFNetBase):
             pos_drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            norm_layer: LayerType | None = None,
+            act_layer: LayerType | None = None,
     ):
         super().__init__()
+        norm_layer = get_norm_layer(norm_layer) or LayerNorm
+        act_layer = get_act_layer(act_layer) or nn.GELU
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.in_chans = in_chans
         grid = _grid(self.img_size, patch_size)
@@ -269,9 +281,10 @@ class GFNet(_GFNetBase):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         rates = _linear_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
-            GlobalFilterBlock(embed_dim, grid, mlp_ratio, proj_drop_rate, rates[i]) for i in range(depth)])
+            GlobalFilterBlock(embed_dim, grid, mlp_ratio, proj_drop_rate, rates[i], norm_layer=norm_layer,
+                              act_layer=act_layer) for i in range(depth)])
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}') for i in range(depth)]
-        self._init_head(embed_dim, num_classes, global_pool, drop_rate)
+        self._init_head(embed_dim, num_classes, global_pool, drop_rate, norm_layer)
         self._init_weights()
 
     @torch.jit.ignore
@@ -345,6 +358,7 @@ class GFNetHierarchical(_GFNetBase):
         pos_drop_rate: Dropout after adding the position embedding (official ``drop_rate``).
         proj_drop_rate: Dropout inside the MLPs (official ``drop_rate``).
         drop_path_rate: Stochastic depth, rising linearly over all blocks of all stages.
+        norm_layer, act_layer: As in `GFNet`.
     """
 
     def __init__(
@@ -361,8 +375,12 @@ class GFNetHierarchical(_GFNetBase):
             pos_drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            norm_layer: LayerType | None = None,
+            act_layer: LayerType | None = None,
     ):
         super().__init__()
+        norm_layer = get_norm_layer(norm_layer) or LayerNorm
+        act_layer = get_act_layer(act_layer) or nn.GELU
         if len(embed_dims) != len(depths):
             raise ValueError(f'embed_dims has {len(embed_dims)} entries and depths {len(depths)}; expected one each '
                              f'per stage')
@@ -381,14 +399,15 @@ class GFNetHierarchical(_GFNetBase):
                 patch_embed.append(PatchConv(embed_dims[i - 1], dim, 2, tokens_in=True))
             first = sum(depths[:i])
             blocks.append(nn.Sequential(*[
-                GlobalFilterBlock(dim, grid, mlp_ratio, proj_drop_rate, rates[first + j], layer_scale_init)
+                GlobalFilterBlock(dim, grid, mlp_ratio, proj_drop_rate, rates[first + j], layer_scale_init,
+                                  norm_layer, act_layer)
                 for j in range(depth)]))
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f'blocks.{i}'))
         self.patch_embed = nn.ModuleList(patch_embed)
         self.pos_embed = nn.Parameter(torch.zeros(1, *_grid(self.img_size, 4), embed_dims[0]))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.blocks = nn.ModuleList(blocks)
-        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate, norm_layer)
         self._init_weights()
 
     @torch.jit.ignore
@@ -500,24 +519,23 @@ def _resize_filter(key: str, weight: torch.Tensor, target: torch.Size) -> torch.
     return resized.permute(0, 2, 3, 1).reshape(target).to(weight.dtype).contiguous()
 
 
-def _create(cls: type, variant: str, pretrained: bool, defaults: dict, default_out_indices, **kwargs) -> nn.Module:
-    """Build ``variant`` from its default arguments overridden by the caller's ``kwargs``."""
+def _build(cls: type, variant: str, pretrained: bool, default_out_indices, **kwargs) -> nn.Module:
     out_indices = kwargs.pop('out_indices', default_out_indices)
     return build_model_with_cfg(
         cls, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **(defaults | kwargs),
+        **kwargs,
     )
 
 
-def _create_gfnet(variant: str, pretrained: bool, defaults: dict, **kwargs) -> GFNet:
+def _create_gfnet(variant: str, pretrained: bool = False, **kwargs) -> GFNet:
     # features_only gives every block's output unless out_indices picks some (timm's ViTs take the last 3).
-    return _create(GFNet, variant, pretrained, defaults, None, **kwargs)
+    return _build(GFNet, variant, pretrained, None, **kwargs)
 
 
-def _create_gfnet_h(variant: str, pretrained: bool, defaults: dict, **kwargs) -> GFNetHierarchical:
-    return _create(GFNetHierarchical, variant, pretrained, defaults, (0, 1, 2, 3), **kwargs)
+def _create_gfnet_h(variant: str, pretrained: bool = False, **kwargs) -> GFNetHierarchical:
+    return _build(GFNetHierarchical, variant, pretrained, (0, 1, 2, 3), **kwargs)
 
 
 _TSINGHUA = 'https://cloud.tsinghua.edu.cn/f/{}/?dl=1'
@@ -559,40 +577,40 @@ _H_B = dict(embed_dims=(96, 192, 384, 768), depths=(3, 3, 27, 3), layer_scale_in
 @register_model
 def gfnet_ti(pretrained: bool = False, **kwargs) -> GFNet:
     """GFNet-Ti: 7.5 M params, 1.3 GMACs, 12 blocks of width 256."""
-    return _create_gfnet('gfnet_ti', pretrained, _TI, **kwargs)
+    return _create_gfnet('gfnet_ti', pretrained, **(_TI | kwargs))
 
 
 @register_model
 def gfnet_xs(pretrained: bool = False, **kwargs) -> GFNet:
     """GFNet-XS: 16.0 M params, 2.8 GMACs, 12 blocks of width 384."""
-    return _create_gfnet('gfnet_xs', pretrained, _XS, **kwargs)
+    return _create_gfnet('gfnet_xs', pretrained, **(_XS | kwargs))
 
 
 @register_model
 def gfnet_s(pretrained: bool = False, **kwargs) -> GFNet:
     """GFNet-S: 24.9 M params, 4.5 GMACs, 19 blocks of width 384."""
-    return _create_gfnet('gfnet_s', pretrained, _S, **kwargs)
+    return _create_gfnet('gfnet_s', pretrained, **(_S | kwargs))
 
 
 @register_model
 def gfnet_b(pretrained: bool = False, **kwargs) -> GFNet:
     """GFNet-B: 43.1 M params, 7.9 GMACs, 19 blocks of width 512."""
-    return _create_gfnet('gfnet_b', pretrained, _B, **kwargs)
+    return _create_gfnet('gfnet_b', pretrained, **(_B | kwargs))
 
 
 @register_model
 def gfnet_h_ti(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
     """GFNet-H-Ti: 15.1 M params, 2.0 GMACs, stages 3-3-10-3 of widths 64-128-256-512."""
-    return _create_gfnet_h('gfnet_h_ti', pretrained, _H_TI, **kwargs)
+    return _create_gfnet_h('gfnet_h_ti', pretrained, **(_H_TI | kwargs))
 
 
 @register_model
 def gfnet_h_s(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
     """GFNet-H-S: 32.2 M params, 4.5 GMACs, stages 3-3-10-3 of widths 96-192-384-768."""
-    return _create_gfnet_h('gfnet_h_s', pretrained, _H_S, **kwargs)
+    return _create_gfnet_h('gfnet_h_s', pretrained, **(_H_S | kwargs))
 
 
 @register_model
 def gfnet_h_b(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
     """GFNet-H-B (RIFormer's default teacher): 53.7 M params, 8.4 GMACs, stages 3-3-27-3 of widths 96-192-384-768."""
-    return _create_gfnet_h('gfnet_h_b', pretrained, _H_B, **kwargs)
+    return _create_gfnet_h('gfnet_h_b', pretrained, **(_H_B | kwargs))

@@ -22,10 +22,11 @@ into ``riformer_s12(token_mixer='pooling')`` and a PoolFormer teacher shares eve
 """
 
 import enum
+from collections.abc import Callable
 
 import torch
 import torch.fx
-from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, GroupNorm1, LayerType, get_act_layer, get_norm_layer, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -65,24 +66,28 @@ class RIFormerBlock(nn.Module):
     def __init__(
             self,
             dim: int,
-            token_mixer: str = 'affine',
+            token_mixer: str | Callable[[int], nn.Module] = 'affine',
             mlp_ratio: float = 4.,
             layer_scale_init: float = 1e-5,
             drop_path: float = 0.,
             proj_drop: float = 0.,
             fold_layer_scale: bool = False,
+            norm_layer: Callable[[int], nn.Module] = GroupNorm1,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
     ):
         super().__init__()
-        if token_mixer not in TOKEN_MIXERS:
-            raise ValueError(f'token_mixer must be one of {sorted(TOKEN_MIXERS)}, got {token_mixer!r}')
+        if isinstance(token_mixer, str) and token_mixer not in TOKEN_MIXERS:
+            raise ValueError(f'token_mixer must be one of {sorted(TOKEN_MIXERS)} or a module class, '
+                             f'got {token_mixer!r}')
         if fold_layer_scale and token_mixer != 'none':
             raise ValueError('fold_layer_scale applies to the deploy form only (token_mixer none / deploy=True)')
-        self.norm1 = GroupNorm1(dim)
-        self.token_mixer = TOKEN_MIXERS[token_mixer](dim) if TOKEN_MIXERS[token_mixer] else nn.Identity()
+        self.norm1 = norm_layer(dim)
+        mixer = TOKEN_MIXERS[token_mixer] if isinstance(token_mixer, str) else token_mixer
+        self.token_mixer = mixer(dim) if mixer else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.layer_scale1 = nn.Identity() if fold_layer_scale else LayerScale(dim, layer_scale_init)
-        self.norm2 = GroupNorm1(dim)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.norm2 = norm_layer(dim)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.layer_scale2 = LayerScale(dim, layer_scale_init)
 
@@ -144,10 +149,15 @@ class RIFormer(StagedClassifier):
         dims: channels per stage.
         mlp_ratio: MLP hidden width over the block width.
         layer_scale_init: initial value of both layer scales (1e-5 for S12/S24, 1e-6 for the deeper models).
-        token_mixer: 'affine' (RIFormer training form), 'pooling' (PoolFormer) or 'none' (same as deploy=True).
+        token_mixer: 'affine' (RIFormer training form), 'pooling' (PoolFormer), 'none' (same as deploy=True), or a
+            module class called with the block width, as timm's MetaFormer takes one (returning ``mix(x) - x``, see
+            `leanvit.layers.token_mixers`; only the affine mixer folds away in ``reparameterize()``).
         deploy: build the re-parameterized form directly, to load deploy checkpoints (a training-form checkpoint is
             folded on load).
         fold_layer_scale: in the deploy form, the first layer scale is folded into the norm as well.
+        norm_layer: Norm of the blocks and the final map (a class or a name timm's ``get_norm_layer`` knows; default
+            GroupNorm with one group). Only a norm with per-channel ``weight`` and ``bias`` can take the folded mixer.
+        act_layer: Activation of the MLPs (a class or a name timm's ``get_act_layer`` knows; default GELU).
         in_chans, num_classes, global_pool, drop_rate, proj_drop_rate, drop_path_rate: as in timm.
         img_size: accepted for timm's interface and unused: the model is fully convolutional.
     """
@@ -158,7 +168,7 @@ class RIFormer(StagedClassifier):
             dims: tuple[int, ...] = (64, 128, 320, 512),
             mlp_ratio: float = 4.,
             layer_scale_init: float = 1e-5,
-            token_mixer: str = 'affine',
+            token_mixer: str | Callable[[int], nn.Module] = 'affine',
             deploy: bool = False,
             fold_layer_scale: bool = False,
             in_chans: int = 3,
@@ -168,8 +178,12 @@ class RIFormer(StagedClassifier):
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             img_size: int | tuple[int, int] | None = None,
+            norm_layer: LayerType | None = None,
+            act_layer: LayerType | None = None,
     ):
         super().__init__()
+        norm_layer = get_norm_layer(norm_layer) or GroupNorm1
+        act_layer = get_act_layer(act_layer) or nn.GELU
         if len(depths) != len(dims):
             raise ValueError(f'depths and dims need one entry per stage, got {len(depths)} and {len(dims)}')
         if deploy:
@@ -188,11 +202,11 @@ class RIFormer(StagedClassifier):
             stages.append(RIFormerStage(
                 in_chs, dim, rates[sum(depths[:i]):sum(depths[:i + 1])], downsample=i > 0, token_mixer=token_mixer,
                 mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init, proj_drop=proj_drop_rate,
-                fold_layer_scale=fold_layer_scale))
+                fold_layer_scale=fold_layer_scale, norm_layer=norm_layer, act_layer=act_layer))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'stages.{i}'))
             in_chs = dim
         self.stages = nn.Sequential(*stages)
-        self.norm = GroupNorm1(dims[-1])
+        self.norm = norm_layer(dims[-1])
         self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(_init_weights)
 
@@ -353,6 +367,7 @@ def checkpoint_filter_fn(state_dict: dict, model: RIFormer) -> dict:
     return _fold_for(convert_layout(state_dict, model), model, layout)
 
 
+@register_converter(RIFormer, names_only=True)
 def convert_layout(state_dict: dict, model: RIFormer) -> dict:
     """Rename an official checkpoint's entries to leanvit's; values are unchanged.
 
@@ -424,12 +439,12 @@ def _fold_for(state_dict: dict, model: RIFormer, layout: Layout) -> dict:
     return state_dict
 
 
-def _create_riformer(variant: str, pretrained: bool, defaults: dict, **kwargs) -> RIFormer:
+def _create_riformer(variant: str, pretrained: bool = False, **kwargs) -> RIFormer:
     return build_model_with_cfg(
         RIFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **(defaults | kwargs),
+        **kwargs,
     )
 
 
@@ -496,31 +511,31 @@ _M48 = dict(depths=(8, 8, 24, 8), dims=(96, 192, 384, 768), layer_scale_init=1e-
 @register_model
 def riformer_s12(pretrained: bool = False, **kwargs) -> RIFormer:
     """RIFormer-S12: 11,921,832 params in training form, 11,915,176 deployed, 1.82 GMACs, 76.9 % top-1."""
-    return _create_riformer('riformer_s12', pretrained, _S12, **kwargs)
+    return _create_riformer('riformer_s12', pretrained, **(_S12 | kwargs))
 
 
 @register_model
 def riformer_s24(pretrained: bool = False, **kwargs) -> RIFormer:
-    return _create_riformer('riformer_s24', pretrained, _S24, **kwargs)
+    return _create_riformer('riformer_s24', pretrained, **(_S24 | kwargs))
 
 
 @register_model
 def riformer_s36(pretrained: bool = False, **kwargs) -> RIFormer:
-    return _create_riformer('riformer_s36', pretrained, _S36, **kwargs)
+    return _create_riformer('riformer_s36', pretrained, **(_S36 | kwargs))
 
 
 @register_model
 def riformer_m36(pretrained: bool = False, **kwargs) -> RIFormer:
-    return _create_riformer('riformer_m36', pretrained, _M36, **kwargs)
+    return _create_riformer('riformer_m36', pretrained, **(_M36 | kwargs))
 
 
 @register_model
 def riformer_m48(pretrained: bool = False, **kwargs) -> RIFormer:
-    return _create_riformer('riformer_m48', pretrained, _M48, **kwargs)
+    return _create_riformer('riformer_m48', pretrained, **(_M48 | kwargs))
 
 
 @register_model
 def test_riformer(pretrained: bool = False, **kwargs) -> RIFormer:
     """Tiny RIFormer for tests and the digits experiments: 64 x 64 input, maps 16 / 8 / 4 / 2."""
     args = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 48), layer_scale_init=1e-5)
-    return _create_riformer('test_riformer', pretrained, args, **kwargs)
+    return _create_riformer('test_riformer', pretrained, **(args | kwargs))

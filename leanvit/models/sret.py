@@ -25,6 +25,7 @@ Where leanvit departs from the official code, on purpose:
   recursive (sliced with ``recursive_groups``, permuted); for two applications per block this is the official rule.
 """
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -32,7 +33,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import ConvNormAct, DropPath, LayerNorm2d, NormMlpClassifierHead, trunc_normal_
+from timm.layers import (ConvNormAct, DropPath, LayerNorm2d, LayerType, NormMlpClassifierHead, get_act_layer,
+                         get_norm_layer, trunc_normal_)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -113,14 +115,16 @@ class SharedBlock(nn.Module):
             drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            norm_layer: Callable[[int], nn.Module] = LayerNorm,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
     ):
         super().__init__()
-        self.norm1 = LayerNorm(dim)
+        self.norm1 = norm_layer(dim)
         self.attn = GroupAttention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop_rate, proj_drop=drop_rate)
         self.attn_residual = LearnableResidual()
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = norm_layer(dim)
         # int() truncates as the official code does: SReT-T's ratio 3.6 gives hidden sizes 230 / 460 / 921.
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop_rate)
         self.mlp_residual = LearnableResidual()
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()
 
@@ -138,10 +142,11 @@ class SharedBlock(nn.Module):
 class NonLinearProjection(nn.Module):
     """NLL (paper Sec. 3.2): an un-shared residual MLP after each application of a shared block."""
 
-    def __init__(self, dim: int, mlp_ratio: float, drop_rate: float = 0.):
+    def __init__(self, dim: int, mlp_ratio: float, drop_rate: float = 0.,
+                 norm_layer: Callable[[int], nn.Module] = LayerNorm, act_layer: Callable[[], nn.Module] = nn.GELU):
         super().__init__()
-        self.norm = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
+        self.norm = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop_rate)
         self.residual = LearnableResidual()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,6 +195,8 @@ class RecursiveStage(SharedWeightStage):
             drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rates: tuple[float, ...] | None = None,
+            norm_layer: Callable[[int], nn.Module] = LayerNorm,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
     ):
         num_tokens = grid_size[0] * grid_size[1]
         for name, count in (('groups', groups), ('recursive_groups', recursive_groups)):
@@ -205,10 +212,11 @@ class RecursiveStage(SharedWeightStage):
                              f'downsampling conv between them needs a multiple of {in_dim}')
         drop_path_rates = drop_path_rates or (0.,) * num_blocks
         super().__init__(
-            [SharedBlock(dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rates[i])
-             for i in range(num_blocks)],
+            [SharedBlock(dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rates[i], norm_layer,
+                         act_layer) for i in range(num_blocks)],
             repeats=recursion,
-            per_application=lambda index, repeat: NonLinearProjection(dim, nll_ratio, drop_rate),
+            per_application=lambda index, repeat: NonLinearProjection(dim, nll_ratio, drop_rate, norm_layer,
+                                                                      act_layer),
             per_application_name='projections',
             downsample=nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, groups=in_dim) if downsample else None,
         )
@@ -304,6 +312,9 @@ class SReT(StagedClassifier):
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth; shared block i of a stage gets the official rate
             drop_path_rate * (applications in earlier stages + i) / total applications.
+        norm_layer: Norm of the blocks and NLLs (a class, or a name timm's ``get_norm_layer`` knows; default
+            LayerNorm with eps 1e-6). The conv stem keeps BatchNorm, the head LayerNorm.
+        act_layer: Activation of the MLPs (a class, or a name timm's ``get_act_layer`` knows; default GELU).
     """
 
     def __init__(
@@ -326,8 +337,12 @@ class SReT(StagedClassifier):
             pos_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            norm_layer: LayerType | None = None,
+            act_layer: LayerType | None = None,
     ):
         super().__init__()
+        norm_layer = get_norm_layer(norm_layer) or LayerNorm
+        act_layer = get_act_layer(act_layer) or nn.GELU
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] % STEM_STRIDE or img_size[1] % STEM_STRIDE:
             raise ValueError(f'img_size {img_size} must be divisible by the conv stem stride {STEM_STRIDE}')
@@ -358,7 +373,8 @@ class SReT(StagedClassifier):
             stages.append(RecursiveStage(
                 dims[max(i - 1, 0)], dims[i], grid, num_heads[i], num_blocks[i], recursion[i], groups[i],
                 recursive_groups[i], mlp_ratio, nll_ratio, downsample=i > 0, eval_permutation=eval_permutation,
-                mixed_depth=mixed_depth, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rates=rates))
+                mixed_depth=mixed_depth, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rates=rates,
+                norm_layer=norm_layer, act_layer=act_layer))
             self.feature_info.append(dict(num_chs=dims[i], reduction=STEM_STRIDE * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         # The paper normalises after pooling, so the final norm lives in the head, not in forward_features.
@@ -504,9 +520,7 @@ def _convert_official(state_dict: dict, model: SReT) -> dict:
     return out
 
 
-def _create_sret(variant: str, pretrained: bool, *defaults: dict, **kwargs) -> SReT:
-    """Build ``variant`` from its default arguments (later dicts win) overridden by the caller's ``kwargs``."""
-    kwargs = {k: v for d in defaults for k, v in d.items()} | kwargs
+def _create_sret(variant: str, pretrained: bool = False, **kwargs) -> SReT:
     return build_model_with_cfg(
         SReT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -575,51 +589,51 @@ UNSLICED = dict(groups=(1, 1, 1), recursive_groups=(1, 1, 1))
 @register_model
 def sret_t(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-T: 4.76 M params, 1.11 GMACs, sliced groups 8-4-1 / 2-1-1."""
-    return _create_sret('sret_t', pretrained, _T, SLICED, **kwargs)
+    return _create_sret('sret_t', pretrained, **(_T | SLICED | kwargs))
 
 
 @register_model
 def sret_lt(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-LT ("large tiny"): SReT-T with MLP ratio 4."""
-    return _create_sret('sret_lt', pretrained, _LT, SLICED, **kwargs)
+    return _create_sret('sret_lt', pretrained, **(_LT | SLICED | kwargs))
 
 
 @register_model
 def sret_s(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-S: 20.9 M params, 4.17 GMACs."""
-    return _create_sret('sret_s', pretrained, _S, SLICED, **kwargs)
+    return _create_sret('sret_s', pretrained, **(_S | SLICED | kwargs))
 
 
 @register_model
 def sret_t_unsliced(pretrained: bool = False, **kwargs) -> SReT:
     """SReT-T without slicing (global attention everywhere); same weights layout as sret_t."""
-    return _create_sret('sret_t_unsliced', pretrained, _T, UNSLICED, **kwargs)
+    return _create_sret('sret_t_unsliced', pretrained, **(_T | UNSLICED | kwargs))
 
 
 @register_model
 def sret_lt_unsliced(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_lt_unsliced', pretrained, _LT, UNSLICED, **kwargs)
+    return _create_sret('sret_lt_unsliced', pretrained, **(_LT | UNSLICED | kwargs))
 
 
 @register_model
 def sret_s_unsliced(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_s_unsliced', pretrained, _S, UNSLICED, **kwargs)
+    return _create_sret('sret_s_unsliced', pretrained, **(_S | UNSLICED | kwargs))
 
 
 @register_model
 def sret_t_unsliced_distill_384(pretrained: bool = False, **kwargs) -> SReT:
     """Distilled un-sliced SReT-T fine-tuned at 384 x 384 (position embedding 48 x 48)."""
-    return _create_sret('sret_t_unsliced_distill_384', pretrained, _T, UNSLICED, dict(img_size=384), **kwargs)
+    return _create_sret('sret_t_unsliced_distill_384', pretrained, **(_T | UNSLICED | dict(img_size=384) | kwargs))
 
 
 @register_model
 def sret_s_unsliced_distill_384(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_s_unsliced_distill_384', pretrained, _S, UNSLICED, dict(img_size=384), **kwargs)
+    return _create_sret('sret_s_unsliced_distill_384', pretrained, **(_S | UNSLICED | dict(img_size=384) | kwargs))
 
 
 @register_model
 def sret_s_unsliced_distill_512(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_s_unsliced_distill_512', pretrained, _S, UNSLICED, dict(img_size=512), **kwargs)
+    return _create_sret('sret_s_unsliced_distill_512', pretrained, **(_S | UNSLICED | dict(img_size=512) | kwargs))
 
 
 @register_model
@@ -627,4 +641,4 @@ def test_sret(pretrained: bool = False, **kwargs) -> SReT:
     """Tiny sliced SReT for fast tests: 64 x 64 input, token grids 8 x 8 / 4 x 4 / 2 x 2."""
     args = dict(img_size=64, head_dim=(8, 8, 8), num_heads=(1, 2, 4), num_blocks=(2, 2, 1), mlp_ratio=3.6,
                 nll_ratio=1., groups=(8, 4, 1), recursive_groups=(2, 2, 1))
-    return _create_sret('test_sret', pretrained, args, **kwargs)
+    return _create_sret('test_sret', pretrained, **(args | kwargs))
