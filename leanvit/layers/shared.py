@@ -7,6 +7,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def linear_drop_path_rates(drop_path_rate: float, num_layers: int) -> list[float]:
+    """The usual stochastic depth rule, 0 at the first layer to ``drop_path_rate`` at the last (``torch.linspace`` in
+    the official codes; plain Python here, so that a model built under ``torch.device('meta')`` needs no values)."""
+    return [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+
+
 class SharedWeightStage(nn.Module):
     """Distinct blocks, each applied ``repeats`` times in a row, each application followed by its own small module.
 

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from leanvit.checkpoint import unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
+from leanvit.layers.shared import linear_drop_path_rates
 from leanvit.models._registry import PaperCfg, register_converter
 
 __all__ = ['GFNet', 'GFNetHierarchical', 'GlobalFilter', 'GlobalFilterBlock']
@@ -222,12 +223,6 @@ def _grid(img_size: tuple[int, int], stride: int) -> tuple[int, int]:
     return img_size[0] // stride, img_size[1] // stride
 
 
-def _linear_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
-    """Official stochastic depth rule, 0 at the first block to ``drop_path_rate`` at the last (torch.linspace there;
-    plain Python here, so that a model built under torch.device('meta') needs no tensor values)."""
-    return [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
-
-
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
@@ -279,7 +274,7 @@ class GFNet(_GFNetBase):
         self.patch_embed = PatchConv(in_chans, embed_dim, patch_size, tokens_in=False)
         self.pos_embed = nn.Parameter(torch.zeros(1, *grid, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        rates = _linear_rates(drop_path_rate, depth)
+        rates = linear_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
             GlobalFilterBlock(embed_dim, grid, mlp_ratio, proj_drop_rate, rates[i], norm_layer=norm_layer,
                               act_layer=act_layer) for i in range(depth)])
@@ -388,7 +383,7 @@ class GFNetHierarchical(_GFNetBase):
         self.in_chans = in_chans
         num_stages = len(depths)
         _grid(self.img_size, 4 * 2 ** (num_stages - 1))
-        rates = _linear_rates(drop_path_rate, sum(depths))
+        rates = linear_drop_path_rates(drop_path_rate, sum(depths))
         patch_embed, blocks, self.feature_info = [], [], []
         for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
             stride = 4 * 2 ** i
