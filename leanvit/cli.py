@@ -205,6 +205,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from leanvit.analyze import BLOCK_PATTERN, analyze_cka, analyze_gradient_norms
+
+    if args.analysis == 'grad-norms':
+        report = analyze_gradient_norms(
+            args.output, model_name=args.model, model_kwargs=args.model_kwargs, checkpoint=args.checkpoint,
+            trust=args.trust_checkpoint, data=args.data, val_split=args.val_split, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment,
+            seed=args.seed, pattern=args.blocks or BLOCK_PATTERN)
+        print(f'model      {report["model"]} ' + (f'from {args.checkpoint}' if args.checkpoint else
+                                                  f'(new, seed {args.seed})')
+              + ("; its classifier replaced for the data's classes" if report['head_replaced'] and args.checkpoint
+                 else ''))
+        print(f'data       {report["data"]}')
+        print(f'trained    {report["steps"]} steps of cross-entropy, AdamW lr {args.lr:g}, weight decay '
+              f'{args.weight_decay:g}, batch {args.batch_size}, on {report["device"]}')
+        print(f'layers     {len(report["layers"])} blocks, a shared block once (one gradient for all its '
+              f'applications): {", ".join(report["layers"])}')
+    else:
+        report = analyze_cka(
+            args.output, model_a=args.model_a, model_kwargs_a=args.model_kwargs_a, checkpoint_a=args.checkpoint_a,
+            model_b=args.model_b, model_kwargs_b=args.model_kwargs_b, checkpoint_b=args.checkpoint_b,
+            trust=args.trust_checkpoint, data=args.data, split=args.split, val_split=args.val_split, seed=args.seed,
+            max_images=args.max_images, batch_size=args.batch_size, pattern_a=args.blocks_a or BLOCK_PATTERN,
+            pattern_b=args.blocks_b or BLOCK_PATTERN, layout_a=args.layout_a, layout_b=args.layout_b)
+        for side, name, checkpoint, layers in (('A', report['model_a'], args.checkpoint_a, report['layers_a']),
+                                               ('B', report['model_b'], args.checkpoint_b, report['layers_b'])):
+            print(f'model {side}    {name}' + (f' from {checkpoint}' if checkpoint else ' (new, untrained)')
+                  + f': {len(layers)} layers')
+        print(f'data       {report["data"]}: the first {report["images"]} images of the {report["split"]} split')
+    print(f'wrote      {", ".join(report["files"])}')
+    return 0
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     value = int(text)
@@ -274,6 +308,15 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, data_default: str | No
     if data_default:
         parser.add_argument('--data', default=None,
                             help=f'an image folder or torch/NAME:ROOT, as in training (default: {data_default})')
+
+
+def _add_analysis_data_args(parser: argparse.ArgumentParser) -> None:
+    """The data an analysis reads (default: the bundled digits) and how a single folder of class folders is split."""
+    parser.add_argument('--data', default=None, help='an image folder or torch/NAME:ROOT, as in training (default: '
+                                                     'the bundled digits)')
+    parser.add_argument('--val-split', type=float, default=None,
+                        help='fraction held out for validation, for a folder of class folders without train/ and val/')
+    parser.add_argument('--seed', type=int, default=0, help='seed of initialisation, data order and --val-split')
 
 
 class Parser(argparse.ArgumentParser):
@@ -369,6 +412,61 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument('--atol', type=non_negative_float, default=DEFAULT_ATOL,
                         help='largest absolute output difference allowed (default: %(default)g)')
     export.set_defaults(func=cmd_export)
+
+    analyze = sub.add_parser('analyze', help="MiniViT's diagnostics: per-block gradient norms in training, layer CKA "
+                                             'between two models')
+    analyses = analyze.add_subparsers(dest='analysis', required=True)
+    blocks_help = ('regular expression matching the block modules by name (default: blocks.N as in timm ViT / DeiT, '
+                   'layers.S.blocks.B as in timm Swin, stages.S.blocks.B as in leanvit models)')
+    grad_norms = analyses.add_parser(
+        'grad-norms', help='train N steps and record the gradient l2-norm of each block (MiniViT Fig. 2)',
+        description='Train a model N steps (cross-entropy, AdamW, the training data pipeline) and write the gradient '
+                    'l2-norm of each block at each step: grad_norms.csv (step, layer, norm) and grad_norms.png. A '
+                    'block whose weights are shared and applied several times has one gradient per parameter, so it '
+                    'is one series.')
+    grad_norms.add_argument('--model', default=None, help="model name (default: from --checkpoint's .json)")
+    grad_norms.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON',
+                            help="model arguments, e.g. '{\"img_size\": 32}'")
+    grad_norms.add_argument('--checkpoint', default=None, help='weights to start from (default: a new model); a '
+                                                               "classifier of another class count is replaced")
+    _add_trust_flag(grad_norms)
+    _add_analysis_data_args(grad_norms)
+    grad_norms.add_argument('--steps', type=positive_int, default=100, help='optimisation steps (default: 100)')
+    grad_norms.add_argument('--batch-size', type=positive_int, default=64)
+    grad_norms.add_argument('--lr', type=non_negative_float, default=1e-3, help='AdamW learning rate (default: 1e-3)')
+    grad_norms.add_argument('--weight-decay', type=non_negative_float, default=0.05,
+                            help='AdamW weight decay, not on 1-D parameters (default: 0.05)')
+    grad_norms.add_argument('--augment', default='light', help='training-transform preset: none, light or imagenet, '
+                                                               'as in training (default: light)')
+    grad_norms.add_argument('--blocks', default=None, metavar='REGEX', help=blocks_help)
+    grad_norms.add_argument('--output', required=True, help='folder for grad_norms.csv and grad_norms.png')
+    grad_norms.set_defaults(func=cmd_analyze)
+
+    cka = analyses.add_parser(
+        'cka', help='linear CKA between the block outputs of two models (MiniViT Fig. 3)',
+        description='Linear CKA (Kornblith et al. 2019) between every block output of model A and every block output '
+                    'of model B on the same images, each output mean-pooled over its tokens: cka.csv (layer_a, '
+                    'layer_b, cka) and cka.png. A block applied several times (shared weights) gives one layer per '
+                    'application: blocks.0#0, blocks.0#1.')
+    for side in ('a', 'b'):
+        cka.add_argument(f'--model-{side}', default=None, help=f"model {side.upper()}'s name (default: from "
+                                                                f"--checkpoint-{side}'s .json)")
+        cka.add_argument(f'--model-kwargs-{side}', type=json_object, default=None, metavar='JSON',
+                         help=f'model {side.upper()}\'s arguments')
+        cka.add_argument(f'--checkpoint-{side}', default=None, help=f"model {side.upper()}'s weights (default: a "
+                                                                    f'new, untrained model)')
+        cka.add_argument(f'--blocks-{side}', default=None, metavar='REGEX', help=blocks_help)
+        cka.add_argument(f'--layout-{side}', choices=('auto', 'NLC', 'NCHW', 'NHWC'), default='auto',
+                         help='layout of the block outputs: tokens or maps (default: auto, from their shapes)')
+    _add_trust_flag(cka)
+    _add_analysis_data_args(cka)
+    cka.add_argument('--split', choices=('train', 'val'), default='val',
+                     help='the images compared, without augmentation (default: val)')
+    cka.add_argument('--max-images', type=positive_int, default=1000,
+                     help='compare the first N images of the split (default: 1000)')
+    cka.add_argument('--batch-size', type=positive_int, default=64)
+    cka.add_argument('--output', required=True, help='folder for cka.csv and cka.png')
+    cka.set_defaults(func=cmd_analyze)
     return parser
 
 

@@ -67,6 +67,15 @@ def parameter_grads(model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict[st
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def as_nchw(features: torch.Tensor, fmt: str, shape: torch.Size) -> torch.Tensor:
+    """``forward_features`` output in ``fmt`` (NCHW, NHWC, or NLC tokens) as an NCHW map of ``shape``."""
+    if fmt == 'NHWC':
+        return features.permute(0, 3, 1, 2)
+    if fmt == 'NLC':
+        return features.transpose(1, 2).reshape(shape)
+    return features
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -218,7 +227,8 @@ def test_prune_intermediate_layers_keeps_intermediates(model, x):
     assert num_params(pruned) < num_params(model), 'pruning removed nothing'
     final, intermediates = pruned.forward_intermediates(x, indices=keep)
     torch.testing.assert_close(intermediates, reference[:len(keep)])
-    torch.testing.assert_close(final, reference[keep[-1]])
+    torch.testing.assert_close(as_nchw(final, getattr(model, 'output_fmt', 'NCHW'), reference[keep[-1]].shape),
+                               reference[keep[-1]])
 
 
 @over_models
@@ -444,7 +454,7 @@ def test_norm_and_act_layers_are_injectable(name, x):
     # identity fits every layout (tokens or maps), so one check serves every family.
     widths = []
 
-    def no_norm(dim: int) -> nn.Module:
+    def no_norm(dim: int, **factory_kwargs) -> nn.Module:  # timm's layers pass device and dtype
         widths.append(dim)
         return nn.Identity()
 

@@ -1,6 +1,6 @@
 """A stage whose blocks are applied several times each: depth without parameters, every shared weight stored once."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -74,15 +74,28 @@ class SharedWeightStage(nn.Module):
         module = self.application_module(index, repeat)
         return x if module is None else module(x)
 
-    def forward_applications(self, x: torch.Tensor) -> torch.Tensor:
-        """Every application in order: block 0 ``applications()`` times, then block 1, and so on."""
+    def forward_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Every application in order, block 0 ``applications()`` times, then block 1, and so on; yields the output
+        after each block's last application (the stage's intermediates)."""
         for index in range(len(self.blocks)):
             for repeat in range(self.applications()):
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x = checkpoint(self.forward_application, x, index, repeat, use_reentrant=False)
                 else:
                     x = self.forward_application(x, index, repeat)
+            yield x
+
+    def forward_applications(self, x: torch.Tensor) -> torch.Tensor:
+        for x in self.forward_blocks(x):
+            pass
         return x
+
+    def truncate(self, num_blocks: int):
+        """Keep the first ``num_blocks`` blocks and their per-application modules (timm's layer pruning)."""
+        self.blocks = self.blocks[:num_blocks]
+        modules = getattr(self, self.per_application_name, None)
+        if modules is not None:
+            setattr(self, self.per_application_name, modules[:num_blocks * self.repeats])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_applications(self.downsample(x))

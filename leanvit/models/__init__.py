@@ -3,5 +3,5 @@
 from leanvit.models import gfnet, minivit, riformer, sret
 from leanvit.models._registry import PaperCfg, converter_for, create_model, list_models, register_converter
 
-__all__ = ['PaperCfg', 'converter_for', 'create_model', 'gfnet', 'list_models', 'minivit', 'register_converter', 'riformer',
-           'sret']
+__all__ = ['PaperCfg', 'converter_for', 'create_model', 'gfnet', 'list_models', 'minivit', 'register_converter',
+           'riformer', 'sret']

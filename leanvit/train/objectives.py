@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from leanvit.distill.imitation import LAYOUTS, ImitationWeights, ModuleImitation
+from leanvit.distill.weight_distillation import WeightDistillation
 from leanvit.errors import UsageError
 
 
@@ -53,7 +54,20 @@ def module_imitation(student: nn.Module, teacher: nn.Module | None, *, block_out
         raise UsageError(f'module_imitation: {e}') from None
 
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {'module_imitation': module_imitation}
+def weight_distillation(student: nn.Module, teacher: nn.Module | None, **options) -> WeightDistillation:
+    """MiniViT's weight distillation (see ``leanvit.distill.weight_distillation``): attention relations and hidden
+    states of paired layers; ``options`` are `WeightDistillation`'s keyword arguments."""
+    if teacher is None:
+        raise UsageError('weight_distillation needs a live teacher model (teacher: NAME), not precomputed '
+                         'teacher_logits')
+    try:
+        return WeightDistillation(student, teacher, **options)
+    except (ValueError, re.error) as e:  # options that do not fit the two models, bad block patterns
+        raise UsageError(f'weight_distillation: {e}') from None
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {'module_imitation': module_imitation,
+                                                   'weight_distillation': weight_distillation}
 
 
 def build_objectives(options: dict, student: nn.Module, teacher: nn.Module | None) -> dict[str, Objective]:
