@@ -18,6 +18,7 @@ _LAZY = {
     'create_model': 'leanvit.models', 'list_models': 'leanvit.models', 'load_checkpoint': 'leanvit.checkpoint',
     'read_checkpoint': 'leanvit.checkpoint', 'save_weights': 'leanvit.checkpoint', 'Profile': 'leanvit.profiler',
     'count_params': 'leanvit.profiler', 'profile': 'leanvit.profiler', 'UnsafeCheckpointError': 'leanvit.errors',
+    'multiplex': 'leanvit.compress',
 }
 
 __all__ = sorted([*_LAZY, 'models'])

@@ -1,0 +1,246 @@
+"""Compress a pre-trained DeiT/ViT or Swin into a weight-multiplexed MiniViT student (`multiplex`).
+
+The official MiniViT code trains its students from random initialisation (Zhang et al., "MiniViT", CVPR 2022,
+Sec. 4.1). leanvit starts them from the teacher they compress instead: each shared block takes the weights of the
+teacher layers it replaces (the first of them, their mean, or a chosen one), every student layer keeps its own
+teacher layer's LayerNorms, and the weight transformations start where they change nothing (head mixing at the
+identity, iRPE tables at zero). With ``share=1`` the student computes exactly the teacher's function; with sharing,
+`agreement` says how far the untrained student is from the teacher, before weight distillation closes the gap
+(`leanvit.distill.weight_distillation`, through the training engine).
+
+Not identity-equivalent, hence off by default here: Mini-Swin's MLP transformation (``local_conv``), whose
+LayerNorm replaces the residual stream (docs/minivit.md, "leanvit choices").
+"""
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from leanvit.errors import UsageError
+from leanvit.models.minivit import HeadMixing, MiniDeiT, MiniSwin
+
+STRATEGIES = ('first', 'mean')
+
+
+@dataclass
+class MultiplexReport:
+    """What `multiplex` copied: ``groups`` maps each shared block to the teacher layers it stands for."""
+    teacher_params: int
+    student_params: int
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        ratio = self.teacher_params / self.student_params
+        lines = [f'student {self.student_params:,} parameters, teacher {self.teacher_params:,} ({ratio:.2f}x fewer)']
+        lines += [f'{block} <- {", ".join(layers)}' for block, layers in self.groups.items()]
+        return '\n'.join(lines + self.notes)
+
+
+def _layer_source(strategy: str | int, share: int) -> str | int:
+    if strategy in STRATEGIES:
+        return strategy
+    if isinstance(strategy, int) and not isinstance(strategy, bool) and 0 <= strategy < share:
+        return strategy
+    raise UsageError(f"init must be one of {', '.join(STRATEGIES)} or the index of a layer within each group of "
+                     f"{share} (0..{share - 1}), got {strategy!r}")
+
+
+@torch.no_grad()
+def _init_shared(target: nn.Module, sources: list[nn.Module], strategy: str | int):
+    """Copy into ``target`` the parameters of ``sources`` (teacher blocks): one of them, or their mean."""
+    params = dict(target.named_parameters())
+    for name, value in params.items():
+        values = [_fit(dict(source.named_parameters())[name], value, name) for source in sources]
+        value.copy_(torch.stack(values).mean(0) if strategy == 'mean' else values[0 if strategy == 'first'
+                                                                                 else strategy])
+
+
+def _fit(source: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    """``source`` shaped as ``target``. A Swin stage whose map is smaller than the window has a smaller relative
+    position bias table in timm (sized for the shrunk window); here the table is sized for the configured window and
+    the shrunk window uses its central offsets, so the teacher's table goes there."""
+    if source.shape == target.shape or not name.endswith('relative_position_bias_table'):
+        return source
+    small, big = round(source.shape[0] ** 0.5), round(target.shape[0] ** 0.5)
+    start = (big - small) // 2
+    table = torch.zeros(big, big, target.shape[1], dtype=source.dtype)
+    table[start:start + small, start:start + small] = source.view(small, small, -1)
+    return table.view_as(target)
+
+
+def _shared_block_view(block: nn.Module) -> nn.Module:
+    """The shared part of a teacher block under the student's names: attn and mlp (norms are per layer)."""
+    view = nn.Module()
+    view.attn, view.mlp = block.attn, block.mlp
+    return view
+
+
+@torch.no_grad()
+def _fill_stage(stage, teacher_blocks: list[nn.Module], teacher_names: list[str], strategy, report, prefix: str):
+    repeats = stage.repeats
+    for index, block in enumerate(stage.blocks):
+        group = teacher_blocks[index * repeats:(index + 1) * repeats]
+        shared = nn.Module()
+        shared.attn, shared.mlp = block.attn, block.mlp
+        _init_shared(shared, [_shared_block_view(b) for b in group], strategy)
+        report.groups[f'{prefix}.blocks.{index}'] = teacher_names[index * repeats:(index + 1) * repeats]
+        for repeat, teacher_block in enumerate(group):
+            layer = stage.layers[index * repeats + repeat]
+            layer.norm1.load_state_dict(teacher_block.norm1.state_dict())
+            layer.norm2.load_state_dict(teacher_block.norm2.state_dict())
+            for module in (layer.mix_logits, layer.mix_probs):
+                if isinstance(module, HeadMixing):
+                    module.identity_()
+            if layer.rpe is not None:
+                nn.init.zeros_(layer.rpe.lookup_table_weight)
+
+
+def _check_plain_blocks(blocks: list[nn.Module], kind: str):
+    for i, block in enumerate(blocks):
+        extras = [name for name in ('ls1', 'ls2') if not isinstance(getattr(block, name, nn.Identity()), nn.Identity)]
+        if extras or not isinstance(getattr(block.attn, 'q_norm', nn.Identity()), nn.Identity):
+            raise UsageError(f'{kind} block {i} has layer scale or q/k norms, which MiniViT students do not have; '
+                             f'expected a DeiT/ViT or Swin of the original form')
+
+
+def multiplex(teacher: nn.Module, share: int = 2, init: str | int = 'first', attn_transform: bool = True,
+              local_conv: bool = False, rpe: bool = False) -> tuple[nn.Module, MultiplexReport]:
+    """A MiniViT student of ``teacher`` (a timm ``VisionTransformer`` (DeiT/ViT) or ``SwinTransformer``), sharing
+    each block across ``share`` consecutive layers, initialised from the teacher (module docstring).
+
+    Args:
+        teacher: The pre-trained model; left unchanged.
+        share: Consecutive layers per shared block; must divide every stage's depth. 1 shares nothing.
+        init: Which teacher weights a shared block takes: 'first' (of the layers it replaces), 'mean', or the index
+            of a layer within each group.
+        attn_transform, local_conv, rpe: The student's weight transformations (`MiniDeiT` / `MiniSwin`); ``rpe``
+            for DeiT students only.
+
+    Returns:
+        The student (same input size, classes and widths as the teacher) and a report of what was copied.
+
+    Raises:
+        UsageError: an unsupported teacher, a ``share`` that does not divide a depth, an unknown ``init``.
+    """
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(share, int) or share < 1:
+        raise UsageError(f'share must be a positive number of layers per shared block, got {share!r}')
+    strategy = _layer_source(init, share)
+    if isinstance(teacher, VisionTransformer):
+        student, report = _multiplex_vit(teacher, share, strategy, attn_transform, local_conv, rpe)
+    elif isinstance(teacher, SwinTransformer):
+        if rpe:
+            raise UsageError('rpe (iRPE) is a Mini-DeiT transformation; a Swin student has none')
+        student, report = _multiplex_swin(teacher, share, strategy, attn_transform, local_conv)
+    else:
+        raise UsageError(f'cannot multiplex a {type(teacher).__name__}; expected a timm VisionTransformer '
+                         f'(DeiT/ViT) or SwinTransformer')
+    report.student_params = sum(p.numel() for p in student.parameters())
+    return student.train(teacher.training), report
+
+
+def _norm_layer(norm: nn.Module):
+    return partial(nn.LayerNorm, eps=norm.eps)
+
+
+@torch.no_grad()
+def _multiplex_vit(teacher, share, strategy, attn_transform, local_conv, rpe):
+    blocks = list(teacher.blocks)
+    depth = len(blocks)
+    if depth % share:
+        raise UsageError(f'share={share} does not divide the teacher\'s {depth} layers; expected a divisor of {depth}')
+    _check_plain_blocks(blocks, 'ViT')
+    embed = teacher.patch_embed
+    dim = teacher.embed_dim
+    student = MiniDeiT(
+        img_size=embed.img_size, patch_size=embed.patch_size, in_chans=embed.proj.in_channels,
+        num_classes=teacher.num_classes, embed_dim=dim, depth=depth, num_heads=blocks[0].attn.num_heads,
+        mlp_ratio=blocks[0].mlp.fc1.out_features / dim, share=share, attn_transform=attn_transform,
+        local_conv=local_conv, rpe=rpe, norm_layer=_norm_layer(blocks[0].norm1))
+    report = MultiplexReport(sum(p.numel() for p in teacher.parameters()), 0)
+    student.patch_embed.load_state_dict(embed.state_dict())
+    prefix = 0 if teacher.no_embed_class else teacher.num_prefix_tokens
+    student.pos_embed.copy_(teacher.pos_embed[:, prefix:])
+    if teacher.num_prefix_tokens:
+        report.notes.append(f'the teacher\'s {teacher.num_prefix_tokens} class/register token(s) have no place in '
+                            'the student, which classifies the average of its tokens (Mini-DeiT)')
+    _fill_stage(student.stages[0], blocks, [f'blocks.{i}' for i in range(depth)], strategy, report, 'stages.0')
+    final_norm = teacher.norm if isinstance(teacher.fc_norm, nn.Identity) else teacher.fc_norm
+    student.norm.load_state_dict(final_norm.state_dict())
+    if not isinstance(teacher.fc_norm, nn.Identity):
+        report.notes.append("the teacher normalises after pooling (fc_norm); the student's norm, taken from it, "
+                            "acts before pooling")
+    if teacher.num_classes:
+        student.head.load_state_dict(teacher.head.state_dict())
+    return student, report
+
+
+@torch.no_grad()
+def _multiplex_swin(teacher, share, strategy, attn_transform, local_conv):
+    depths = [len(stage.blocks) for stage in teacher.layers]
+    if any(depth % share for depth in depths):
+        raise UsageError(f'share={share} does not divide every stage depth of the teacher {depths}')
+    all_blocks = [block for stage in teacher.layers for block in stage.blocks]
+    _check_plain_blocks(all_blocks, 'Swin')
+    first = teacher.layers[0].blocks[0]
+    embed = teacher.patch_embed
+    window = first.window_size[0] if isinstance(first.window_size, tuple) else first.window_size
+    student = MiniSwin(
+        img_size=embed.img_size, patch_size=embed.patch_size[0], in_chans=embed.proj.in_channels,
+        num_classes=teacher.num_classes, embed_dim=teacher.embed_dim, depths=tuple(depths),
+        num_heads=tuple(stage.blocks[0].attn.num_heads for stage in teacher.layers),
+        window_size=window, mlp_ratio=first.mlp.fc1.out_features / teacher.embed_dim,
+        distinct_blocks=tuple(depth // share for depth in depths), attn_transform=attn_transform,
+        local_conv=local_conv, official_mask=False, norm_layer=_norm_layer(first.norm1))
+    report = MultiplexReport(sum(p.numel() for p in teacher.parameters()), 0)
+    student.patch_embed.load_state_dict(embed.state_dict())
+    for s, (stage, teacher_stage) in enumerate(zip(student.stages, teacher.layers)):
+        if not isinstance(teacher_stage.downsample, nn.Identity):
+            stage.downsample.load_state_dict(teacher_stage.downsample.state_dict())
+        names = [f'layers.{s}.blocks.{b}' for b in range(len(teacher_stage.blocks))]
+        _fill_stage(stage, list(teacher_stage.blocks), names, strategy, report, f'stages.{s}')
+    student.norm.load_state_dict(teacher.norm.state_dict())
+    if teacher.num_classes:
+        student.head.fc.load_state_dict(teacher.head.fc.state_dict())
+    return student, report
+
+
+@dataclass
+class Agreement:
+    """How close two models' outputs are on the same images."""
+    images: int
+    top1_agreement: float   # fraction of images on which both predict the same class
+    logit_rmse: float       # root mean squared difference of the logits
+    max_logit_error: float
+
+
+@torch.no_grad()
+def agreement(student: nn.Module, teacher: nn.Module, batches, max_images: int | None = None) -> Agreement:
+    """Compare ``student`` with ``teacher`` in eval mode on ``batches`` of images (or (images, labels) pairs)."""
+    modes = student.training, teacher.training
+    student.eval(), teacher.eval()
+    images = same = 0
+    squared = worst = 0.
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if max_images is not None:
+                x = x[:max_images - images]
+            student_logits, teacher_logits = student(x).float(), teacher(x).float()
+            difference = student_logits - teacher_logits
+            same += int((student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
+            squared += float(difference.square().sum()) / difference.shape[-1]
+            worst = max(worst, float(difference.abs().max()))
+            images += x.shape[0]
+            if max_images is not None and images >= max_images:
+                break
+    finally:
+        student.train(modes[0]), teacher.train(modes[1])
+    if not images:
+        raise UsageError('agreement needs at least one image')
+    return Agreement(images, same / images, (squared / images) ** 0.5, worst)
