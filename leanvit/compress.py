@@ -72,7 +72,7 @@ def _fit(source: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _shared_block_view(block: nn.Module) -> nn.Module:
-    """The shared part of a teacher block under the student's names: attn and mlp (norms are per layer)."""
+    """The shared part of a block, teacher's or student's: attn and mlp (the norms are per layer)."""
     view = nn.Module()
     view.attn, view.mlp = block.attn, block.mlp
     return view
@@ -83,9 +83,7 @@ def _fill_stage(stage, teacher_blocks: list[nn.Module], teacher_names: list[str]
     repeats = stage.repeats
     for index, block in enumerate(stage.blocks):
         group = teacher_blocks[index * repeats:(index + 1) * repeats]
-        shared = nn.Module()
-        shared.attn, shared.mlp = block.attn, block.mlp
-        _init_shared(shared, [_shared_block_view(b) for b in group], strategy)
+        _init_shared(_shared_block_view(block), [_shared_block_view(b) for b in group], strategy)
         report.groups[f'{prefix}.blocks.{index}'] = teacher_names[index * repeats:(index + 1) * repeats]
         for repeat, teacher_block in enumerate(group):
             layer = stage.layers[index * repeats + repeat]
