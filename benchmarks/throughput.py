@@ -12,8 +12,11 @@ Suites:
   riformer  RIFormer-S12 deployed (no token mixer, re-parameterized) against timm's PoolFormer-S12, against leanvit's
             PoolFormer form (same code, pooling mixer, re-parameterized) and against its own training form, and the
             deploy model (the paper's fold only) in ONNX Runtime against eager PyTorch.
+  minivit   Mini-DeiT-Ti, canonical and re-parameterized, against DeiT-Ti, and against the official Mini-DeiT-Ti when
+            --official-minivit names the Mini-DeiT folder of a github.com/microsoft/Cream checkout (it needs the
+            ``easydict`` package); the official code is imported from there, never shipped with leanvit.
 
-    python benchmarks/throughput.py --suite sret|riformer [--rounds 15] [--iters 2] [--markdown FILE]
+    python benchmarks/throughput.py --suite sret|riformer|minivit [--rounds 15] [--iters 2] [--markdown FILE]
 """
 
 import argparse
@@ -99,7 +102,36 @@ def riformer_suite(scratch: str, batch_size: int) -> tuple[dict, dict, list]:
     return runners, models, ratios
 
 
-SUITES = {'sret': sret_suite, 'riformer': riformer_suite}
+def minivit_suite(scratch: str, batch_size: int, official: str | None = None) -> tuple[dict, dict, list]:
+    mini = timm.create_model('mini_deit_tiny_patch16_224').eval()
+    models = {
+        'deit_tiny_patch16_224': timm.create_model('deit_tiny_patch16_224'),
+        'mini_deit_tiny': mini,
+        'mini_deit_tiny' + REPARAMETERIZED: reparameterize_model(mini),
+    }
+    ratios = [('mini_deit_tiny' + REPARAMETERIZED, 'deit_tiny_patch16_224'),
+              ('mini_deit_tiny', 'deit_tiny_patch16_224')]
+    if official:
+        import sys
+        sys.path.insert(0, official)
+        import mini_deit_models  # the official file; it re-registers the names in timm, so call it directly
+
+        reference = mini_deit_models.mini_deit_tiny_patch16_224().eval()
+        # Same weights in both, so that both compute the same function (checked below).
+        mini.load_state_dict(leanvit.models.minivit.checkpoint_filter_fn(reference.state_dict(), mini))
+        models['mini_deit_tiny' + REPARAMETERIZED] = reparameterize_model(mini)
+        check = torch.randn(2, 3, 224, 224)
+        with torch.inference_mode():
+            error = (models['mini_deit_tiny' + REPARAMETERIZED](check) - reference(check)).abs().max()
+        print(f'leanvit vs official Mini-DeiT-Ti, same weights: max logit difference {error:.2e}')
+        models['official mini_deit_tiny'] = reference
+        ratios += [('mini_deit_tiny' + REPARAMETERIZED, 'official mini_deit_tiny'),
+                   ('mini_deit_tiny', 'official mini_deit_tiny'),
+                   ('official mini_deit_tiny', 'deit_tiny_patch16_224')]
+    return {n: eager(m) for n, m in models.items()}, models, ratios
+
+
+SUITES = {'sret': sret_suite, 'riformer': riformer_suite, 'minivit': minivit_suite}
 
 
 def images_per_second(run: Runner, images: torch.Tensor, iters: int) -> float:
@@ -116,12 +148,14 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=2, help='forward passes per model per round')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--markdown', help='also write the results table to this file')
+    parser.add_argument('--official-minivit', help='minivit suite: the MiniViT/Mini-DeiT folder of a Cream checkout')
     args = parser.parse_args()
 
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 224, 224)
     with tempfile.TemporaryDirectory() as scratch:
-        runners, models, ratios = SUITES[args.suite](scratch, args.batch_size)
+        extra = dict(official=args.official_minivit) if args.suite == 'minivit' else {}
+        runners, models, ratios = SUITES[args.suite](scratch, args.batch_size, **extra)
         names = list(runners)
         gmacs = {name: leanvit.profile(model, (3, 224, 224)).gmacs for name, model in models.items()}
         for run in runners.values():
