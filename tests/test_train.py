@@ -1,6 +1,7 @@
 """The training engine: it learns, it distils, it resumes bit-identically after SIGKILL, it stops on NaN."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -15,11 +16,16 @@ import torch
 from safetensors.torch import load_file
 
 import leanvit
+from leanvit.distill.weight_distillation import WeightDistillation
 from leanvit.errors import UsageError
 from leanvit.train import TrainConfig, train
+from leanvit.train.checkpoints import CheckpointManager
 
 TINY = dict(model='test_sret', img_size=32, batch_size=64, epochs=2, lr=2e-3, warmup_epochs=0, progress=False,
             num_workers=0)
+# MiniViT's weight distillation with trainable width adapters: a teacher of twice the student's head width.
+ADAPTED = dict(TINY, epochs=1, threads=1, teacher='test_sret', teacher_kwargs=dict(head_dim=[16, 16, 16]),
+               objectives={'weight_distillation': {'attention': 0, 'hidden': 1.0, 'hidden_form': 'mse'}})
 
 
 def run_cli_train(output: Path, *extra: str) -> subprocess.Popen:
@@ -108,12 +114,18 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert json.loads((tmp_path / 'latest.json').read_text())['tag'] == 'step-0000004'
 
 
-def test_two_process_data_parallel_matches_one_process(tmp_path):
+@pytest.mark.parametrize('objective', [False, True], ids=['labels', 'adapted_weight_distillation'])
+def test_two_process_data_parallel_matches_one_process(tmp_path, objective):
     # A model without batch statistics (BatchNorm would see half batches) and unaugmented inputs, so that one
     # process and two processes compute the same global-batch gradients. SGD, because Adam turns the float noise of
     # zero gradients (the attention key bias has one) into full-size steps.
     common = ['train', '--model', 'test_vit', '--img-size', '32', '--batch-size', '32', '--epochs', '1',
               '--opt', 'sgd', '--lr', '0.05', '--weight-decay', '0', '--augment', 'none', '--no-progress']
+    if objective:  # trainable adapters outside DDP: the same start and the same averaged gradients on every rank
+        leanvit.save_weights(leanvit.create_model('test_vit', img_size=32, num_classes=10, embed_dim=48),
+                             tmp_path / 'teacher.safetensors')
+        common += ['--teacher', 'test_vit', '--teacher-kwargs', '{"embed_dim": 48}', '--teacher-checkpoint',
+                   str(tmp_path / 'teacher.safetensors'), '--objectives', json.dumps(ADAPTED['objectives'])]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     single = subprocess.run([sys.executable, '-m', 'leanvit.cli', *common, '--output', str(tmp_path / 'one')],
                             capture_output=True, text=True, env=env)
@@ -124,6 +136,10 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert parallel.returncode == 0, parallel.stdout + parallel.stderr
     one, two = final_weights(tmp_path / 'one', tmp_path / 'two')
     assert_close_weights(one, two)
+    if objective:
+        tag = json.loads((tmp_path / 'one' / 'latest.json').read_text())['tag']
+        assert_close_weights(*(CheckpointManager.load_from(tmp_path / run, tag)[2]['objectives']
+                               ['weight_distillation']['adapters'] for run in ('one', 'two')))
     one_row, two_row = (summary_without_timing(tmp_path / run)[0] for run in ('one', 'two'))
     assert {k: float(v) for k, v in two_row.items()} == pytest.approx({k: float(v) for k, v in one_row.items()},
                                                                       rel=1e-4)
@@ -196,3 +212,88 @@ def test_threads_option_sets_the_compute_threads(tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     assert 'cpu, 1 compute threads (--threads)' in capsys.readouterr().out
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_objective_parameters_train_in_their_own_param_group_and_are_clipped(tmp_path, monkeypatch, restore_threads):
+    from leanvit.train import engine
+    built = {}
+
+    def spy(name, after=lambda made: None):
+        factory = getattr(engine, name)
+
+        def wrapper(*args, **kwargs):
+            built[name] = factory(*args, **kwargs)
+            after(built[name])
+            return built[name]
+        monkeypatch.setattr(engine, name, wrapper)
+
+    initial = []
+    spy('build_objectives', lambda objectives: initial.extend(
+        p.detach().clone() for p in objectives['weight_distillation'].parameters()))
+    spy('create_optimizer_v2')
+    spy('ModelEmaV3')
+    clipped, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, *args, **kwargs):
+        params = list(params)
+        clipped.append({id(p) for p in params})
+        return clip(params, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', recording_clip)
+    train(TrainConfig(**ADAPTED, output=str(tmp_path), clip_grad=1.0, ema_decay=0.9))
+
+    adapters = list(built['build_objectives']['weight_distillation'].parameters())
+    assert [tuple(p.shape) for p in adapters] == [(16, 8), (16,), (32, 16), (32,), (64, 32), (64,)]
+    assert all(not torch.equal(p, before) for p, before in zip(adapters, initial)), 'the adapters did not train'
+    *model_groups, own = built['create_optimizer_v2'].param_groups
+    assert list(map(id, own['params'])) == list(map(id, adapters)) and own['weight_decay'] == 0
+    assert own['initial_lr'] == model_groups[0]['initial_lr'] == TINY['lr']
+    assert own['lr'] == model_groups[0]['lr'] < TINY['lr']  # on the model's schedule
+    assert clipped and all({id(p) for p in adapters} <= ids for ids in clipped)
+    ema = built['ModelEmaV3'].module
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in ema.modules()), 'hooks copied into the EMA'
+
+
+def test_objective_parameters_resume_exactly_and_only_with_their_objectives(tmp_path, monkeypatch, restore_threads):
+    # A teacher without weights would be initialised from whatever state the global generator is in.
+    leanvit.save_weights(leanvit.create_model('test_sret', img_size=32, num_classes=10, head_dim=[16, 16, 16]),
+                         tmp_path / 'teacher.safetensors')
+    common = dict(ADAPTED, save_every_steps=5, teacher_checkpoint=str(tmp_path / 'teacher.safetensors'))
+    train(TrainConfig(**common, output=str(tmp_path / 'reference')))
+    interrupted = TrainConfig(**common, output=str(tmp_path / 'interrupted'))
+    calls, loss = {'n': 0}, WeightDistillation.loss
+
+    def interrupt_at_step_8(self):
+        calls['n'] += 1
+        if calls['n'] == 8:
+            raise KeyboardInterrupt
+        return loss(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WeightDistillation, 'loss', interrupt_at_step_8)
+        with pytest.raises(KeyboardInterrupt):
+            train(interrupted)
+    assert json.loads((tmp_path / 'interrupted' / 'latest.json').read_text())['tag'] == 'step-0000005'
+
+    without = dataclasses.replace(interrupted, objectives={})
+    with pytest.raises(UsageError, match='other settings .*objectives'):
+        train(without)
+    with pytest.raises(UsageError, match='optimizer state for other trainable parameters .* resume it with the '
+                                         'objectives it was saved with'):
+        train(without, resume_anyway=True)
+
+    train(interrupted)
+    expected, got = final_weights(tmp_path / 'reference', tmp_path / 'interrupted')
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    tag = json.loads((tmp_path / 'reference' / 'latest.json').read_text())['tag']
+    expected, got = (CheckpointManager.load_from(tmp_path / run, tag)[2]['objectives']['weight_distillation']
+                     ['adapters'] for run in ('reference', 'interrupted'))
+    assert expected.keys() == got.keys() == {'8_to_16.weight', '8_to_16.bias', '16_to_32.weight', '16_to_32.bias',
+                                             '32_to_64.weight', '32_to_64.bias'}
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

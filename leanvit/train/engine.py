@@ -183,17 +183,26 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         raise UsageError(f'{len(data.train)} training images give no full step at batch_size {config.batch_size} '
                          f'x accum_steps {config.accum_steps}')
 
+    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
+    # Built after the EMA copy is made: hooks an objective installs must not be copied into the EMA model.
+    objectives = build_objectives(config.objectives, model, teacher)
+
     # Optimizer and schedule (timm's factories keep 1-D parameters, like the LRC scalars, out of weight decay).
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
+    # An objective's own trainable parameters (weight distillation's width adapters) are one more group each, added
+    # before the scheduler records each group's initial lr. No weight decay: an adapter is part of a loss, not of the
+    # model, and shrinking it would only make the hidden-state MSE pull the student's features larger.
+    objective_params = []
+    for objective in objectives.values():
+        if params := list(getattr(objective, 'parameters', list)()):
+            optimizer.add_param_group(dict(params=params, weight_decay=0.))
+            objective_params += params
     try:
         scheduler, _ = create_scheduler_v2(optimizer, sched=config.sched, num_epochs=config.epochs,
                                            warmup_epochs=config.warmup_epochs, min_lr=config.min_lr,
                                            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     except (ValueError, AssertionError) as e:  # timm names no scheduler list to check against up front
         raise UsageError(f'sched (--sched) {config.sched!r} is not a timm scheduler: {e}') from None
-    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay else None
-    # Built after the EMA copy is made: hooks an objective installs must not be copied into the EMA model.
-    objectives = build_objectives(config.objectives, model, teacher)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
 
     # Resume from the last complete checkpoint of this output directory, if any.
@@ -211,7 +220,12 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
                   + (f' with changed settings: {"; ".join(changed)}' if changed else ''), flush=True)
         check_state_dict_fits(model, weights, source=str(output / f'{tag}.safetensors'))
         model.load_state_dict(weights)
-        optimizer.load_state_dict(state['optimizer'])
+        try:
+            optimizer.load_state_dict(state['optimizer'])
+        except ValueError as e:  # torch's check of the parameter groups and their sizes
+            raise UsageError(f'{output / f"{tag}.resume.pt"} holds optimizer state for other trainable parameters '
+                             f'than this run\'s model and objectives ({e}): resume it with the objectives it was '
+                             f'saved with') from None
         scheduler.load_state_dict(state['scheduler'])
         scaler.load_state_dict(state['scaler'])
         if ema is not None:
@@ -252,6 +266,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     if world_size > 1:
         # Mixed-depth or other input-dependent paths may leave parameters unused in a step.
         forward_model = DistributedDataParallel(model, find_unused_parameters=True)
+        for param in objective_params:  # outside DDP, and drawn with each rank's seed: start from rank 0's, as DDP
+            dist.broadcast(param.detach(), 0)
     if config.compile:
         forward_model = torch.compile(forward_model)
 
@@ -299,9 +315,13 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             correct = correct + (logits.argmax(-1) == labels).sum()
             loss_sum = loss_sum + loss.detach().double() * labels.numel()
             losses.append(loss.detach())
+        if world_size > 1:  # DDP averages the model's gradients only
+            for param in (p for p in objective_params if p.grad is not None):
+                dist.all_reduce(param.grad)
+                param.grad /= world_size
         if config.clip_grad:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            torch.nn.utils.clip_grad_norm_([*model.parameters(), *objective_params], config.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

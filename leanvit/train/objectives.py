@@ -1,14 +1,17 @@
 """Auxiliary objectives: the loss terms a method adds to the training step, behind one small protocol.
 
-The training loop knows no paper. A method's extra terms (RIFormer's module imitation now; MiniViT's weight
-distillation and GLiT's supernet sampling next) are objects that the loop
+The training loop knows no paper. A method's extra terms (RIFormer's module imitation and MiniViT's weight
+distillation now; GLiT's supernet sampling next) are objects that the loop
 1. builds once from the student, the teacher and their options (a recipe's ``objectives:`` section, e.g.
    ``objectives: {module_imitation: {relation: 1.0}}``, or ``--objectives JSON``), after the EMA copy is made, so
-   that hooks an objective installs are not copied into the EMA model;
+   that hooks an objective installs are not copied into the EMA model, and before the optimizer (see 5);
 2. asks for a loss term after each micro-batch's student (and teacher) forward: ``loss()``;
 3. saves and restores with each checkpoint: ``state_dict()`` / ``load_state_dict()``;
-4. detaches at the end of training: ``remove()``.
-A new objective is a class with these four methods and one entry in ``OBJECTIVES``.
+4. detaches at the end of training: ``remove()``;
+5. trains, if the objective has a ``parameters()`` method (optional; weight distillation's width adapters): what it
+   returns is one more optimizer param group (no weight decay), clipped with the model's gradients; the objective's
+   ``state_dict()`` holds their values and the run's resume state their optimizer state.
+A new objective is a class with these four methods (five, if it trains parameters) and one entry in ``OBJECTIVES``.
 """
 
 import re
