@@ -297,3 +297,12 @@ def test_objective_parameters_resume_exactly_and_only_with_their_objectives(tmp_
     assert expected.keys() == got.keys() == {'8_to_16.weight', '8_to_16.bias', '16_to_32.weight', '16_to_32.bias',
                                              '32_to_64.weight', '32_to_64.bias'}
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_tuples_in_settings_match_their_recorded_lists():
+    # A run's settings are recorded as JSON, where a tuple reads back as a list: not a changed setting on resume.
+    config = TrainConfig(model_kwargs={'head_dim': (8, 8, 8)}, teacher_kwargs={'head_dim': (16, 16, 16)})
+    recorded = json.loads(json.dumps(dataclasses.asdict(config)))
+    assert config.differences(recorded) == []
+    assert config.differences(recorded | {'model_kwargs': {'head_dim': [8, 8, 4]}}) == \
+        ["model_kwargs: {'head_dim': [8, 8, 4]} -> {'head_dim': (8, 8, 8)}"]

@@ -65,6 +65,16 @@ RESUMABLE = frozenset({'output', 'progress', 'num_workers', 'threads', 'save_eve
 FRACTION = dict(low=0., high=1., high_open=True)   # a probability-like rate that must stay below 1
 
 
+
+def as_recorded(value):
+    """``value`` as it reads back from the run's JSON record: tuples (e.g. in model_kwargs) become lists."""
+    if isinstance(value, (list, tuple)):
+        return [as_recorded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_recorded(v) for k, v in value.items()}
+    return value
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a run. Recipes are YAML files of these fields; command-line flags override them."""
@@ -154,7 +164,7 @@ class TrainConfig:
         """``'name: recorded -> now'`` for each setting that differs from ``recorded`` (the config a checkpoint was
         saved with), except those a resumed run may change (``RESUMABLE``)."""
         return [f'{name}: {recorded[name]!r} -> {value!r}' for name, value in dataclasses.asdict(self).items()
-                if name in recorded and name not in RESUMABLE and recorded[name] != value]
+                if name in recorded and name not in RESUMABLE and recorded[name] != as_recorded(value)]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> 'TrainConfig':
