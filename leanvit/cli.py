@@ -135,6 +135,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    from leanvit.compress import compress
+
+    init = int(args.shared_init) if args.shared_init.isdigit() else args.shared_init
+    final = compress(config, share=args.share, init=init, attn_transform=args.attn_transform,
+                     local_conv=args.local_conv, rpe=args.rpe, resume_anyway=args.resume_anyway)
+    print(json.dumps(final, indent=2))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -369,6 +381,34 @@ def build_parser() -> argparse.ArgumentParser:
                             'difference is an error that names it)')
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
+
+    compress = sub.add_parser(
+        'compress', help='MiniViT: multiplex a pre-trained DeiT/ViT or Swin into a smaller student, then distil it',
+        description='Build a weight-multiplexed student of --teacher (consecutive layers share one block; each layer '
+                    'keeps its norms and gets identity-initialised transformations), report how close it is to the '
+                    'teacher untrained, then train it with weight distillation like `leanvit train` (resumable). '
+                    'docs/minivit.md explains each option.',
+        epilog='example:\n'
+               '  leanvit compress --teacher deit_small_patch16_224 --teacher-checkpoint deit_s.pth --share 2 \\\n'
+               '      --data photos/ --val-split 0.2 --output runs/mini --kd-alpha 1',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    compress.add_argument('--config', metavar='YAML', help='recipe; options given here override its values')
+    compress.add_argument('--share', type=positive_int, default=2, help='consecutive layers per shared block '
+                                                                        '(default: 2)')
+    compress.add_argument('--shared-init', default='first', metavar='first|mean|K',
+                          help="teacher weights a shared block starts from: the first of the layers it replaces, "
+                               "their mean, or layer K of each group (default: first)")
+    compress.add_argument('--attn-transform', action=argparse.BooleanOptionalAction, default=True,
+                          help='per-layer head mixing before and after the softmax (default: on)')
+    compress.add_argument('--local-conv', action=argparse.BooleanOptionalAction, default=False,
+                          help="per-layer depthwise conv before the MLP (default: off; its LayerNorm keeps the "
+                               "student from starting as the teacher)")
+    compress.add_argument('--rpe', action=argparse.BooleanOptionalAction, default=False,
+                          help="per-layer iRPE on the keys, DeiT students only (default: off)")
+    compress.add_argument('--resume-anyway', action='store_true',
+                          help='resume the run in --output even if its settings differ from these')
+    _add_config_flags(compress)
+    compress.set_defaults(func=cmd_compress)
 
     evaluate = sub.add_parser('eval', help='top-1 / top-5 / loss and confusion matrix of a checkpoint on the '
                                            'validation split')

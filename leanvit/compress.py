@@ -12,23 +12,28 @@ Not identity-equivalent, hence off by default here: Mini-Swin's MLP transformati
 LayerNorm replaces the residual stream (docs/minivit.md, "leanvit choices").
 """
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
-from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from leanvit.errors import UsageError
-from leanvit.models.minivit import HeadMixing, MiniDeiT, MiniSwin
+from leanvit.models.minivit import HeadMixing
 
 STRATEGIES = ('first', 'mean')
 
 
 @dataclass
 class MultiplexReport:
-    """What `multiplex` copied: ``groups`` maps each shared block to the teacher layers it stands for."""
+    """What `multiplex` built and copied: the student is ``timm.create_model(model, **model_kwargs)`` (so a run can
+    rebuild it), ``groups`` maps each shared block to the teacher layers it stands for."""
+    model: str
+    model_kwargs: dict
     teacher_params: int
-    student_params: int
+    student_params: int = 0
     groups: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -142,8 +147,19 @@ def multiplex(teacher: nn.Module, share: int = 2, init: str | int = 'first', att
     return student.train(teacher.training), report
 
 
-def _norm_layer(norm: nn.Module):
-    return partial(nn.LayerNorm, eps=norm.eps)
+def _build(model: str, kwargs: dict, teacher: nn.Module, norm: nn.Module, default_eps: float):
+    if not isinstance(norm, nn.LayerNorm) or norm.eps != default_eps:
+        raise UsageError(f"the teacher's norms ({norm}) are not the student's LayerNorm(eps={default_eps})")
+    import timm
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    return timm.create_model(model, **kwargs), MultiplexReport(model, kwargs, teacher_params)
+
+
+def _square(size) -> int:
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if size[0] != size[1]:
+        raise UsageError(f'the teacher has a non-square patch or image size {size}; a student needs square ones')
+    return size[0]
 
 
 @torch.no_grad()
@@ -155,12 +171,11 @@ def _multiplex_vit(teacher, share, strategy, attn_transform, local_conv, rpe):
     _check_plain_blocks(blocks, 'ViT')
     embed = teacher.patch_embed
     dim = teacher.embed_dim
-    student = MiniDeiT(
-        img_size=embed.img_size, patch_size=embed.patch_size, in_chans=embed.proj.in_channels,
-        num_classes=teacher.num_classes, embed_dim=dim, depth=depth, num_heads=blocks[0].attn.num_heads,
-        mlp_ratio=blocks[0].mlp.fc1.out_features / dim, share=share, attn_transform=attn_transform,
-        local_conv=local_conv, rpe=rpe, norm_layer=_norm_layer(blocks[0].norm1))
-    report = MultiplexReport(sum(p.numel() for p in teacher.parameters()), 0)
+    kwargs = dict(img_size=_square(embed.img_size), patch_size=_square(embed.patch_size),
+                  in_chans=embed.proj.in_channels, num_classes=teacher.num_classes, embed_dim=dim, depth=depth,
+                  num_heads=blocks[0].attn.num_heads, mlp_ratio=blocks[0].mlp.fc1.out_features / dim, share=share,
+                  attn_transform=attn_transform, local_conv=local_conv, rpe=rpe)
+    student, report = _build('mini_deit_tiny_patch16_224', kwargs, teacher, blocks[0].norm1, 1e-6)
     student.patch_embed.load_state_dict(embed.state_dict())
     prefix = 0 if teacher.no_embed_class else teacher.num_prefix_tokens
     student.pos_embed.copy_(teacher.pos_embed[:, prefix:])
@@ -188,14 +203,13 @@ def _multiplex_swin(teacher, share, strategy, attn_transform, local_conv):
     first = teacher.layers[0].blocks[0]
     embed = teacher.patch_embed
     window = first.window_size[0] if isinstance(first.window_size, tuple) else first.window_size
-    student = MiniSwin(
-        img_size=embed.img_size, patch_size=embed.patch_size[0], in_chans=embed.proj.in_channels,
-        num_classes=teacher.num_classes, embed_dim=teacher.embed_dim, depths=tuple(depths),
-        num_heads=tuple(stage.blocks[0].attn.num_heads for stage in teacher.layers),
-        window_size=window, mlp_ratio=first.mlp.fc1.out_features / teacher.embed_dim,
-        distinct_blocks=tuple(depth // share for depth in depths), attn_transform=attn_transform,
-        local_conv=local_conv, official_mask=False, norm_layer=_norm_layer(first.norm1))
-    report = MultiplexReport(sum(p.numel() for p in teacher.parameters()), 0)
+    kwargs = dict(img_size=_square(embed.img_size), patch_size=_square(embed.patch_size),
+                  in_chans=embed.proj.in_channels, num_classes=teacher.num_classes, embed_dim=teacher.embed_dim,
+                  depths=depths, num_heads=[stage.blocks[0].attn.num_heads for stage in teacher.layers],
+                  window_size=window, mlp_ratio=first.mlp.fc1.out_features / teacher.embed_dim,
+                  distinct_blocks=[depth // share for depth in depths], attn_transform=attn_transform,
+                  local_conv=local_conv, official_mask=False)
+    student, report = _build('mini_swin_tiny_patch4_window7_224', kwargs, teacher, first.norm1, 1e-5)
     student.patch_embed.load_state_dict(embed.state_dict())
     for s, (stage, teacher_stage) in enumerate(zip(student.stages, teacher.layers)):
         if not isinstance(teacher_stage.downsample, nn.Identity):
@@ -242,3 +256,54 @@ def agreement(student: nn.Module, teacher: nn.Module, batches, max_images: int |
     if not images:
         raise UsageError('agreement needs at least one image')
     return Agreement(images, same / images, (squared / images) ** 0.5, worst)
+
+
+MULTIPLEXED = 'multiplexed.safetensors'
+
+
+def compress(config, share: int = 2, init: str | int = 'first', attn_transform: bool = True, local_conv: bool = False,
+             rpe: bool = False, resume_anyway: bool = False) -> dict:
+    """`leanvit compress`: multiplex ``config.teacher`` (with its checkpoint) into a MiniViT student, report how
+    close the untrained student is on the validation split, then train it through the engine with the teacher.
+
+    ``config`` is the run's `leanvit.train.TrainConfig`; its ``model``, ``model_kwargs`` and ``init_checkpoint`` are
+    the student's, set here. The first call writes ``multiplexed.safetensors`` and ``compress.json`` to the run
+    directory; calling again resumes the run from its last checkpoint, as `leanvit train` does.
+    """
+    import leanvit
+    from leanvit.checkpoint import save_weights
+    from leanvit.data import build_datasets
+    from leanvit.train import train
+    from leanvit.train.checkpoints import write_json
+    from leanvit.train.evaluation import data_config
+
+    if not config.teacher:
+        raise UsageError('compress needs a teacher (--teacher NAME, normally with --teacher-checkpoint FILE)')
+    if config.model_kwargs or config.init_checkpoint:
+        raise UsageError('compress builds the student from the teacher: give no model_kwargs or init_checkpoint')
+    output = Path(config.output)
+    start, record = output / MULTIPLEXED, output / 'compress.json'
+    if not (start.exists() and record.exists()):
+        teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
+        probe = leanvit.create_model(config.teacher, **teacher_kwargs)
+        data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
+                              augment='none', bad_images=config.bad_images, seed=config.seed)
+        teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs).eval()
+        if config.teacher_checkpoint:
+            leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
+        student, report = multiplex(teacher, share, init, attn_transform, local_conv, rpe)
+        from torch.utils.data import DataLoader
+        close = agreement(student, teacher, DataLoader(data.val, config.batch_size), max_images=1000)
+        print(f'{report.summary()}\nuntrained student vs teacher on {close.images} validation images: top-1 '
+              f'agreement {close.top1_agreement:.1%}, logit RMSE {close.logit_rmse:.3g}', flush=True)
+        output.mkdir(parents=True, exist_ok=True)
+        save_weights(student, start)
+        write_json(record, dict(report=dataclasses.asdict(report), untrained_agreement=dataclasses.asdict(close),
+                                share=share, init=init))
+    report = json.loads(record.read_text())['report']
+    # The engine gives the model the data's classes; weight distillation is the default objective (paper Sec. 3.3).
+    kwargs = {k: v for k, v in report['model_kwargs'].items() if k != 'num_classes'}
+    student_config = dataclasses.replace(config, model=report['model'], model_kwargs=kwargs,
+                                         init_checkpoint=str(start),
+                                         objectives=config.objectives or {'weight_distillation': {}})
+    return train(student_config, resume_anyway=resume_anyway)

@@ -1,11 +1,13 @@
 """`leanvit.compress.multiplex`: MiniViT students built from pre-trained timm DeiT/ViT and Swin teachers."""
 
+import json
+
 import pytest
 import timm
 import torch
 
 from leanvit.compress import agreement, multiplex
-from leanvit.errors import UsageError
+from leanvit.errors import CheckpointError, UsageError
 from leanvit.models.minivit import MiniDeiT, MiniSwin
 
 
@@ -86,3 +88,62 @@ def test_unsupported_teachers_are_named():
         multiplex(timm.create_model('resnet18'))
     with pytest.raises(UsageError, match='layer scale'):
         multiplex(tiny_vit(init_values=1e-5))
+
+
+TEACHER_KWARGS = {'patch_size': 8, 'embed_dim': 24, 'depth': 4, 'num_heads': 3, 'class_token': False,
+                  'global_pool': 'avg', 'fc_norm': False}
+
+
+@pytest.fixture(scope='module')
+def trained_teacher(tmp_path_factory) -> str:
+    from leanvit.train import TrainConfig, train
+
+    output = tmp_path_factory.mktemp('teacher')
+    train(TrainConfig(model='vit_tiny_patch16_224', model_kwargs=TEACHER_KWARGS, img_size=32, epochs=1,
+                      output=str(output)))
+    return str(output / (json.loads((output / 'latest.json').read_text())['tag'] + '.safetensors'))
+
+
+def test_compress_command_distils_the_multiplexed_student(trained_teacher, tmp_path, capsys):
+    from leanvit.cli import main
+
+    command = ['compress', '--teacher', 'vit_tiny_patch16_224', '--teacher-kwargs', json.dumps(TEACHER_KWARGS),
+               '--teacher-checkpoint', trained_teacher, '--img-size', '32', '--epochs', '1', '--kd-alpha', '1',
+               '--output', str(tmp_path)]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert 'untrained student vs teacher on 360 validation images: top-1 agreement' in out
+    record = json.loads((tmp_path / 'compress.json').read_text())
+    assert record['report']['model'] == 'mini_deit_tiny_patch16_224'
+    assert record['report']['groups'] == {'stages.0.blocks.0': ['blocks.0', 'blocks.1'],
+                                          'stages.0.blocks.1': ['blocks.2', 'blocks.3']}
+    assert 0 <= record['untrained_agreement']['top1_agreement'] <= 1
+    # The run started from every tensor of the multiplexed student and distilled with weight distillation.
+    init = json.loads((tmp_path / 'init.json').read_text())
+    assert init['copied'] and not init['student_only'] and not init['shape_mismatch']
+    config = (tmp_path / 'config.yaml').read_text()
+    assert 'weight_distillation' in config and 'init_checkpoint' in config
+    # Running it again resumes the finished run instead of compressing anew.
+    before = (tmp_path / 'multiplexed.safetensors').stat().st_mtime_ns
+    assert main(command) == 0
+    assert (tmp_path / 'multiplexed.safetensors').stat().st_mtime_ns == before
+
+
+def test_init_checkpoint_of_another_model_is_named(trained_teacher, tmp_path):
+    from leanvit.train import TrainConfig, train
+
+    with pytest.raises(CheckpointError, match=f'{trained_teacher} cannot be mapped onto SReT: '):
+        train(TrainConfig(model='test_sret', img_size=64, epochs=1, init_checkpoint=trained_teacher,
+                          output=str(tmp_path)))
+
+
+def test_init_checkpoint_without_a_matching_weight_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from leanvit.train import TrainConfig, train
+
+    unrelated = tmp_path / 'unrelated.safetensors'
+    save_file({'encoder.weight': torch.zeros(3)}, unrelated)
+    with pytest.raises(UsageError, match=f'init_checkpoint {unrelated} has no weight of this model'):
+        train(TrainConfig(model='test_sret', img_size=64, epochs=1, init_checkpoint=str(unrelated),
+                          output=str(tmp_path / 'run')))

@@ -122,6 +122,9 @@ class TrainConfig:
     kd_tau: float = option(1.0, 'distillation', 'distillation temperature', low=0., low_open=True)
     objectives: dict = option({}, 'distillation', 'auxiliary objectives with their options as a JSON object, e.g. '
                                                   '\'{"module_imitation": {"relation": 1}}\'')
+    init_checkpoint: str | None = option(None, 'model', "start from this checkpoint's weights wherever names and "
+                                                        'shapes agree (a fine-tune at another resolution, a compressed '
+                                                        'student); init.json lists what was not copied')
     init_from_teacher: bool = option(False, 'distillation', 'start from every teacher weight of the same name and '
                                                             'shape (token mixers excepted)')
     seed: int = option(0, 'optimisation', 'seed of initialisation, data order, augmentation and split', low=0)

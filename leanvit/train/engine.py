@@ -31,7 +31,7 @@ import leanvit
 from leanvit.checkpoint import atomic_write, check_state_dict_fits
 from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets
 from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
-from leanvit.distill.teacher_init import init_from_teacher
+from leanvit.distill.teacher_init import init_from_checkpoint, init_from_teacher
 from leanvit.errors import TrainingDivergedError, UsageError
 from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state, write_json
 from leanvit.train.config import TrainConfig
@@ -170,6 +170,14 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         if is_main:
             print(f'student initialised from {config.teacher}: {report.summary()}', flush=True)
             write_json(output / 'teacher_init.json', dataclasses.asdict(report))
+    if config.init_checkpoint:
+        report = init_from_checkpoint(model, config.init_checkpoint)
+        if not report.copied:
+            raise UsageError(f'init_checkpoint {config.init_checkpoint} has no weight of this model ({config.model}): '
+                             f'{report.summary()}')
+        if is_main:
+            print(f'model initialised from {config.init_checkpoint}: {report.summary()}', flush=True)
+            write_json(output / 'init.json', dataclasses.asdict(report))
     random_seed(config.seed + rank)  # ranks draw different augmentations; DDP broadcasts rank 0's weights
     sampler = EpochSampler(len(data.train), config.seed, config.batch_size, rank, world_size)
     # The loader's own generator: creating an iterator would otherwise draw from the global RNG, which a resumed
