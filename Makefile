@@ -34,6 +34,9 @@ bench: $(INSTALLED)
 	$(BIN)/python scripts/update_readme.py benchmark < benchmarks/results.md
 	$(BIN)/python benchmarks/throughput.py --suite riformer --markdown benchmarks/riformer_results.md
 	$(BIN)/python scripts/update_readme.py riformer-benchmark < benchmarks/riformer_results.md
+	$(BIN)/python benchmarks/throughput.py --suite minivit $(if $(MINIVIT),--official-minivit $(MINIVIT)) \
+		--markdown benchmarks/minivit_results.md
+	$(BIN)/python scripts/update_readme.py minivit-benchmark < benchmarks/minivit_results.md
 
 ladder: $(INSTALLED)
 	$(BIN)/python benchmarks/riformer_ladder.py --seeds 0 1 2 3 4 --markdown benchmarks/riformer_ladder.md

@@ -12,11 +12,14 @@ Suites:
   riformer  RIFormer-S12 deployed (no token mixer, re-parameterized) against timm's PoolFormer-S12, against leanvit's
             PoolFormer form (same code, pooling mixer, re-parameterized) and against its own training form, and the
             deploy model (the paper's fold only) in ONNX Runtime against eager PyTorch.
-  minivit   Mini-DeiT-Ti, canonical and re-parameterized, against DeiT-Ti, and against the official Mini-DeiT-Ti when
-            --official-minivit names the Mini-DeiT folder of a github.com/microsoft/Cream checkout (it needs the
-            ``easydict`` package); the official code is imported from there, never shipped with leanvit.
+  minivit   Mini-DeiT-Ti and Mini-Swin-T, canonical and re-parameterized, against timm's DeiT-Ti and Swin-T, and
+            against the official models when --official-minivit names the MiniViT folder of a
+            github.com/microsoft/Cream checkout (Mini-DeiT needs the ``easydict`` package); the official code is
+            imported from there, never shipped with leanvit. Both get the same weights (checked).
+  minivit-large  Mini-DeiT-S/B and Mini-Swin-S/B (re-parameterized) against timm's DeiT-S/B and Swin-S/B.
 
-    python benchmarks/throughput.py --suite sret|riformer|minivit [--rounds 15] [--iters 2] [--markdown FILE]
+    python benchmarks/throughput.py --suite sret|riformer|minivit|minivit-large [--rounds 15] [--iters 2]
+                                     [--markdown FILE] [--official-minivit DIR]
 """
 
 import argparse
@@ -102,36 +105,87 @@ def riformer_suite(scratch: str, batch_size: int) -> tuple[dict, dict, list]:
     return runners, models, ratios
 
 
-def minivit_suite(scratch: str, batch_size: int, official: str | None = None) -> tuple[dict, dict, list]:
-    mini = timm.create_model('mini_deit_tiny_patch16_224').eval()
-    models = {
-        'deit_tiny_patch16_224': timm.create_model('deit_tiny_patch16_224'),
-        'mini_deit_tiny': mini,
-        'mini_deit_tiny' + REPARAMETERIZED: reparameterize_model(mini),
-    }
-    ratios = [('mini_deit_tiny' + REPARAMETERIZED, 'deit_tiny_patch16_224'),
-              ('mini_deit_tiny', 'deit_tiny_patch16_224')]
-    if official:
-        import sys
-        sys.path.insert(0, official)
-        import mini_deit_models  # the official file; it re-registers the names in timm, so call it directly
+def _official_module(path: str, name: str):
+    """Import one file of the official code under its own module name (its two code bases both have a ``models``)."""
+    import importlib.util
+    import sys
 
-        reference = mini_deit_models.mini_deit_tiny_patch16_224().eval()
-        # Same weights in both, so that both compute the same function (checked below).
-        mini.load_state_dict(leanvit.models.minivit.checkpoint_filter_fn(reference.state_dict(), mini))
-        models['mini_deit_tiny' + REPARAMETERIZED] = reparameterize_model(mini)
-        check = torch.randn(2, 3, 224, 224)
-        with torch.inference_mode():
-            error = (models['mini_deit_tiny' + REPARAMETERIZED](check) - reference(check)).abs().max()
-        print(f'leanvit vs official Mini-DeiT-Ti, same weights: max logit difference {error:.2e}')
-        models['official mini_deit_tiny'] = reference
-        ratios += [('mini_deit_tiny' + REPARAMETERIZED, 'official mini_deit_tiny'),
-                   ('mini_deit_tiny', 'official mini_deit_tiny'),
-                   ('official mini_deit_tiny', 'deit_tiny_patch16_224')]
+    sys.path.insert(0, str(Path(path).parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # timm's register_model looks it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def minivit_suite(scratch: str, batch_size: int, official: str | None = None) -> tuple[dict, dict, list]:
+    models, ratios, minis = {}, [], {}
+    pairs = (('mini_deit_tiny_patch16_224', 'deit_tiny_patch16_224'),
+             ('mini_swin_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224'))
+    for mini_name, timm_name in pairs:  # before the official code, which re-registers timm's DeiT names
+        short = mini_name.rsplit('_patch', 1)[0]
+        models[timm_name] = timm.create_model(timm_name)
+        minis[short] = timm.create_model(mini_name).eval()
+        ratios += [(short + REPARAMETERIZED, timm_name), (short, timm_name)]
+    for short, mini in minis.items():
+        if official:
+            reference = official_minivit(official, short)
+            # Same weights in both, so that both compute the same function.
+            mini.load_state_dict(leanvit.models.minivit.checkpoint_filter_fn(reference.state_dict(), mini))
+            check = torch.randn(2, 3, 224, 224)
+            with torch.inference_mode():
+                error = (mini(check) - reference(check)).abs().max()
+            print(f'leanvit vs official {short}, same weights: max logit difference {error:.2e}')
+            models[f'official {short}'] = reference
+            timm_name = next(t for m, t in pairs if m.startswith(short))
+            ratios += [(short + REPARAMETERIZED, f'official {short}'), (short, f'official {short}'),
+                       (f'official {short}', timm_name)]
+        models[short] = mini
+        models[short + REPARAMETERIZED] = reparameterize_model(copy.deepcopy(mini))
     return {n: eager(m) for n, m in models.items()}, models, ratios
 
 
-SUITES = {'sret': sret_suite, 'riformer': riformer_suite, 'minivit': minivit_suite}
+def official_minivit(folder: str, name: str) -> torch.nn.Module:
+    """The official Mini-DeiT-Ti or Mini-Swin-T, built by the official code in ``folder`` (MiniViT of Cream)."""
+    if name == 'mini_deit_tiny':
+        module = _official_module(f'{folder}/Mini-DeiT/mini_deit_models.py', 'official_mini_deit_models')
+        return module.mini_deit_tiny_patch16_224().eval()  # the file re-registers timm names: call it directly
+    module = _official_module(f'{folder}/Mini-Swin/models/swin_transformer_minivit.py', 'official_mini_swin')
+    # Mini-Swin-T as the official config builds it (configs/swin_tiny_patch4_window7_224_minivit_sharenum6.yaml).
+    return module.SwinTransformerMiniViT(
+        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, is_sep_layernorm=True,
+        is_transform_FFN=True, is_transform_heads=True, separate_layer_num_list=[1, 1, 1, 1]).eval()
+
+
+def minivit_large_suite(scratch: str, batch_size: int) -> tuple[dict, dict, list]:
+    models, ratios = {}, []
+    for mini_name, timm_name in (('mini_deit_small_patch16_224', 'deit_small_patch16_224'),
+                                 ('mini_deit_base_patch16_224', 'deit_base_patch16_224'),
+                                 ('mini_swin_small_patch4_window7_224', 'swin_small_patch4_window7_224'),
+                                 ('mini_swin_base_patch4_window7_224', 'swin_base_patch4_window7_224')):
+        short = mini_name.rsplit('_patch', 1)[0] + REPARAMETERIZED
+        models[timm_name] = timm.create_model(timm_name)
+        models[short] = reparameterize_model(timm.create_model(mini_name).eval())
+        ratios.append((short, timm_name))
+    return {n: eager(m) for n, m in models.items()}, models, ratios
+
+
+SUITES = {'sret': sret_suite, 'riformer': riformer_suite, 'minivit': minivit_suite,
+          'minivit-large': minivit_large_suite}
+
+
+def matmul_peak_gmacs(size: int = 2048, repeats: int = 5) -> float:
+    """Multiply-accumulates per second (G) of the best of ``repeats`` square float32 GEMMs: the CPU's practical
+    peak, against which a model's MAC rate says how much of the time it spends doing arithmetic."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return size ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def images_per_second(run: Runner, images: torch.Tensor, iters: int) -> float:
@@ -148,7 +202,7 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=2, help='forward passes per model per round')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--markdown', help='also write the results table to this file')
-    parser.add_argument('--official-minivit', help='minivit suite: the MiniViT/Mini-DeiT folder of a Cream checkout')
+    parser.add_argument('--official-minivit', help='minivit suite: the MiniViT folder of a Cream checkout')
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -182,6 +236,14 @@ def main() -> None:
     for a, b in ratios:
         ratio = statistics.median(x / y for x, y in zip(speeds[a], speeds[b]))
         lines.append(f'| {a} / {b} | {ratio:.3f} | {gmacs[b] / gmacs[a]:.3f} |')
+    if args.suite.startswith('minivit'):
+        peak = matmul_peak_gmacs()
+        lines += ['', f'Share of the matmul peak ({peak:.1f} GMAC/s, the best 2048 x 2048 float32 GEMM, measured after '
+                      'the rounds): the model\'s MACs per second over it.', '', '| model | GMAC/s | share of peak |',
+                  '|---|---|---|']
+        for n in names:
+            rate = gmacs[n] * statistics.median(speeds[n])
+            lines.append(f'| {n} | {rate:.1f} | {rate / peak:.1%} |')
     if args.suite == 'sret':
         saving = 1 - gmacs[SLICED] / gmacs[UNSLICED]
         time_saving = 1 - statistics.median(y / x for x, y in zip(speeds[SLICED], speeds[UNSLICED]))

@@ -230,10 +230,9 @@ class MultiplexedAttention(nn.Module):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.relative_position_bias()
-        if mask is not None:
-            # (windows, N, N) -> per batch item and window: '(b w) h n m' order of window_partition
-            mask = mask.unsqueeze(1).repeat(B // mask.shape[0], 1, 1, 1)
         if transforms.mix_logits is None and transforms.rpe is None:
+            if mask is not None:  # (windows, N, N) -> (b w) 1 N N, the order of window_partition
+                mask = mask.unsqueeze(1).repeat(B // mask.shape[0], 1, 1, 1)
             attn_bias = bias if mask is None else (mask if bias is None else bias + mask)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
@@ -248,8 +247,9 @@ class MultiplexedAttention(nn.Module):
                 attn = attn + bias
             if transforms.mix_logits is not None:
                 attn = transforms.mix_logits(attn)
-            if mask is not None:
-                attn = attn + mask
+            if mask is not None:  # broadcast over the images of the batch: '(b w) h n m' order of window_partition
+                windows = mask.shape[0]
+                attn = (attn.view(-1, windows, self.num_heads, N, N) + mask.view(1, windows, 1, N, N)).view_as(attn)
             attn = attn.softmax(dim=-1)
             if transforms.mix_probs is not None:
                 attn = transforms.mix_probs(attn)
@@ -285,14 +285,16 @@ class MultiplexedBlock(nn.Module):
             window = (self.window_size, self.window_size)
             # A map that does not split into windows is padded at the bottom and right, as timm's Swin does.
             pad_h, pad_w = -H % self.window_size, -W % self.window_size
-            y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+            if pad_h or pad_w:
+                y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
             if shift:
                 y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
             y = window_partition(y, window).reshape(-1, self.window_size ** 2, C)
             y = window_reverse(self.attn(y, transforms, mask).reshape(-1, *window, C), window, H + pad_h, W + pad_w)
             if shift:
                 y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-            y = y[:, :H, :W]
+            if pad_h or pad_w:
+                y = y[:, :H, :W].contiguous()
         x = x + transforms.drop_path(y)
         if transforms.local is not None:
             x = transforms.local(x)
