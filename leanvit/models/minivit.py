@@ -377,10 +377,6 @@ def _init_weights(module: nn.Module):
         nn.init.zeros_(module.bias)
 
 
-def _stage_options(separate_norms: bool, attn_transform: bool, local_conv: bool) -> dict:
-    return dict(separate_norms=separate_norms, attn_transform=attn_transform, local_conv=local_conv)
-
-
 class MiniDeiT(nn.Module):
     """Mini-DeiT: DeiT with weight multiplexing, the official Mini-DeiT's layout (no class token, average pooling of
     the final-norm tokens, a position embedding (1, N, C)).
@@ -439,8 +435,8 @@ class MiniDeiT(nn.Module):
         rates = linear_drop_path_rates(drop_path_rate, depth)
         self.stages = nn.Sequential(MultiplexedStage(
             embed_dim, embed_dim, grid, depth, depth // share, num_heads, mlp_ratio, None,
-            **_stage_options(separate_norms, attn_transform, local_conv), mixing_bias=False, rpe=rpe,
-            official_mask=False, downsample=False, drop_path_rates=rates, proj_drop=proj_drop_rate,
+            separate_norms=separate_norms, attn_transform=attn_transform, local_conv=local_conv, mixing_bias=False,
+            rpe=rpe, official_mask=False, downsample=False, drop_path_rates=rates, proj_drop=proj_drop_rate,
             attn_drop=attn_drop_rate, norm_layer=norm_layer, act_layer=act_layer))
         # Intermediates are the outputs of the distinct blocks (after their last application), as pruning can only
         # drop whole blocks.
@@ -582,7 +578,8 @@ class MiniSwin(StagedClassifier):
                 grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
             stages.append(MultiplexedStage(
                 dims[max(i - 1, 0)], dim, grid, depth, distinct_blocks[i], num_heads[i], mlp_ratio, window_size,
-                **_stage_options(separate_norms, attn_transform, local_conv), mixing_bias=True, rpe=False,
+                separate_norms=separate_norms, attn_transform=attn_transform, local_conv=local_conv, mixing_bias=True,
+                rpe=False,
                 official_mask=official_mask, downsample=i > 0, drop_path_rates=rates[sum(depths[:i]):][:depth],
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer, act_layer=act_layer))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f'stages.{i}'))
