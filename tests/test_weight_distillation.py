@@ -209,7 +209,7 @@ def test_mse_adapters_train_and_round_trip_through_state_dict():
     ('vit', 'vit', {'student_blocks': r'stages\.\d+'}, 'no module of the student .* matches the block pattern'),
     ('swin', 'swin', {'student_layers': [0], 'teacher_layers': [3]},
      'attend over 4 and 1 sequences .* pair layers of one resolution'),
-    ('vit', 'vit_patch4', {'attention': 0}, 'output 17 and 65 tokens; hidden states need the same'),
+    ('vit', 'vit_patch4', {'attention': 0}, 'output 16 and 64 tokens; hidden states need the same'),
     ('vit', 'vit', {'colour': 1}, "unexpected keyword argument 'colour'"),
 ])
 def test_bad_options_are_usage_errors_that_name_the_option(student, teacher, options, message):
@@ -224,3 +224,20 @@ def test_bad_options_are_usage_errors_that_name_the_option(student, teacher, opt
 def test_weight_distillation_needs_a_live_teacher():
     with pytest.raises(UsageError, match='weight_distillation needs a live teacher model'):
         build_objectives({'weight_distillation': {}}, tiny_vit(), None)
+
+
+def test_a_class_token_teacher_pairs_with_a_mini_deit_student():
+    # DeiT's class token leads its sequences; Mini-DeiT has none: the relations use the image tokens of both.
+    student = timm.create_model('mini_deit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=24, depth=4,
+                                num_heads=3, num_classes=5)
+    teacher = tiny_vit().eval()
+    assert teacher.num_prefix_tokens == 1
+    objective = WeightDistillation(student, teacher)
+    x = torch.randn(2, 3, 32, 32)
+    student(x)
+    with torch.no_grad():
+        teacher(x)
+    assert [tuple(t.shape) for t in objective.teacher_taps.qkv] == [(2, 16, 72)] * 4
+    loss = objective.loss()
+    assert torch.isfinite(loss) and loss > 0
+    objective.remove()

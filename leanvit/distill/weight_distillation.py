@@ -16,7 +16,8 @@ numbered in the order they run (the official ``layer_id``). `WeightDistillation`
 applies and their shapes, so that a bad option fails before training, and after each step's forwards gives the
 weighted terms. Choices where the paper is silent: the default layer pairs outside its two recipes
 (`default_layer_pairs`), one adapter per (student width, teacher width) rather than per Swin stage (the same for
-Swin, one shared adapter for DeiT), and the block output tokens (class token included) as the hidden state of a ViT.
+Swin, one shared adapter for DeiT), and the block output tokens as the hidden state of a ViT. A timm ViT's class and
+register tokens are left out of both, so that a DeiT teacher pairs with a Mini-DeiT student, which has none.
 """
 
 import math
@@ -116,6 +117,9 @@ class AppliedLayerTaps(FeatureTaps):
     """
 
     def __init__(self, model: nn.Module, qkv_names: list[str], block_names: list[str]):
+        # A timm ViT's class (and register) tokens lead its sequences; a MiniViT student has none, so they are left
+        # out and a DeiT teacher's 197 tokens pair with Mini-DeiT's 196.
+        self.prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
         self.qkv_names = set(qkv_names)
         self.qkv: list[torch.Tensor] = []
         self.hidden: list[torch.Tensor] = []
@@ -124,7 +128,8 @@ class AppliedLayerTaps(FeatureTaps):
 
     def _hook(self, name: str, keep_input: bool):
         applied = self.qkv if name in self.qkv_names else self.hidden
-        return lambda module, args, output: applied.append(output)
+        prefix = self.prefix_tokens
+        return lambda module, args, output: applied.append(output[:, prefix:] if prefix else output)
 
     def clear(self):
         super().clear()
