@@ -123,6 +123,17 @@ CASES = {
     'teacher-logits out a folder': (INPUT, ['teacher-logits', '--checkpoint', '{tmp}/run/best.safetensors', '--out',
                                             '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
     'unknown command': (USAGE, ['trian'], ["invalid choice: 'trian'", 'leanvit --help']),
+    'compress without a teacher': (USAGE, ['compress', '--output', '{tmp}/compress_none'],
+                                   ['compress needs a teacher (--teacher NAME']),
+    'compress share 0': (USAGE, ['compress', '--teacher', 'vit_tiny_patch16_224', '--share', '0'],
+                         ['--share', 'must be an integer >= 1, got 0']),
+    'compress a CNN': (USAGE, ['compress', '--teacher', 'resnet18', '--output', '{tmp}/compress_cnn'],
+                       ['cannot multiplex a ResNet; expected a timm VisionTransformer']),
+    'compress shared-init unknown': (USAGE, ['compress', '--teacher', 'vit_tiny_patch16_224', '--teacher-kwargs',
+                                             '{"patch_size": 8, "depth": 4, "embed_dim": 24, "num_heads": 3}',
+                                             '--img-size', '32', '--shared-init', 'last',
+                                             '--output', '{tmp}/compress_init'],
+                                     ["init must be one of first, mean or the index of a layer", "got 'last'"]),
 }
 
 
