@@ -67,12 +67,14 @@ def parameter_grads(model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict[st
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def as_nchw(features: torch.Tensor, fmt: str, shape: torch.Size) -> torch.Tensor:
-    """``forward_features`` output in ``fmt`` (NCHW, NHWC, or NLC tokens) as an NCHW map of ``shape``."""
+def as_nchw(features: torch.Tensor, model: nn.Module, shape: torch.Size) -> torch.Tensor:
+    """``forward_features`` output in the model's ``output_fmt`` (NCHW, NHWC, or NLC tokens, class tokens first) as
+    an NCHW map of ``shape``."""
+    fmt = getattr(model, 'output_fmt', 'NCHW')
     if fmt == 'NHWC':
         return features.permute(0, 3, 1, 2)
     if fmt == 'NLC':
-        return features.transpose(1, 2).reshape(shape)
+        return features[:, getattr(model, 'num_prefix_tokens', 0):].transpose(1, 2).reshape(shape)
     return features
 
 
@@ -227,7 +229,7 @@ def test_prune_intermediate_layers_keeps_intermediates(model, x):
     assert num_params(pruned) < num_params(model), 'pruning removed nothing'
     final, intermediates = pruned.forward_intermediates(x, indices=keep)
     torch.testing.assert_close(intermediates, reference[:len(keep)])
-    torch.testing.assert_close(as_nchw(final, getattr(model, 'output_fmt', 'NCHW'), reference[keep[-1]].shape),
+    torch.testing.assert_close(as_nchw(final, model, reference[keep[-1]].shape),
                                reference[keep[-1]])
 
 
@@ -459,10 +461,10 @@ def test_norm_and_act_layers_are_injectable(name, x):
         return nn.Identity()
 
     default = create_small(name).eval()
-    injected = create_small(name, norm_layer=no_norm, act_layer=nn.SiLU).eval()
+    injected = create_small(name, norm_layer=no_norm, act_layer=nn.Hardswish).eval()
     assert widths, f'{name} did not call norm_layer'
     assert not any(isinstance(m, nn.GELU) for m in injected.modules())
-    assert sum(isinstance(m, nn.SiLU) for m in injected.modules()) == \
+    assert sum(isinstance(m, nn.Hardswish) for m in injected.modules()) == \
         sum(isinstance(m, nn.GELU) for m in default.modules())
     assert num_params(injected) < num_params(default)
     with torch.no_grad():

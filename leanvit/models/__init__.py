@@ -1,7 +1,7 @@
 """leanvit model families; importing this package registers every model in timm's registry."""
 
-from leanvit.models import gfnet, minivit, riformer, sret
+from leanvit.models import gfnet, glit, minivit, riformer, sret
 from leanvit.models._registry import PaperCfg, converter_for, create_model, list_models, register_converter
 
-__all__ = ['PaperCfg', 'converter_for', 'create_model', 'gfnet', 'list_models', 'minivit', 'register_converter',
+__all__ = ['PaperCfg', 'converter_for', 'create_model', 'gfnet', 'glit', 'list_models', 'minivit', 'register_converter',
            'riformer', 'sret']

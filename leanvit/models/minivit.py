@@ -266,10 +266,14 @@ class MultiplexedBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int | None, separate_norms: bool,
-                 table_window_size: int | None = None, proj_drop: float = 0., attn_drop: float = 0.,
+                 table_window_size: int | None = None, grid_size: tuple[int, int] | None = None,
+                 proj_drop: float = 0., attn_drop: float = 0.,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, act_layer: Callable[[], nn.Module] = nn.GELU):
         super().__init__()
         self.window_size = window_size
+        # Fixed by the map the stage is built for: decided here, not per forward (and so no branch for FX to trace).
+        self.padding = (-grid_size[0] % window_size, -grid_size[1] % window_size) if window_size and grid_size \
+            else (0, 0)
         self.norm1 = None if separate_norms else norm_layer(dim)
         self.attn = MultiplexedAttention(dim, num_heads, window_size, table_window_size, attn_drop, proj_drop)
         self.norm2 = None if separate_norms else norm_layer(dim)
@@ -284,7 +288,7 @@ class MultiplexedBlock(nn.Module):
         else:
             window = (self.window_size, self.window_size)
             # A map that does not split into windows is padded at the bottom and right, as timm's Swin does.
-            pad_h, pad_w = -H % self.window_size, -W % self.window_size
+            pad_h, pad_w = self.padding
             if pad_h or pad_w:
                 y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
             if shift:
@@ -342,8 +346,8 @@ class MultiplexedStage(SharedWeightStage):
                 shift = window_size // 2
         repeats = depth // distinct
         super().__init__(
-            [MultiplexedBlock(dim, num_heads, mlp_ratio, window_size, separate_norms, table_window_size, proj_drop,
-                              attn_drop, norm_layer, act_layer) for _ in range(distinct)],
+            [MultiplexedBlock(dim, num_heads, mlp_ratio, window_size, separate_norms, table_window_size, grid_size,
+                              proj_drop, attn_drop, norm_layer, act_layer) for _ in range(distinct)],
             repeats=repeats,
             per_application=lambda index, repeat: LayerTransforms(
                 dim, num_heads, separate_norms=separate_norms, attn_transform=attn_transform,
