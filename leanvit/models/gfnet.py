@@ -42,6 +42,7 @@ from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import linear_drop_path_rates
 from leanvit.models._registry import PaperCfg, register_converter
+from leanvit.models._staged import LinearHeadClassifier
 
 __all__ = ['GFNet', 'GFNetHierarchical', 'GlobalFilter', 'GlobalFilterBlock']
 
@@ -128,7 +129,7 @@ class PatchConv(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
-class _GFNetBase(nn.Module):
+class _GFNetBase(LinearHeadClassifier):
     """What both GFNet layouts share: final norm, pooled linear head, grad checkpointing, weight init.
 
     Subclasses build ``patch_embed``, ``pos_embed`` and ``blocks``, set ``img_size``, ``in_chans`` and
@@ -139,7 +140,7 @@ class _GFNetBase(nn.Module):
                    norm_layer: Callable[[int], nn.Module]):
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = num_features
-        self.global_pool = _check_pool(global_pool)
+        self.global_pool = self.check_pool(global_pool)
         self.grad_checkpointing = False
         self.norm = norm_layer(num_features)
         self.head_drop = nn.Dropout(drop_rate)
@@ -167,16 +168,6 @@ class _GFNetBase(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint(block, x, use_reentrant=False)
@@ -190,9 +181,6 @@ class _GFNetBase(nn.Module):
         x = self.head_drop(x.permute(0, 2, 3, 1))
         return (x if pre_logits else self.head(x)).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def _intermediate(self, x: torch.Tensor, apply_norm: bool, output_fmt: str) -> torch.Tensor:
         x = self.norm(x) if apply_norm else x
         return _to_nchw(x) if output_fmt == 'NCHW' else x
@@ -204,12 +192,6 @@ class _GFNetBase(nn.Module):
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, '')
-
-
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ('avg', ''):
-        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-    return global_pool
 
 
 def _check_fmt(output_fmt: str):

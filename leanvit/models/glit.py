@@ -19,7 +19,6 @@ Choices where the official code is silent: docs/glit.md.
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -37,6 +36,7 @@ from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import linear_drop_path_rates
 from leanvit.models._registry import PaperCfg, register_converter
+from leanvit.models._staged import LinearHeadClassifier, prune_sequence
 
 __all__ = ['BlockArch', 'ConvModule', 'GLBlock', 'GLIT_TINY', 'GLMixer', 'GLiT', 'GlobalAttention', 'SearchSpace',
            'load_architecture']
@@ -230,7 +230,7 @@ class GLBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class GLiT(nn.Module):
+class GLiT(LinearHeadClassifier):
     """GLiT: DeiT's layout (class token, learned position embedding, classification from the final-norm class token)
     with one `GLBlock` per entry of ``arch``.
 
@@ -242,6 +242,8 @@ class GLiT(nn.Module):
         img_size, patch_size, in_chans, num_classes, embed_dim, num_heads, drop_rate, pos_drop_rate, proj_drop_rate,
         drop_path_rate, norm_layer, act_layer: as timm's VisionTransformer.
     """
+
+    POOLS = ('token', 'avg', '')
 
     def __init__(
             self,
@@ -275,7 +277,7 @@ class GLiT(nn.Module):
         self.arch = arch
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = _check_pool(global_pool)
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.output_fmt = 'NLC'
@@ -310,16 +312,6 @@ class GLiT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(check_input_size(x, self.in_chans, self.img_size))
         return self.pos_drop(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed)
@@ -344,9 +336,6 @@ class GLiT(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
         """Patch-token maps (NCHW, or NLC tokens without the class token) after the blocks at ``indices`` and,
@@ -369,19 +358,7 @@ class GLiT(nn.Module):
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ('token', 'avg', ''):
-        raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-    return global_pool
+        return prune_sequence(self, 'blocks', indices, prune_norm, prune_head)
 
 
 def _init_weights(module: nn.Module):

@@ -40,7 +40,7 @@ from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import SharedWeightStage, linear_drop_path_rates
 from leanvit.models._registry import PaperCfg, register_converter
-from leanvit.models._staged import StagedClassifier
+from leanvit.models._staged import LinearHeadClassifier, StagedClassifier, prune_sequence
 
 __all__ = ['HeadMixing', 'ImageRPE', 'LayerTransforms', 'LocalConv', 'MiniDeiT', 'MiniSwin', 'MultiplexedBlock',
            'MultiplexedStage']
@@ -381,7 +381,7 @@ def _init_weights(module: nn.Module):
         nn.init.zeros_(module.bias)
 
 
-class MiniDeiT(nn.Module):
+class MiniDeiT(LinearHeadClassifier):
     """Mini-DeiT: DeiT with weight multiplexing, the official Mini-DeiT's layout (no class token, average pooling of
     the final-norm tokens, a position embedding (1, N, C)).
 
@@ -429,7 +429,7 @@ class MiniDeiT(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.output_fmt = 'NLC'  # forward_features gives tokens, as timm's VisionTransformer
-        self.global_pool = _check_pool(global_pool)
+        self.global_pool = self.check_pool(global_pool)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, output_fmt='NHWC')
         self.img_size = self.patch_embed.img_size
@@ -465,16 +465,6 @@ class MiniDeiT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         self.stages[0].grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(check_input_size(x, self.in_chans, self.img_size))
         return self.pos_drop(x + self.pos_embed.view(1, *self.patch_embed.grid_size, -1))
@@ -488,9 +478,6 @@ class MiniDeiT(nn.Module):
             x = x.mean(1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
@@ -635,19 +622,7 @@ class MiniSwin(StagedClassifier):
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ('avg', ''):
-        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-    return global_pool
+        return prune_sequence(self, 'stages', indices, prune_norm, prune_head)
 
 
 def _check_fmt(output_fmt: str):

@@ -37,7 +37,7 @@ from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import ConvMlp
 from leanvit.layers.token_mixers import AffineTokenMixer, PoolingTokenMixer, fold_affine_into_norm
 from leanvit.models._registry import PaperCfg, register_converter
-from leanvit.models._staged import StagedClassifier
+from leanvit.models._staged import StagedClassifier, prune_sequence
 
 __all__ = ['Layout', 'RIFormer', 'RIFormerBlock', 'detect_layout']
 
@@ -284,13 +284,7 @@ class RIFormer(StagedClassifier):
     ) -> list[int]:
         """Drop the stages after the last one in ``indices``, the head unless told not to, and the final norm if asked
         or if stages were dropped (it is sized for the last stage's channels)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if prune_norm or max_index < len(self.stages) - 1:
-            self.norm = nn.Identity()
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+        return prune_sequence(self, 'stages', indices, prune_norm, prune_head)
 
 
 def _init_weights(module: nn.Module):

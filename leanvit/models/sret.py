@@ -45,7 +45,7 @@ from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import SharedWeightStage
 from leanvit.models._registry import PaperCfg, register_converter
-from leanvit.models._staged import StagedClassifier
+from leanvit.models._staged import StagedClassifier, prune_sequence
 
 __all__ = ['SReT']
 
@@ -435,11 +435,7 @@ class SReT(StagedClassifier):
             prune_head: bool = True,
     ) -> list[int]:
         """Drop the stages after the last one in ``indices`` (and the head unless ``prune_head`` is False)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+        return prune_sequence(self, 'stages', indices, prune_norm, prune_head, final_norm=False)
 
 
 def _init_weights(module: nn.Module):

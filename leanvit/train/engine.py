@@ -339,8 +339,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         tag = f'step-{tag_epoch * steps_per_epoch + tag_step:07d}'
         if is_main:
             meta = dict(model=config.model, model_kwargs=dict(model_kwargs, num_classes=data.num_classes),
-                        threads=threads, epoch=tag_epoch, step=tag_step, metrics=metrics, history=history, epoch_stats=stats,
-                        config=dataclasses.asdict(config))
+                        threads=threads, epoch=tag_epoch, step=tag_step, metrics=metrics, history=history,
+                        epoch_stats=stats, config=dataclasses.asdict(config))
             state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), rng=rng_state(),
                          ema=ema.state_dict() if ema is not None else None,
