@@ -151,6 +151,11 @@ def _build(model: str, kwargs: dict, teacher: nn.Module, norm: nn.Module, defaul
     if not isinstance(norm, nn.LayerNorm) or norm.eps != default_eps:
         raise UsageError(f"the teacher's norms ({norm}) are not the student's LayerNorm(eps={default_eps})")
     import timm
+    # The student sees images as its teacher was trained to see them (timm's ViTs normalise with 0.5, not ImageNet's
+    # statistics), so that its start is the teacher's function and distillation compares like with like.
+    cfg = teacher.pretrained_cfg
+    kwargs['pretrained_cfg_overlay'] = {key: list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key]
+                                        for key in ('mean', 'std', 'interpolation', 'crop_pct') if key in cfg}
     teacher_params = sum(p.numel() for p in teacher.parameters())
     return timm.create_model(model, **kwargs), MultiplexReport(model, kwargs, teacher_params)
 

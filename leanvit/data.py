@@ -21,6 +21,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.data import create_dataset, create_transform, resolve_data_config
+import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import Compose
@@ -102,6 +103,22 @@ class LabelledImages(Dataset):
         if isinstance(image, str):
             image = _load_rgb(image)
         return self.transform(image), self.labels[index]
+
+
+def renormalizer(source_cfg: dict, target_cfg: dict):
+    """A function taking a batch normalised with ``source_cfg``'s mean and std to ``target_cfg``'s, or None when they
+    agree: a teacher trained with other statistics than its student's (timm's ViTs use 0.5, most models ImageNet's)
+    must see its own, or it sees inputs it was not trained on."""
+    if tuple(source_cfg['mean']) == tuple(target_cfg['mean']) and tuple(source_cfg['std']) == tuple(target_cfg['std']):
+        return None
+    def stats(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(cfg['mean']).view(1, -1, 1, 1), torch.tensor(cfg['std']).view(1, -1, 1, 1)
+    (source_mean, source_std), (target_mean, target_std) = stats(source_cfg), stats(target_cfg)
+    scale, shift = source_std / target_std, (source_mean - target_mean) / target_std
+
+    def renormalize(images: torch.Tensor) -> torch.Tensor:
+        return images * scale.to(images) + shift.to(images)
+    return renormalize
 
 
 class WithIndex(Dataset):

@@ -467,3 +467,15 @@ def test_digits_folder_script_writes_the_fixed_split_as_an_image_folder(tmp_path
     train_idx, val_idx = digits_split()
     assert (len(bundle.train), len(bundle.val), bundle.class_names) == (len(train_idx), len(val_idx),
                                                                         [str(d) for d in range(10)])
+
+
+def test_renormalizer_maps_one_normalisation_to_another():
+    from leanvit.data import renormalizer
+
+    imagenet = {'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}
+    inception = {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)}
+    pixels = torch.rand(2, 3, 4, 4)
+    mean, std = torch.tensor(imagenet['mean']).view(1, 3, 1, 1), torch.tensor(imagenet['std']).view(1, 3, 1, 1)
+    as_imagenet = (pixels - mean) / std
+    torch.testing.assert_close(renormalizer(imagenet, inception)(as_imagenet), (pixels - 0.5) / 0.5)
+    assert renormalizer(imagenet, dict(imagenet)) is None

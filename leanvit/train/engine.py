@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import leanvit
 from leanvit.checkpoint import atomic_write, check_state_dict_fits
-from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets
+from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets, renormalizer
 from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
 from leanvit.distill.teacher_init import init_from_checkpoint, init_from_teacher
 from leanvit.errors import TrainingDivergedError, UsageError
@@ -157,6 +157,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         if config.teacher_checkpoint:
             leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
         teacher.to(device).eval().requires_grad_(False)
+    teacher_input = renormalizer(data_config(probe, config.img_size), data_config(teacher, config.img_size)) \
+        if teacher is not None else None
 
     random_seed(config.seed)  # torch, numpy and Python's random (timm's transforms draw from the latter)
     model = leanvit.create_model(config.model, num_classes=data.num_classes, **model_kwargs).to(device)
@@ -251,6 +253,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
                      lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.applicable())))
         teacher_line = (f'{config.teacher} ({config.kd}, alpha {config.kd_alpha}, tau {config.kd_tau})' if teacher
                         else f'stored logits {config.teacher_logits}' if teacher_table is not None else 'none (labels)')
+        if teacher_input is not None:
+            teacher_line += "; its inputs renormalised to its own mean and std"
         if teacher is not None and config.augment == 'none' and mixup is None and not objectives:
             # The teacher's forward is most of a distillation step; here its inputs repeat every epoch.
             teacher_line += ('; it sees the same images every epoch: `leanvit teacher-logits` stores its logits '
@@ -293,7 +297,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
                     teacher_logits = teacher_table[indices].to(device)
                 else:
                     with torch.no_grad():
-                        teacher_logits = teacher(images).float()
+                        teacher_logits = teacher(teacher_input(images) if teacher_input else images).float()
                 loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha, config.kd_tau)
             for objective in objectives.values():
                 loss = loss + objective.loss()
