@@ -17,9 +17,11 @@ Suites:
             github.com/microsoft/Cream checkout (Mini-DeiT needs the ``easydict`` package); the official code is
             imported from there, never shipped with leanvit. Both get the same weights (checked).
   minivit-large  Mini-DeiT-S/B and Mini-Swin-S/B (re-parameterized) against timm's DeiT-S/B and Swin-S/B.
+  glit      GLiT-Tiny, canonical and re-parameterized, against timm's DeiT-Ti, and against the official model when
+            --official-glit names a github.com/bychen515/GLiT checkout (needs ``einops``), with the same weights.
 
     python benchmarks/throughput.py --suite sret|riformer|minivit|minivit-large [--rounds 15] [--iters 2]
-                                     [--markdown FILE] [--official-minivit DIR]
+                                     [--markdown FILE] [--official-minivit DIR] [--official-glit DIR]
 """
 
 import argparse
@@ -169,7 +171,29 @@ def minivit_large_suite(scratch: str, batch_size: int) -> tuple[dict, dict, list
     return {n: eager(m) for n, m in models.items()}, models, ratios
 
 
-SUITES = {'sret': sret_suite, 'riformer': riformer_suite, 'minivit': minivit_suite,
+def glit_suite(scratch: str, batch_size: int, official: str | None = None) -> tuple[dict, dict, list]:
+    glit = timm.create_model('glit_tiny_patch16_224').eval()
+    models = {'deit_tiny_patch16_224': timm.create_model('deit_tiny_patch16_224'), 'glit_tiny': glit}
+    ratios = [('glit_tiny' + REPARAMETERIZED, 'deit_tiny_patch16_224'), ('glit_tiny', 'deit_tiny_patch16_224')]
+    if official:
+        import timm.models.vision_transformer as vit
+        from timm.models.vision_transformer_hybrid import HybridEmbed
+        vit.HybridEmbed = HybridEmbed  # where the official code (timm 0.3) imports it from
+        module = _official_module(f'{official}/glit_models.py', 'official_glit_models')
+        reference = module.glit_tiny_patch16_224().eval()
+        glit.load_state_dict(leanvit.models.glit.checkpoint_filter_fn(reference.state_dict(), glit))
+        check = torch.randn(2, 3, 224, 224)
+        with torch.inference_mode():
+            error = (glit(check) - reference(check)).abs().max()
+        print(f'leanvit vs official glit_tiny, same weights: max logit difference {error:.2e}')
+        models['official glit_tiny'] = reference
+        ratios += [('glit_tiny' + REPARAMETERIZED, 'official glit_tiny'), ('glit_tiny', 'official glit_tiny'),
+                   ('official glit_tiny', 'deit_tiny_patch16_224')]
+    models['glit_tiny' + REPARAMETERIZED] = reparameterize_model(copy.deepcopy(glit))
+    return {n: eager(m) for n, m in models.items()}, models, ratios
+
+
+SUITES = {'glit': glit_suite, 'sret': sret_suite, 'riformer': riformer_suite, 'minivit': minivit_suite,
           'minivit-large': minivit_large_suite}
 
 
@@ -203,12 +227,14 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--markdown', help='also write the results table to this file')
     parser.add_argument('--official-minivit', help='minivit suite: the MiniViT folder of a Cream checkout')
+    parser.add_argument('--official-glit', help='glit suite: a checkout of the official GLiT repository')
     args = parser.parse_args()
 
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 224, 224)
     with tempfile.TemporaryDirectory() as scratch:
-        extra = dict(official=args.official_minivit) if args.suite == 'minivit' else {}
+        extra = dict(minivit=dict(official=args.official_minivit), glit=dict(official=args.official_glit))
+        extra = extra.get(args.suite, {})
         runners, models, ratios = SUITES[args.suite](scratch, args.batch_size, **extra)
         names = list(runners)
         gmacs = {name: leanvit.profile(model, (3, 224, 224)).gmacs for name, model in models.items()}
@@ -236,7 +262,7 @@ def main() -> None:
     for a, b in ratios:
         ratio = statistics.median(x / y for x, y in zip(speeds[a], speeds[b]))
         lines.append(f'| {a} / {b} | {ratio:.3f} | {gmacs[b] / gmacs[a]:.3f} |')
-    if args.suite.startswith('minivit'):
+    if args.suite.startswith(('minivit', 'glit')):
         peak = matmul_peak_gmacs()
         lines += ['', f'Share of the matmul peak ({peak:.1f} GMAC/s, the best 2048 x 2048 float32 GEMM, measured after '
                       'the rounds): the model\'s MACs per second over it.', '', '| model | GMAC/s | share of peak |',

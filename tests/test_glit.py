@@ -107,3 +107,20 @@ def test_batchnorm_makes_train_and_eval_differ():
         train_out = model.train()(x)
         eval_out = model.eval()(x)
     assert not torch.allclose(train_out, eval_out)
+
+
+def test_reparameterized_glit_equals_its_training_form():
+    # The official fixture's BatchNorms carry trained running statistics: folding them must not change the outputs.
+    from timm.utils.model import reparameterize_model
+    config = GOLDEN['model']['config']
+    model = GLiT(img_size=config['img_size'], patch_size=config['patch_size'], num_classes=config['num_classes'],
+                 embed_dim=config['embed_dim'], num_heads=config['num_heads']).eval()
+    leanvit.load_checkpoint(model, os.path.join(FIXTURES, 'glit_official_tiny.pth'))
+    assert any(block.mixer.local is not None and block.mixer.local.norm.running_var.std() > 0
+               for block in model.blocks)
+    x = load_file(os.path.join(FIXTURES, 'glit_official_tiny_io.safetensors'))['x']
+    with torch.no_grad():
+        expected = model(x)
+        deployed = reparameterize_model(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in deployed.modules())
+        torch.testing.assert_close(deployed(x), expected, rtol=1e-5, atol=1e-5)

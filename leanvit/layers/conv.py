@@ -12,11 +12,12 @@ from torch import nn
 from leanvit.layers.mlp import inplace_activation
 
 
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of one convolution equal to ``bn(conv(x))`` with the norm's running statistics."""
+def fold_batchnorm(conv: nn.Conv1d | nn.Conv2d,
+                   bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one convolution (1-D or 2-D) equal to ``bn(conv(x))`` with the norm's running statistics."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return conv.weight * scale.view(-1, 1, 1, 1), (bias - bn.running_mean) * scale + bn.bias
+    return conv.weight * scale.view(-1, *[1] * (conv.weight.dim() - 1)), (bias - bn.running_mean) * scale + bn.bias
 
 
 def depthwise_multiplier(conv: nn.Module) -> int:
@@ -114,3 +115,4 @@ class FoldedConvNormAct(nn.Module):
         layer.conv.weight, layer.conv.bias = conv.weight, conv.bias
         layer.bn.running_var.fill_(1 - layer.bn.eps)  # with weight 1, bias 0 and mean 0: the identity
         return layer.eval()
+
