@@ -14,7 +14,7 @@ import stat
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -77,6 +77,8 @@ class DataBundle:
         skipped_links: Paths not followed while listing an image folder, each named in one warning with its reason:
             broken symbolic links, links back into a folder already listed and second paths to an image file already
             listed under the same class.
+        held_out: Under ``holdout``, the part of the training split kept out of ``train``, with the validation
+            transform: what an architecture search scores candidates on, so that it never sees ``val``.
     """
     train: Dataset
     val: Dataset
@@ -85,6 +87,7 @@ class DataBundle:
     description: str
     skipped: list[str] = field(default_factory=list)
     skipped_links: list[str] = field(default_factory=list)
+    held_out: Dataset | None = None
 
 
 class LabelledImages(Dataset):
@@ -146,6 +149,7 @@ def build_datasets(
         augment: str = 'light',
         bad_images: str = 'stop',
         seed: int = 0,
+        holdout: float = 0.,
 ) -> DataBundle:
     """Train and validation datasets, transformed for the model described by ``model_cfg``.
 
@@ -174,7 +178,8 @@ def build_datasets(
             RGB meaning (see ``_to_rgb``): ``'stop'`` raises a ``BadImageError`` naming them, ``'skip'`` drops them
             with one warning and lists them in ``DataBundle.skipped``. Every file is decoded and converted once here
             (in parallel threads), so a bad file is found before training starts.
-        seed: Seed of the ``val_split`` split; the same seed and folder give the same split.
+        seed: Seed of the ``val_split`` and ``holdout`` splits; the same seed and data give the same splits.
+        holdout: Fraction of each class of the training split held out of ``train`` into ``held_out`` (0: none).
 
     Returns:
         The splits, the class names and a one-line description.
@@ -189,6 +194,14 @@ def build_datasets(
         raise UsageError(f'bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}')
     if val_split is not None and not 0 < val_split < 1:
         raise UsageError(f'val_split must be a fraction between 0 and 1, got {val_split}')
+    if not 0 <= holdout < 1:
+        raise UsageError(f'holdout must be a fraction in [0, 1), got {holdout}')
+    bundle = _build(data, model_cfg, val_split, auto_augment, re_prob, augment, bad_images, seed)
+    return _hold_out(bundle, holdout, seed) if holdout else bundle
+
+
+def _build(data: str | None, model_cfg: dict, val_split: float | None, auto_augment: str | None, re_prob: float,
+           augment: str, bad_images: str, seed: int) -> DataBundle:
     if augment not in AUGMENTATIONS:
         raise UsageError(f'augment (--augment) must be one of {", ".join(AUGMENTATIONS)}, got {augment!r}')
     is_digits = data in (None, 'digits')
@@ -204,6 +217,23 @@ def build_datasets(
     if data.lower().startswith(_NETWORK_PREFIXES):
         raise UsageError(f'{data}: leanvit reads local data only; export it as an image folder or use a torch/ name')
     return _folder_datasets(data, val_split, seed, bad_images, train_tf, val_tf)
+
+
+def _hold_out(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """``bundle`` with a stratified ``fraction`` of its training split moved to ``held_out`` (validation transform)."""
+    train, val = bundle.train, bundle.val
+    if not isinstance(train, LabelledImages) or not isinstance(val, LabelledImages):
+        raise UsageError('holdout applies to the digits and to image folders, not to torch/ datasets')
+    try:
+        keep, held = train_test_split(np.arange(len(train.labels)), test_size=fraction, stratify=train.labels,
+                                      random_state=seed)
+    except ValueError as e:  # too few images in a class
+        raise DataError(f'cannot hold out {fraction} of each class of the training split: {e}') from None
+    kept = LabelledImages([train.images[i] for i in keep], [train.labels[i] for i in keep], train.transform)
+    held_out = LabelledImages([train.images[i] for i in held], [train.labels[i] for i in held], val.transform)
+    return replace(bundle, train=kept, held_out=held_out,
+                               description=f'{bundle.description}; {len(held_out)} training images held out '
+                                           f'(holdout={fraction}, seed={seed}), {len(kept)} trained on')
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:

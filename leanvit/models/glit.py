@@ -85,6 +85,19 @@ class SearchSpace:
                     raise ValueError(f'block {i} ({self.kind(block, num_heads)}): {name} {getattr(block, name)} is '
                                      f'not one of {list(values)}')
 
+    def default_block(self, global_heads: int, num_heads: int) -> BlockArch:
+        """The block of ``global_heads`` global heads with every low-level choice at the middle of its range (the
+        high-level search's fixed choices; GLiT does not say which it used)."""
+        probe = BlockArch(global_heads)
+        middle = {name: values[len(values) // 2] for name, values in self.allowed(probe, num_heads).items()}
+        return BlockArch(global_heads, **middle)
+
+    def sample_block(self, global_heads: int, num_heads: int, rng) -> BlockArch:
+        """A block of ``global_heads`` global heads with each low-level choice drawn uniformly by ``rng``."""
+        probe = BlockArch(global_heads)
+        return BlockArch(global_heads, **{name: rng.choice(values)
+                                          for name, values in self.allowed(probe, num_heads).items()})
+
     @staticmethod
     def kind(block: BlockArch, num_heads: int) -> str:
         return 'global' if block.global_heads == num_heads else 'local' if block.global_heads == 0 else 'mixed'
@@ -308,7 +321,7 @@ class GLiT(LinearHeadClassifier):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         rates = linear_drop_path_rates(drop_path_rate, len(arch))
         self.blocks = nn.Sequential(*[
-            GLBlock(embed_dim, num_heads, block, rates[i], proj_drop_rate, norm_layer, act_layer, conv_act_layer)
+            self._block(embed_dim, num_heads, block, rates[i], proj_drop_rate, norm_layer, act_layer, conv_act_layer)
             for i, block in enumerate(arch)])
         self.feature_info = [dict(num_chs=embed_dim, reduction=self.patch_embed.patch_size[0], module=f'blocks.{i}')
                              for i in range(len(arch))]
@@ -318,6 +331,10 @@ class GLiT(LinearHeadClassifier):
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_weights)
+
+    def _block(self, dim: int, num_heads: int, arch: BlockArch, drop_path: float, proj_drop: float, norm_layer,
+               act_layer, conv_act_layer) -> nn.Module:
+        return GLBlock(dim, num_heads, arch, drop_path, proj_drop, norm_layer, act_layer, conv_act_layer)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

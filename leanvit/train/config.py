@@ -86,6 +86,8 @@ class TrainConfig:
     val_split: float | None = option(None, 'data', 'fraction of each class held out for validation, for a folder '
                                                    'without train/ and val/', low=0., high=1., low_open=True,
                                      high_open=True)
+    holdout: float = option(0., 'data', 'fraction of each class of the training split never trained on, held out '
+                            'for architecture search (0: none)', low=0., high=1., high_open=True)
     bad_images: str = option('stop', 'data', 'unreadable images: stop (naming them) or skip (and count them)')
     output: str = option('runs/train', 'checkpoints', 'run directory; running again resumes the run in it')
     epochs: int = option(10, 'optimisation', 'training epochs', low=1)

@@ -134,7 +134,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     probe = leanvit.create_model(config.model, **model_kwargs)
     data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
                           augment=config.augment, auto_augment=config.auto_augment, re_prob=config.re_prob,
-                          bad_images=config.bad_images, seed=config.seed)
+                          bad_images=config.bad_images, seed=config.seed, holdout=config.holdout)
     mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
                   num_classes=data.num_classes) if config.mixup or config.cutmix else None
     # Mixup's targets are distributions that already carry the label smoothing.

@@ -1,7 +1,7 @@
 """Auxiliary objectives: the loss terms a method adds to the training step, behind one small protocol.
 
-The training loop knows no paper. A method's extra terms (RIFormer's module imitation and MiniViT's weight
-distillation now; GLiT's supernet sampling next) are objects that the loop
+The training loop knows no paper. A method's extra terms (RIFormer's module imitation, MiniViT's weight distillation,
+GLiT's supernet path sampling) are objects that the loop
 1. builds once from the student, the teacher and their options (a recipe's ``objectives:`` section, e.g.
    ``objectives: {module_imitation: {relation: 1.0}}``, or ``--objectives JSON``), after the EMA copy is made, so
    that hooks an objective installs are not copied into the EMA model, and before the optimizer (see 5);
@@ -69,7 +69,17 @@ def weight_distillation(student: nn.Module, teacher: nn.Module | None, **options
         raise UsageError(f'weight_distillation: {e}') from None
 
 
+def path_sampling(student: nn.Module, teacher: nn.Module | None, *, seed: int = 0) -> Objective:
+    """GLiT's supernet training (see ``leanvit.search.supernet``): one architecture drawn uniformly per step."""
+    from leanvit.search.supernet import PathSampling
+    try:
+        return PathSampling(student, seed)
+    except ValueError as e:  # not a supernet
+        raise UsageError(f'path_sampling: {e}') from None
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {'module_imitation': module_imitation,
+                                                   'path_sampling': path_sampling,
                                                    'weight_distillation': weight_distillation}
 
 

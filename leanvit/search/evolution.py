@@ -1,0 +1,219 @@
+"""GLiT's evolutionary architecture search (paper Sec. 3.3), hierarchical or flat, under a parameter / MAC budget.
+
+GLiT searches in two levels over its supernet: first the distribution of global and local heads over the blocks
+(every low-level choice at its default), then, for the winning distribution, the sizes inside each block. A flat
+search over the joint space is the baseline. Each level is the evolutionary loop SPOS uses (Guo et al., ECCV 2020):
+a random population within the budget, then every generation the top-k candidates seen so far are parents of
+mutated and crossed-over children. The paper publishes none of its search hyper-parameters: every one of them is a
+field of `EvolutionSettings`.
+
+Every candidate is scored once: scores go to a `CandidateLog` (one JSON line per candidate, flushed as it is written),
+and every random draw is a function of the seed, the stage and the generation. A killed search therefore resumes by
+replaying the same draws, with the logged scores standing in for evaluations, and continues where it stopped,
+mid-generation included.
+"""
+
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from leanvit.models.glit import BlockArch, SearchSpace
+
+__all__ = ['STAGES', 'Budget', 'Candidate', 'CandidateLog', 'EvolutionSearch', 'EvolutionSettings']
+
+Arch = tuple[BlockArch, ...]
+STAGES = ('high', 'low', 'flat')
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Upper bounds a candidate must meet: multiply-accumulates per image and parameters (None: no bound)."""
+    macs: float | None = None
+    params: int | None = None
+
+    def admits(self, macs: float, params: int) -> bool:
+        return (self.macs is None or macs <= self.macs) and (self.params is None or params <= self.params)
+
+    def __str__(self) -> str:
+        parts = ([f'{self.macs / 1e9:.4g} GMACs'] if self.macs is not None else []) + \
+            ([f'{self.params / 1e6:.4g} M params'] if self.params is not None else [])
+        return ' and '.join(parts) or 'no budget'
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    """The evolutionary loop's hyper-parameters (GLiT publishes none; SPOS used population 50, top-10 parents, 25
+    mutations and 25 crossovers per generation, mutation probability 0.1, 20 generations).
+
+    Attributes:
+        population: Candidates scored per generation (the first generation is drawn at random).
+        parents: The best candidates seen so far that breed the next generation.
+        mutation_prob: Chance of each block of a mutated child to be drawn again.
+        crossover_share: Share of each generation made by crossover (the rest by mutation, and at random if the
+            parents cannot make enough new candidates).
+        generations: Generations of a flat search; a hierarchical one spends half on each level, so both score the
+            same number of candidates.
+        seed: Seed of every random draw.
+        max_draws: Draws per wanted candidate before giving up (a budget few architectures meet).
+    """
+    population: int = 50
+    parents: int = 10
+    mutation_prob: float = 0.1
+    crossover_share: float = 0.5
+    generations: int = 20
+    seed: int = 0
+    max_draws: int = 1000
+
+    def __post_init__(self):
+        for name in ('population', 'parents', 'generations', 'max_draws'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name} must be at least 1, got {getattr(self, name)}')
+        for name in ('mutation_prob', 'crossover_share'):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f'{name} must be in [0, 1], got {getattr(self, name)}')
+
+
+@dataclass(frozen=True)
+class Candidate:
+    arch: Arch
+    score: float
+    macs: float
+    params: int
+    stage: str
+    generation: int
+
+    def to_json(self) -> dict:
+        return dict(dataclasses.asdict(self), arch=[dataclasses.asdict(b) for b in self.arch])
+
+    @classmethod
+    def from_json(cls, record: dict) -> 'Candidate':
+        return cls(**dict(record, arch=tuple(BlockArch(**b) for b in record['arch'])))
+
+
+class CandidateLog:
+    """Every scored candidate, one JSON line each, appended and flushed to disk as it is scored. A line cut short
+    by a kill is dropped on reading (its candidate is scored again). ``persist=False`` (the other processes of a
+    distributed search) reads the file but leaves the writing to one process."""
+
+    def __init__(self, path: str | Path, persist: bool = True):
+        self.path, self.persist = Path(path), persist
+        self.candidates: dict[Arch, Candidate] = {}
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            for i, line in enumerate(lines):
+                try:
+                    candidate = Candidate.from_json(json.loads(line))
+                except (ValueError, TypeError, KeyError):
+                    if i == len(lines) - 1:
+                        continue  # the write a kill interrupted
+                    raise ValueError(f'{self.path} line {i + 1} is not a candidate record: {line[:80]!r}') from None
+                self.candidates[candidate.arch] = candidate
+            if persist and lines and not self.path.read_text().endswith('\n'):
+                with open(self.path, 'a') as f:
+                    f.write('\n')  # the next record starts on a line of its own
+
+    def __contains__(self, arch: Arch) -> bool:
+        return arch in self.candidates
+
+    def __getitem__(self, arch: Arch) -> Candidate:
+        return self.candidates[arch]
+
+    def add(self, candidate: Candidate) -> None:
+        self.candidates[candidate.arch] = candidate
+        if not self.persist:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(candidate.to_json()) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class EvolutionSearch:
+    """The evolutionary loop over one stage of GLiT's search.
+
+    Args:
+        space: The search space.
+        depth: Blocks per architecture.
+        num_heads: Heads per block.
+        score: Scores of a list of architectures (higher is better), e.g. held-out top-1 of the supernet on each.
+        cost: ``(macs, params)`` of an architecture.
+        budget: The bounds every candidate meets.
+        settings: The loop's hyper-parameters.
+        log: Where scores are kept (and found again on resume).
+        progress: Called once per candidate that gets a score (a progress bar's update).
+        chunk: Candidates scored per call of ``score`` (and logged together): the processes of a distributed search,
+            which score one each.
+    """
+
+    def __init__(self, space: SearchSpace, depth: int, num_heads: int, score: Callable[[list[Arch]], list[float]],
+                 cost: Callable[[Arch], tuple[float, int]], budget: Budget, settings: EvolutionSettings,
+                 log: CandidateLog, progress: Callable[[], None] = lambda: None, chunk: int = 1):
+        self.space, self.depth, self.num_heads = space, depth, num_heads
+        self.score, self.cost, self.budget, self.settings = score, cost, budget, settings
+        self.log, self.progress, self.chunk = log, progress, chunk
+
+    def run(self, stage: str, generations: int, global_heads: Sequence[int] | None = None) -> list[Candidate]:
+        """Candidates of ``stage`` scored over ``generations`` generations, best first.
+
+        ``'high'``: the global heads of each block, low-level choices at their defaults. ``'low'``: the low-level
+        choices, the global heads fixed to ``global_heads``. ``'flat'``: everything at once.
+        """
+        if stage not in STAGES:
+            raise ValueError(f'stage must be one of {STAGES}, got {stage!r}')
+        if (stage == 'low') != (global_heads is not None):
+            raise ValueError('the low-level stage, and only it, takes the global heads of every block')
+        heads = self.space.global_head_choices(self.num_heads)
+
+        def draw_block(i: int, rng: random.Random) -> BlockArch:
+            if stage == 'high':
+                return self.space.default_block(rng.choice(heads), self.num_heads)
+            return self.space.sample_block(global_heads[i] if stage == 'low' else rng.choice(heads), self.num_heads,
+                                           rng)
+
+        seen: list[Candidate] = []
+        for generation in range(generations):
+            rng = random.Random(f'{self.settings.seed}:{stage}:{generation}')
+            parents = sorted(seen, key=lambda c: -c.score)[:self.settings.parents]
+            population = self._breed(parents, rng, draw_block, {c.arch for c in seen})
+            seen += self._scored(population, stage, generation)
+        return sorted(seen, key=lambda c: -c.score)
+
+    def _breed(self, parents: list[Candidate], rng: random.Random, draw_block, taken: set[Arch]) -> list[Arch]:
+        """One generation: children of ``parents`` (crossover, then mutation), topped up at random, all new and
+        within the budget."""
+        settings, children = self.settings, []
+        wanted = settings.population
+        crossovers = round(wanted * settings.crossover_share) if len(parents) > 1 else 0
+        makers = [(crossovers, lambda: tuple(rng.choice(pair) for pair in zip(*(c.arch for c in rng.sample(parents, 2))))),
+                  (wanted - crossovers if parents else 0,
+                   lambda: tuple(draw_block(i, rng) if rng.random() < settings.mutation_prob else block
+                                 for i, block in enumerate(rng.choice(parents).arch))),
+                  (wanted, lambda: tuple(draw_block(i, rng) for i in range(self.depth)))]
+        for count, make in makers:
+            goal = min(wanted, len(children) + count)
+            for _ in range(settings.max_draws * max(goal - len(children), 0)):
+                if len(children) >= goal:
+                    break
+                arch = make()
+                if arch not in taken and self.budget.admits(*self.cost(arch)):
+                    taken.add(arch)
+                    children.append(arch)
+        if not children:
+            raise ValueError(f'no new architecture within {self.budget} in {settings.max_draws} draws: the budget '
+                             f'is below what the space offers, or the stage has no candidates left')
+        return children
+
+    def _scored(self, population: list[Arch], stage: str, generation: int) -> list[Candidate]:
+        for start in range(0, len(population), self.chunk):
+            part = population[start:start + self.chunk]
+            new = [arch for arch in part if arch not in self.log]
+            for arch, score in zip(new, self.score(new) if new else []):
+                macs, params = self.cost(arch)
+                self.log.add(Candidate(arch, float(score), macs, params, stage, generation))
+            for _ in part:
+                self.progress()
+        return [self.log[arch] for arch in population]
