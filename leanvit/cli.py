@@ -147,6 +147,29 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    overrides.setdefault('output', 'runs/search')
+    if overrides.get('model', 'glit_supernet') != 'glit_supernet':
+        raise UsageError(f'leanvit search trains the GLiT supernet; --model {overrides["model"]} does not apply (the '
+                         f'searched architecture is retrained with --model glit_custom --arch best.json)')
+    config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    from leanvit.search.evolution import Budget, EvolutionSettings
+    from leanvit.search.glit_search import search
+
+    try:
+        settings = EvolutionSettings(population=args.population, parents=args.parents,
+                                     mutation_prob=args.mutation_prob, crossover_share=args.crossover_share,
+                                     generations=args.generations, seed=config.seed)
+    except ValueError as e:
+        raise UsageError(f'search settings: {e}') from None
+    summary = search(config, space=args.space, budget=Budget(args.budget_macs, args.budget_params),
+                     strategy=args.strategy, settings=settings, calib_batches=args.calib_batches,
+                     resume_anyway=args.resume_anyway)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -264,6 +287,19 @@ def non_negative_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f'must be a finite number >= 0, got {text}')
+    return value
+
+
+def metric_amount(text: str) -> float:
+    """A count with an optional SI suffix: '1.5G', '600M', '25k' or a plain number."""
+    scale = {'k': 1e3, 'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number with an optional k/M/G suffix, such as 1.5G, got '
+                                         f'{text!r}') from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be positive, got {text}')
     return value
 
 
@@ -409,6 +445,41 @@ def build_parser() -> argparse.ArgumentParser:
                           help='resume the run in --output even if its settings differ from these')
     _add_config_flags(compress)
     compress.set_defaults(func=cmd_compress)
+
+    search = sub.add_parser(
+        'search', help="GLiT: train a supernet, then search global/local architectures under a budget",
+        description='Train the GLiT supernet of --space on your data (single-path, resumable like `leanvit train`),\n'
+                    'then run the evolutionary search over it (hierarchical: the global/local distribution, then\n'
+                    'the sizes inside the blocks; or flat), scoring each candidate on a held-out part of the\n'
+                    'training split. Writes OUTPUT/STRATEGY/best.json, candidates.csv and candidates.png; a killed\n'
+                    'search resumes where it stopped. Training options configure the supernet run. docs/glit.md.',
+        epilog='examples:\n'
+               '  leanvit search --space glit_tiny --budget-macs 1.5G --data photos/ --val-split 0.2 --output runs/s\n'
+               '  leanvit search ... --strategy flat        # the same options: the baseline, on the same supernet\n'
+               '  leanvit train --model glit_custom --arch runs/s/hierarchical/best.json \\\n'
+               '      --data photos/ --val-split 0.2 --output runs/best     # retrain the winner',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    search.add_argument('--config', metavar='YAML', help='recipe; options given here override its values')
+    search.add_argument('--space', default='glit_tiny', choices=('glit_tiny', 'glit_small', 'glit_base'),
+                        help='GLiT space at DeiT-Ti / S / B widths (default: glit_tiny)')
+    search.add_argument('--strategy', default='hierarchical', choices=('hierarchical', 'flat'),
+                        help='hierarchical (GLiT) or flat over the joint space (default: hierarchical)')
+    search.add_argument('--budget-macs', type=metric_amount, metavar='N', help='most MACs per image, e.g. 1.5G')
+    search.add_argument('--budget-params', type=metric_amount, metavar='N', help='most parameters, e.g. 8M')
+    search.add_argument('--population', type=positive_int, default=50, help='candidates per generation (default: 50)')
+    search.add_argument('--parents', type=positive_int, default=10, help='best candidates that breed (default: 10)')
+    search.add_argument('--generations', type=positive_int, default=20,
+                        help='generations; hierarchical spends half on each level (default: 20)')
+    search.add_argument('--mutation-prob', type=non_negative_float, default=0.1,
+                        help='chance of each block of a mutated child to be drawn again (default: 0.1)')
+    search.add_argument('--crossover-share', type=non_negative_float, default=0.5,
+                        help='share of each generation made by crossover (default: 0.5)')
+    search.add_argument('--calib-batches', type=int, default=10,
+                        help='training batches that recalibrate BatchNorm per candidate (default: 10)')
+    search.add_argument('--resume-anyway', action='store_true',
+                        help='resume the supernet run and the search in --output even if their settings differ')
+    _add_config_flags(search)
+    search.set_defaults(func=cmd_search)
 
     evaluate = sub.add_parser('eval', help='top-1 / top-5 / loss and confusion matrix of a checkpoint on the '
                                            'validation split')

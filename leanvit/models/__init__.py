@@ -6,4 +6,4 @@ from leanvit.models._registry import PaperCfg, converter_for, create_model, list
 __all__ = ['PaperCfg', 'converter_for', 'create_model', 'gfnet', 'glit', 'list_models', 'minivit', 'register_converter',
            'riformer', 'sret']
 
-from leanvit.search import supernet  # noqa: E402 - registers glit_supernet, built on leanvit.models.glit
+from leanvit.search import supernet  # noqa: E402, F401 - registers glit_supernet, built on leanvit.models.glit

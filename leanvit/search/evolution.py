@@ -188,7 +188,8 @@ class EvolutionSearch:
         settings, children = self.settings, []
         wanted = settings.population
         crossovers = round(wanted * settings.crossover_share) if len(parents) > 1 else 0
-        makers = [(crossovers, lambda: tuple(rng.choice(pair) for pair in zip(*(c.arch for c in rng.sample(parents, 2))))),
+        makers = [(crossovers,
+                   lambda: tuple(rng.choice(pair) for pair in zip(*(c.arch for c in rng.sample(parents, 2))))),
                   (wanted - crossovers if parents else 0,
                    lambda: tuple(draw_block(i, rng) if rng.random() < settings.mutation_prob else block
                                  for i, block in enumerate(rng.choice(parents).arch))),

@@ -125,18 +125,15 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
            settings: EvolutionSettings = EvolutionSettings(), calib_batches: int = 10,
            resume_anyway: bool = False) -> dict:
     """Train the supernet of ``space`` (unless its run in ``config.output``/supernet is done) and search it with
-    ``strategy``; ``config`` is the supernet's training run (its ``model`` must be left at glit_supernet or the
-    default). Returns the summary written to ``search.json``."""
+    ``strategy``; ``config`` is the supernet's training run (its ``model`` is replaced by glit_supernet, its
+    ``model_kwargs`` go on top of the space's). Returns the summary written to ``search.json``."""
     from leanvit.train import train
-    from leanvit.train.engine import data_config
+    from leanvit.train.evaluation import data_config
 
     if space not in SPACES:
         raise UsageError(f'space (--space) must be one of {", ".join(SPACES)}, got {space!r}')
     if strategy not in STRATEGIES:
         raise UsageError(f'strategy (--strategy) must be one of {", ".join(STRATEGIES)}, got {strategy!r}')
-    if config.model not in ('glit_supernet', TrainConfig.model):
-        raise UsageError(f'leanvit search trains the GLiT supernet; --model {config.model} does not apply (the '
-                         f'searched architecture is retrained with --model glit_custom)')
     output = Path(config.output)
     model_kwargs = dict(SPACES[space]) | config.model_kwargs
     if 'arch' in model_kwargs:

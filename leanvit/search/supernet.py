@@ -88,10 +88,10 @@ class SuperConvModule(nn.Module):
             out[f'norm.{name}'] = getattr(self.norm, name)[:hidden]
         return out
 
-    def forward(self, x: torch.Tensor, expansion: int, kernel_size: int) -> torch.Tensor:
-        w = self.weights(x.shape[-1], expansion, kernel_size)
+    def forward(self, x: torch.Tensor, channels: int, expansion: int, kernel_size: int) -> torch.Tensor:
+        w = self.weights(channels, expansion, kernel_size)
         x = F.glu(F.conv1d(x.transpose(1, 2), w['pw1.weight'], w['pw1.bias']), dim=1)
-        x = F.conv1d(F.pad(x, (kernel_size // 2,) * 2), w['dw.weight'], w['dw.bias'], groups=x.shape[1])
+        x = F.conv1d(F.pad(x, (kernel_size // 2,) * 2), w['dw.weight'], w['dw.bias'], groups=expansion * channels)
         norm = self.norm
         # Slices of the running statistics are views: training updates the slice in place. Momentum None (as set by
         # BatchNorm recalibration) is a cumulative average, as in nn.BatchNorm1d.
@@ -150,10 +150,11 @@ class SuperBlock(nn.Module):
         global_dim, width = self.sizes(arch)
         if global_dim == self.dim:
             return self.attn(x, arch.global_heads, width)
+        local_dim = self.dim - global_dim
         if global_dim == 0:
-            return self.local(x, arch.expansion, arch.kernel_size)
+            return self.local(x, local_dim, arch.expansion, arch.kernel_size)
         return torch.cat([self.attn(x[..., :global_dim], arch.global_heads, width),
-                          self.local(x[..., global_dim:], arch.expansion, arch.kernel_size)], dim=-1)
+                          self.local(x[..., global_dim:], local_dim, arch.expansion, arch.kernel_size)], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mix(self.norm1(x)))

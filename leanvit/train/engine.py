@@ -9,6 +9,7 @@ granularity, with the RNG state, and the data order of an epoch depends only on 
 import contextlib
 import csv
 import dataclasses
+import json
 import os
 import time
 from functools import partial
@@ -129,6 +130,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
 
     # Model and data: the model's pretrained cfg decides the input pipeline, at the resolution the model is built for.
     model_kwargs = dict(config.model_kwargs, drop_path_rate=config.drop_path)
+    if config.arch:  # the architecture itself goes into the checkpoints, so they do not depend on the file
+        model_kwargs['arch'] = read_architecture_file(config.arch)
     if config.img_size:
         model_kwargs['img_size'] = config.img_size
     probe = leanvit.create_model(config.model, **model_kwargs)
@@ -413,6 +416,19 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     if world_size > 1:
         dist.barrier()
     return final
+
+
+def read_architecture_file(path: str) -> object:
+    """The data in an architecture file (``--arch``): JSON, or YAML for .yaml / .yml."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f'arch (--arch): cannot read {path}: {e.strerror}') from None
+    try:
+        return yaml.safe_load(text) if path.endswith(('.yaml', '.yml')) else json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise UsageError(f'arch (--arch): {path} is not valid {"YAML" if path.endswith(("yaml", "yml")) else "JSON"}: '
+                         f'{" ".join(str(e).split())}') from None
 
 
 def recorded_threads(output: Path) -> int | None:

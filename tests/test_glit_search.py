@@ -1,0 +1,270 @@
+"""GLiT's search: the supernet computes each candidate as the GLiT it extracts, path sampling, the evolutionary
+loop (budget, stages, resume from its log), exact candidate costs, the held-out split and the whole command."""
+
+import json
+import random
+
+import pytest
+import timm
+import torch
+
+import leanvit
+from leanvit.data import build_datasets
+from leanvit.errors import UsageError
+from leanvit.models.glit import BlockArch, GLiT, SearchSpace, load_architecture
+from leanvit.search.evolution import Budget, CandidateLog, EvolutionSearch, EvolutionSettings
+from leanvit.search.glit_search import CostModel, random_architectures, search
+from leanvit.search.supernet import GLiTSupernet, PathSampling, sample_architecture
+from leanvit.train import TrainConfig
+from leanvit.train.objectives import build_objectives
+
+SMALL = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=48)
+SPACE = SearchSpace()
+
+
+def small_supernet(depth=4, **kwargs) -> GLiTSupernet:
+    torch.manual_seed(0)
+    model = timm.create_model('glit_supernet', depth=depth, **(SMALL | kwargs))
+    for module in model.modules():  # BatchNorm statistics and affine parameters away from the identity
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize('num_heads', [3, 6])
+def test_supernet_path_is_the_extracted_glit(num_heads):
+    supernet = small_supernet(num_heads=num_heads).eval()
+    rng = random.Random(0)
+    x = torch.randn(2, 3, 32, 32)
+    kinds = set()
+    for _ in range(12):
+        arch = sample_architecture(SPACE, 4, num_heads, rng)
+        kinds |= {SPACE.kind(block, num_heads) for block in arch}
+        model = supernet.extract(arch)
+        assert isinstance(model, GLiT) and model.arch == arch
+        with torch.no_grad():
+            torch.testing.assert_close(supernet.set_arch(arch)(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+    assert kinds == {'global', 'local', 'mixed'}
+
+
+def test_supernet_trains_the_slices_of_the_extracted_glit():
+    # In training mode (batch statistics, running statistics updated) the path and the extracted model agree, and
+    # the gradients of the extracted model are the slices of the supernet's.
+    supernet = small_supernet().train()
+    arch = (BlockArch(0, expansion=4, kernel_size=17), BlockArch(1, mlp_ratio=2, expansion=1),
+            BlockArch(3, qkv_ratio=0.5, mlp_ratio=6), BlockArch(2, expansion=2))
+    model = supernet.extract(arch).train()
+    x = torch.randn(4, 3, 32, 32)
+    supernet.set_arch(arch)(x).square().sum().backward()
+    model(x).square().sum().backward()
+    torch.testing.assert_close(supernet.extract(arch).blocks[0].mixer.local.norm.running_var,
+                               model.blocks[0].mixer.local.norm.running_var)
+    dw_grad = supernet.blocks[0].local.dw.weight.grad
+    trim = (45 - 17) // 2
+    torch.testing.assert_close(dw_grad[:4 * 48, :, trim:trim + 17], model.blocks[0].mixer.local.dw.weight.grad,
+                               rtol=1e-4, atol=1e-6)
+    assert dw_grad[4 * 48:].abs().sum() == 0 and dw_grad[:, :, :trim].abs().sum() == 0
+
+
+def test_supernet_rejects_architectures_outside_its_space():
+    supernet = small_supernet()
+    with pytest.raises(ValueError, match='the supernet has 4 blocks, the architecture 2'):
+        supernet.set_arch([BlockArch(3)] * 2)
+    with pytest.raises(ValueError, match=r'block 1 \(local\): kernel_size 7 is not one of \[17, 31, 45\]'):
+        supernet.set_arch([BlockArch(3), BlockArch(0, kernel_size=7)] + [BlockArch(3)] * 2)
+
+
+def test_path_sampling_draws_per_training_forward_and_resumes():
+    supernet = small_supernet()
+    default = supernet.arch
+    objectives = build_objectives({'path_sampling': {'seed': 3}}, supernet, None)
+    sampler = objectives['path_sampling']
+    seen = []
+    supernet.register_forward_pre_hook(lambda m, a: seen.append(m.arch))  # runs after the sampler's pre-hook
+    x = torch.randn(2, 3, 32, 32)
+    supernet.train()
+    for _ in range(4):
+        supernet(x)
+    assert supernet.arch == default  # back on the default path after each training forward
+    assert len(set(seen)) == 4 and default not in seen
+    assert sampler.loss().item() == 0
+    state = sampler.state_dict()
+    supernet.eval()(x)
+    assert seen[-1] == default and sampler.draws == 4  # evaluation neither draws nor leaves the default path
+
+    resumed_model = small_supernet()
+    resumed = PathSampling(resumed_model, seed=3)
+    resumed.load_state_dict(dict(state, draws=2))
+    again = []
+    resumed_model.register_forward_pre_hook(lambda m, a: again.append(m.arch))
+    resumed_model.train()
+    resumed_model(x)
+    resumed_model(x)
+    assert again == seen[2:4]
+    sampler.remove()
+    resumed.remove()
+
+
+def test_path_sampling_needs_a_supernet():
+    with pytest.raises(UsageError, match='path_sampling trains a GLiT supernet'):
+        build_objectives({'path_sampling': {}}, timm.create_model('glit_tiny_patch16_224', **SMALL), None)
+
+
+def test_cost_model_is_the_profile_of_the_built_model():
+    cost = CostModel(num_heads=3, **SMALL)
+    rng = random.Random(1)
+    for _ in range(4):
+        arch = sample_architecture(SPACE, 3, 3, rng)
+        measured = leanvit.profile(GLiT(arch=arch, num_heads=3, **SMALL), (3, 32, 32))
+        assert cost(arch) == (measured.macs, measured.params)
+
+
+def toy_search(tmp_path, score, budget=Budget(), chunk=1, name='log.jsonl', **settings):
+    # Cost: MACs = global heads in all blocks (so a MAC budget bounds the total of global heads).
+    settings = EvolutionSettings(**(dict(population=8, parents=3, generations=4) | settings))
+    return EvolutionSearch(SPACE, 6, 3, score, lambda arch: (float(sum(b.global_heads for b in arch)), 0), budget,
+                           settings, CandidateLog(tmp_path / name), chunk=chunk)
+
+
+def reward(arch) -> float:  # best: global heads alternate 3, 0, ... and the largest MLPs
+    return sum((b.global_heads == (3 if i % 2 == 0 else 0)) + b.mlp_ratio / 6 for i, b in enumerate(arch))
+
+
+def test_evolution_beats_its_random_start_and_keeps_the_budget(tmp_path):
+    calls = []
+
+    def score(archs):
+        calls.extend(archs)
+        return [reward(a) for a in archs]
+    search_ = toy_search(tmp_path, score, budget=Budget(macs=10), generations=8)
+    ranked = search_.run('flat', 8)
+    assert len(ranked) == len(calls) == len(set(calls)) == 8 * 8  # every candidate new, scored once
+    assert all(sum(b.global_heads for b in c.arch) <= 10 for c in ranked)
+    first = max(reward(a) for a in calls[:8])
+    assert ranked[0].score > first
+    assert [c.score for c in ranked] == sorted((c.score for c in ranked), reverse=True)
+
+
+def test_hierarchical_stages_search_what_they_should(tmp_path):
+    search_ = toy_search(tmp_path, lambda archs: [reward(a) for a in archs])
+    high = search_.run('high', 3)
+    assert all(b == SPACE.default_block(b.global_heads, 3) for c in high for b in c.arch)
+    heads = [b.global_heads for b in high[0].arch]
+    low = search_.run('low', 3, global_heads=heads)
+    assert all([b.global_heads for b in c.arch] == heads for c in low)
+    assert len({c.arch for c in low}) > 1
+    with pytest.raises(ValueError, match='the low-level stage, and only it'):
+        search_.run('high', 1, global_heads=heads)
+
+
+def test_a_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
+    whole = toy_search(tmp_path, lambda archs: [reward(a) for a in archs], name='whole.jsonl').run('flat', 4)
+
+    calls = []
+
+    def dies_after_13(archs):
+        if len(calls) >= 13:
+            raise KeyboardInterrupt
+        calls.extend(archs)
+        return [reward(a) for a in archs]
+    with pytest.raises(KeyboardInterrupt):  # in the second generation
+        toy_search(tmp_path, dies_after_13).run('flat', 4)
+    with open(tmp_path / 'log.jsonl', 'a') as f:
+        f.write('{"arch": [{"glob')  # the write the kill cut short
+    rescored = []
+    resumed = toy_search(tmp_path, lambda archs: rescored.extend(archs) or [reward(a) for a in archs]).run('flat', 4)
+    assert [(c.arch, c.score) for c in resumed] == [(c.arch, c.score) for c in whole]
+    assert len(rescored) == 32 - 13 and not set(rescored) & set(calls)
+
+
+def test_candidate_log_refuses_a_damaged_line_before_the_last(tmp_path):
+    path = tmp_path / 'log.jsonl'
+    path.write_text('not json\n{}\n')
+    with pytest.raises(ValueError, match='line 1 is not a candidate record'):
+        CandidateLog(path)
+
+
+def test_an_impossible_budget_is_named(tmp_path):
+    search_ = toy_search(tmp_path, lambda archs: [0.] * len(archs), budget=Budget(macs=-1), max_draws=5)
+    with pytest.raises(ValueError, match='no new architecture within'):
+        search_.run('flat', 1)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match='population must be at least 1'):
+        EvolutionSettings(population=0)
+    with pytest.raises(ValueError, match=r'mutation_prob must be in \[0, 1\]'):
+        EvolutionSettings(mutation_prob=2)
+
+
+def test_holdout_is_a_stratified_part_of_train_with_the_eval_transform():
+    cfg = timm.create_model('glit_tiny_patch16_224', **SMALL).pretrained_cfg | {'input_size': (3, 32, 32)}
+    whole = build_datasets('digits', cfg)
+    split = build_datasets('digits', cfg, holdout=0.25, seed=1)
+    assert len(split.train) + len(split.held_out) == len(whole.train)
+    assert len(split.val) == len(whole.val)
+    held = set(map(id, split.held_out.images))
+    assert not held & set(map(id, split.train.images))
+    counts = torch.bincount(torch.tensor(split.held_out.labels), minlength=10)
+    assert counts.min() >= 0.2 * len(split.held_out) / 10
+    assert split.held_out.transform is split.val.transform
+    assert build_datasets('digits', cfg, holdout=0.25, seed=1).held_out.labels == split.held_out.labels
+    with pytest.raises(UsageError, match=r'holdout must be a fraction in \[0, 1\), got 1'):
+        build_datasets('digits', cfg, holdout=1)
+
+
+def test_random_architectures_are_distinct_and_within_budget():
+    cost = CostModel(num_heads=3, **SMALL)
+    budget = Budget(params=cost((SPACE.default_block(1, 3),) * 3)[1])
+    found = random_architectures(SPACE, 3, 3, cost, budget, 5, seed=0)
+    assert len(set(found)) == 5 and all(cost(a)[1] <= budget.params for a in found)
+
+
+def test_search_end_to_end_resumes_and_retrains(tmp_path):
+    config = TrainConfig(img_size=32, output=str(tmp_path / 'search'), epochs=1, batch_size=128, progress=False,
+                         model_kwargs=dict(patch_size=8, embed_dim=48, depth=3))
+    settings = EvolutionSettings(population=3, parents=2, generations=2)
+    summary = search(config, budget=Budget(params=100_000), settings=settings, calib_batches=1)
+    folder = tmp_path / 'search' / 'hierarchical'
+    for name in ('best.json', 'candidates.csv', 'candidates.png', 'candidates.jsonl', 'search.json'):
+        assert (folder / name).stat().st_size > 0, name
+    lines = (folder / 'candidates.csv').read_text().splitlines()
+    assert len(lines) == 1 + summary['candidates'] == 1 + 6
+    best = load_architecture(folder / 'best.json')
+    assert [dict(b.__dict__) for b in best] == summary['best']['arch']
+    built = timm.create_model('glit_custom', arch=str(folder / 'best.json'), **SMALL)
+    assert leanvit.count_params(built) == summary['best']['params'] <= 100_000
+
+    # Run again: the supernet run is done and every candidate is in the log, so nothing is trained or scored.
+    log_before = (folder / 'candidates.jsonl').read_text()
+    assert search(config, budget=Budget(params=100_000), settings=settings, calib_batches=1) == summary
+    assert (folder / 'candidates.jsonl').read_text() == log_before
+    with pytest.raises(UsageError, match='holds a search with other settings'):
+        search(config, budget=Budget(params=90_000), settings=settings, calib_batches=1)
+
+    # Retraining the winner records the architecture itself, not the file's path.
+    from leanvit.train import train
+    retrain = TrainConfig(model='glit_custom', arch=str(folder / 'best.json'), img_size=32, epochs=1,
+                          batch_size=128, progress=False, output=str(tmp_path / 'retrain'),
+                          model_kwargs=dict(patch_size=8, embed_dim=48))
+    train(retrain)
+    meta = json.loads((tmp_path / 'retrain' / 'latest.json').read_text())
+    recorded = json.loads((tmp_path / 'retrain' / f'{meta["tag"]}.json').read_text())
+    assert load_architecture(recorded['model_kwargs']['arch']) == best
+
+
+def test_search_command_errors_are_one_line(tmp_path, capsys):
+    from leanvit.cli import main
+    for argv, message in [(['--model', 'sret_t'], '--model sret_t does not apply'),
+                          (['--budget-macs', '1.5X'], "expected a number with an optional k/M/G suffix"),
+                          (['--population', '0'], 'population'),
+                          (['--space', 'glit_huge'], "invalid choice: 'glit_huge'")]:
+        try:
+            code = main(['search', '--output', str(tmp_path / 's'), *argv])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and 'Traceback' not in err and err.count('\n') == 1, (argv, err)
+    assert not (tmp_path / 's').exists()
