@@ -10,12 +10,13 @@ import torch
 
 import leanvit
 from leanvit.data import build_datasets
-from leanvit.errors import UsageError
+from leanvit.errors import RunLockedError, UsageError
 from leanvit.models.glit import BlockArch, GLiT, SearchSpace, load_architecture
 from leanvit.search.evolution import Budget, CandidateLog, EvolutionSearch, EvolutionSettings
 from leanvit.search.glit_search import CostModel, random_architectures, search
 from leanvit.search.supernet import GLiTSupernet, PathSampling, sample_architecture
 from leanvit.train import TrainConfig
+from leanvit.train.checkpoints import RunLock
 from leanvit.train.objectives import build_objectives
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=48)
@@ -243,6 +244,8 @@ def test_search_end_to_end_resumes_and_retrains(tmp_path):
     assert (folder / 'candidates.jsonl').read_text() == log_before
     with pytest.raises(UsageError, match='holds a search with other settings'):
         search(config, budget=Budget(params=90_000), settings=settings, calib_batches=1)
+    with RunLock(folder), pytest.raises(RunLockedError):  # another process searching in this folder
+        search(config, budget=Budget(params=100_000), settings=settings, calib_batches=1)
 
     # Retraining the winner records the architecture itself, not the file's path.
     from leanvit.train import train

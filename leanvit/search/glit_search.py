@@ -14,6 +14,7 @@ Output folder: ``supernet/`` (an engine run), and per strategy ``hierarchical/``
 ``candidates.jsonl`` (the resume log), ``candidates.csv``, ``candidates.png``, ``best.json`` and ``search.json``.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -34,7 +35,7 @@ from leanvit.errors import UsageError
 from leanvit.models.glit import GLiT, SearchSpace
 from leanvit.search.evolution import Budget, Candidate, CandidateLog, EvolutionSearch, EvolutionSettings
 from leanvit.search.supernet import GLiTSupernet, SuperConvModule
-from leanvit.train.checkpoints import write_json
+from leanvit.train.checkpoints import RunLock, write_json
 from leanvit.train.config import TrainConfig
 
 __all__ = ['SPACES', 'STRATEGIES', 'CostModel', 'SupernetScorer', 'search']
@@ -164,6 +165,14 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
 
     folder = output / strategy
     folder.mkdir(parents=True, exist_ok=True)
+    with RunLock(folder) if rank == 0 else contextlib.nullcontext():  # one search per folder at a time
+        return _search_stage(folder, strategy, space, budget, settings, calib_batches, resume_anyway, tag, run_dir,
+                             supernet, scorer, cost, rank, world_size)
+
+
+def _search_stage(folder: Path, strategy: str, space: str, budget: Budget, settings: EvolutionSettings,
+                  calib_batches: int, resume_anyway: bool, tag: str, run_dir: Path, supernet: GLiTSupernet,
+                  scorer: SupernetScorer, cost: CostModel, rank: int, world_size: int) -> dict:
     settings_record = dict(dataclasses.asdict(settings), space=space, budget=dataclasses.asdict(budget),
                            calib_batches=calib_batches, supernet_checkpoint=tag)
     recorded = folder / 'search_settings.json'
