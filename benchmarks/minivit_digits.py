@@ -10,6 +10,7 @@ sharing-only vs multiplexed students, and CKA between the teacher and the compre
 distillation.
 
     python benchmarks/minivit_digits.py [--seeds 0 1 2] [--epochs 15] [--teacher-epochs 30] [--output runs/minivit]
+                                        [--rows ROW ...]
 """
 
 import argparse
@@ -30,6 +31,7 @@ STUDENT_KWARGS = dict(patch_size=4, embed_dim=64, depth=8, num_heads=2, share=2,
 SHARING_ONLY = dict(separate_norms=False, attn_transform=False, local_conv=False)
 DISTILLATION = dict(kd='soft_ce', kd_alpha=0.5, objectives={'weight_distillation': {}})
 
+COMPRESSED = 'compressed from the teacher'
 # name -> (student model kwargs on top of STUDENT_KWARGS, distilled from the teacher)
 ABLATION = {
     'sharing only': (SHARING_ONLY, False),
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument('--epochs', type=int, default=15)
     parser.add_argument('--teacher-epochs', type=int, default=30)
     parser.add_argument('--output', default='runs/minivit')
+    parser.add_argument('--rows', nargs='+', choices=[*ABLATION, COMPRESSED], default=[*ABLATION, COMPRESSED],
+                        metavar='ROW', help='rows of the table to run (default: all, then the diagnostics)')
     args = parser.parse_args()
     root = Path(args.output)
 
@@ -72,22 +76,26 @@ def main() -> None:
     teacher_checkpoint = last_checkpoint(teacher_dir)
     with_teacher = dict(teacher=TEACHER, teacher_kwargs=TEACHER_KWARGS, teacher_checkpoint=teacher_checkpoint)
 
-    scores = {name: [] for name in [*ABLATION, 'compressed from the teacher']}
+    scores = {name: [] for name in args.rows}
     agreement = []
     for seed in args.seeds:
         for name, (kwargs, distilled) in ABLATION.items():
+            if name not in args.rows:
+                continue
             extra = (DISTILLATION | with_teacher) if distilled else {}
             result = run(root / f'seed{seed}' / name.replace(' ', '_').replace('+', 'plus').replace(',', ''),
                          model=STUDENT, model_kwargs=STUDENT_KWARGS | kwargs, epochs=args.epochs, seed=seed, **extra)
             scores[name].append(result['val_top1'])
+        if COMPRESSED not in args.rows:
+            continue
         compressed_dir = root / f'seed{seed}' / 'compressed'
         result = compress(TrainConfig(img_size=32, output=str(compressed_dir), epochs=args.epochs, seed=seed,
                                       **DISTILLATION, **with_teacher), share=2)
-        scores['compressed from the teacher'].append(result['val_top1'])
+        scores[COMPRESSED].append(result['val_top1'])
         agreement.append(json.loads((compressed_dir / 'compress.json').read_text())['untrained_agreement'])
 
     counts = {name: params(STUDENT, STUDENT_KWARGS | kwargs) for name, (kwargs, _) in ABLATION.items()}
-    counts['compressed from the teacher'] = counts['compress student, from scratch']
+    counts[COMPRESSED] = counts['compress student, from scratch']
     lines = [f'Digits, 32 x 32, val split of the bundled digits; {args.epochs} epochs per student, seeds '
              f'{args.seeds}; teacher {TEACHER} {TEACHER_KWARGS}, {args.teacher_epochs} epochs.', '',
              '| model | params | val top-1 (mean ± sd over seeds) | per seed |', '|---|---|---|---|',
@@ -96,12 +104,15 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.
         lines.append(f'| {name} | {counts[name]:,} | {statistics.mean(values):.1f} ± {spread:.1f} | '
                      f'{", ".join(f"{v:.1f}" for v in values)} |')
-    lines += ['', 'Compressed student before training, against its teacher on the validation split: top-1 agreement '
-              + ', '.join(f'{a["top1_agreement"]:.1%}' for a in agreement) + '; logit RMSE '
-              + ', '.join(f'{a["logit_rmse"]:.3g}' for a in agreement) + '.']
+    if agreement:
+        lines += ['', 'Compressed student before training, against its teacher on the validation split: top-1 '
+                  'agreement ' + ', '.join(f'{a["top1_agreement"]:.1%}' for a in agreement) + '; logit RMSE '
+                  + ', '.join(f'{a["logit_rmse"]:.3g}' for a in agreement) + '.']
     table = '\n'.join(lines)
     print(table)
     (root / 'report.md').write_text(table + '\n')
+    if set(args.rows) != {*ABLATION, COMPRESSED}:
+        return
 
     # The paper's diagnostics (Sec. 3.1): gradient norms of sharing only vs multiplexed, and CKA to the teacher.
     for name in ('sharing only', '+ transformations'):
