@@ -10,7 +10,7 @@ import torch
 
 import leanvit
 from leanvit.data import build_datasets
-from leanvit.errors import RunLockedError, UsageError
+from leanvit.errors import RunDirectoryError, RunLockedError, UsageError
 from leanvit.models.glit import BlockArch, GLiT, SearchSpace, load_architecture
 from leanvit.search.evolution import Budget, CandidateLog, EvolutionSearch, EvolutionSettings
 from leanvit.search.glit_search import CostModel, random_architectures, search
@@ -183,13 +183,13 @@ def test_a_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
 def test_candidate_log_refuses_a_damaged_line_before_the_last(tmp_path):
     path = tmp_path / 'log.jsonl'
     path.write_text('not json\n{}\n')
-    with pytest.raises(ValueError, match='line 1 is not a candidate record'):
+    with pytest.raises(RunDirectoryError, match='line 1 is not a candidate record'):
         CandidateLog(path)
 
 
 def test_an_impossible_budget_is_named(tmp_path):
     search_ = toy_search(tmp_path, lambda archs: [0.] * len(archs), budget=Budget(macs=-1), max_draws=5)
-    with pytest.raises(ValueError, match='no new architecture within'):
+    with pytest.raises(UsageError, match='no new architecture within'):
         search_.run('flat', 1)
 
 

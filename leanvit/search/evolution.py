@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from leanvit.errors import RunDirectoryError, UsageError
 from leanvit.models.glit import BlockArch, SearchSpace
 
 __all__ = ['STAGES', 'Budget', 'Candidate', 'CandidateLog', 'EvolutionSearch', 'EvolutionSettings']
@@ -110,7 +111,8 @@ class CandidateLog:
                 except (ValueError, TypeError, KeyError):
                     if i == len(lines) - 1:
                         continue  # the write a kill interrupted
-                    raise ValueError(f'{self.path} line {i + 1} is not a candidate record: {line[:80]!r}') from None
+                    raise RunDirectoryError(f'{self.path} line {i + 1} is not a candidate record ({line[:80]!r}); the '
+                                            f'file is corrupt or was not written by leanvit') from None
                 self.candidates[candidate.arch] = candidate
             if persist and lines and not self.path.read_text().endswith('\n'):
                 with open(self.path, 'a') as f:
@@ -204,7 +206,7 @@ class EvolutionSearch:
                     taken.add(arch)
                     children.append(arch)
         if not children:
-            raise ValueError(f'no new architecture within {self.budget} in {settings.max_draws} draws: the budget '
+            raise UsageError(f'no new architecture within {self.budget} in {settings.max_draws} draws: the budget '
                              f'is below what the space offers, or the stage has no candidates left')
         return children
 

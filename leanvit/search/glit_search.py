@@ -35,7 +35,7 @@ from leanvit.errors import UsageError
 from leanvit.models.glit import GLiT, SearchSpace
 from leanvit.search.evolution import Budget, Candidate, CandidateLog, EvolutionSearch, EvolutionSettings
 from leanvit.search.supernet import GLiTSupernet, SuperConvModule
-from leanvit.train.checkpoints import RunLock, write_json
+from leanvit.train.checkpoints import RunLock, read_sidecar, write_json
 from leanvit.train.config import TrainConfig
 
 __all__ = ['SPACES', 'STRATEGIES', 'CostModel', 'SupernetScorer', 'search']
@@ -176,7 +176,7 @@ def _search_stage(folder: Path, strategy: str, space: str, budget: Budget, setti
     settings_record = dict(dataclasses.asdict(settings), space=space, budget=dataclasses.asdict(budget),
                            calib_batches=calib_batches, supernet_checkpoint=tag)
     recorded = folder / 'search_settings.json'
-    if recorded.exists() and json.loads(recorded.read_text()) != settings_record and not resume_anyway:
+    if recorded.exists() and read_sidecar(recorded) != settings_record and not resume_anyway:
         raise UsageError(f'{folder} holds a search with other settings ({recorded}); use another --output or '
                          f'--resume-anyway to continue it with these')
     if rank == 0:
