@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import leanvit
 from leanvit.errors import UsageError
-from leanvit.models.glit import GLIT_TINY, BlockArch, GLiT, SearchSpace, load_architecture
+from leanvit.models.glit import GLIT_TINY, BlockArch, ConvModule, GLiT, SearchSpace, load_architecture
+from leanvit.profiler import canonical_form
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'glit')
 GOLDEN = json.load(open(os.path.join(FIXTURES, 'glit_official_tiny.json')))
@@ -124,3 +125,8 @@ def test_reparameterized_glit_equals_its_training_form():
         deployed = reparameterize_model(model)
         assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in deployed.modules())
         torch.testing.assert_close(deployed(x), expected, rtol=1e-5, atol=1e-5)
+        # The inference form's canonical() is a ConvModule again: same count, same function.
+        canonical = canonical_form(deployed)
+        assert sum(isinstance(m, ConvModule) for m in canonical.modules()) == 7
+        assert leanvit.count_params(canonical) == sum(p.numel() for p in model.parameters())
+        torch.testing.assert_close(canonical(x), expected, rtol=1e-5, atol=1e-5)
