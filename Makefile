@@ -37,6 +37,9 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/throughput.py --suite minivit $(if $(MINIVIT),--official-minivit $(MINIVIT)) \
 		--markdown benchmarks/minivit_results.md
 	$(BIN)/python scripts/update_readme.py minivit-benchmark < benchmarks/minivit_results.md
+	$(BIN)/python benchmarks/throughput.py --suite glit $(if $(GLIT),--official-glit $(GLIT)) \
+		--markdown benchmarks/glit_results.md
+	$(BIN)/python scripts/update_readme.py glit-benchmark < benchmarks/glit_results.md
 
 ladder: $(INSTALLED)
 	$(BIN)/python benchmarks/riformer_ladder.py --seeds 0 1 2 3 4 --markdown benchmarks/riformer_ladder.md
