@@ -13,7 +13,7 @@ from leanvit.data import build_datasets
 from leanvit.errors import RunDirectoryError, RunLockedError, UsageError
 from leanvit.models.glit import BlockArch, GLiT, SearchSpace, load_architecture
 from leanvit.search.evolution import Budget, CandidateLog, EvolutionSearch, EvolutionSettings
-from leanvit.search.glit_search import CostModel, random_architectures, search
+from leanvit.search.glit_search import CostModel, SupernetScorer, random_architectures, search
 from leanvit.search.supernet import GLiTSupernet, PathSampling, sample_architecture
 from leanvit.train import TrainConfig
 from leanvit.train.checkpoints import RunLock
@@ -271,3 +271,17 @@ def test_search_command_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and 'Traceback' not in err and err.count('\n') == 1, (argv, err)
     assert not (tmp_path / 's').exists()
+
+
+def test_a_score_does_not_depend_on_what_was_scored_before():
+    # Distributed scoring and resume rely on it: the BatchNorm recalibration sees the same batches every time.
+    supernet = small_supernet(depth=2)
+    cfg = supernet.pretrained_cfg | {'input_size': (3, 32, 32)}
+    data = build_datasets('digits', cfg, augment='none', holdout=0.2)
+    scorer = SupernetScorer(supernet, data.held_out, data.train, calib_batches=2, batch_size=32,
+                            device=torch.device('cpu'))
+    first, second = (BlockArch(0, expansion=4, kernel_size=45),) * 2, (BlockArch(1, expansion=1),) * 2
+    score = scorer(first)
+    scorer(second)
+    assert scorer(first) == score
+    assert supernet.blocks[0].local.norm.momentum is None  # recalibrated as a cumulative average

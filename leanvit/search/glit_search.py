@@ -85,8 +85,8 @@ class SupernetScorer:
                  device: torch.device):
         self.supernet, self.device, self.calib_batches = supernet.to(device), device, calib_batches
         self.held_out = DataLoader(held_out, batch_size)
-        self.calibration = DataLoader(calibration, batch_size, shuffle=True,
-                                      generator=torch.Generator().manual_seed(0))
+        self.order = torch.Generator()
+        self.calibration = DataLoader(calibration, batch_size, shuffle=True, generator=self.order)
 
     @torch.no_grad()
     def __call__(self, arch) -> float:
@@ -97,6 +97,9 @@ class SupernetScorer:
                 norm.reset_running_stats()
                 norm.momentum = None
             model.train()
+            # The same batches for every candidate: a score must not depend on which candidates came before it
+            # (or on which process of a distributed search scored it).
+            self.order.manual_seed(0)
             for i, (images, _) in enumerate(self.calibration):
                 if i == self.calib_batches:
                     break
