@@ -282,6 +282,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {value}')
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite number >= 0."""
     value = float(text)
@@ -298,8 +306,8 @@ def metric_amount(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected a number with an optional k/M/G suffix, such as 1.5G, got '
                                          f'{text!r}') from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'must be positive, got {text}')
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'must be a positive finite number, got {text}')
     return value
 
 
@@ -474,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='chance of each block of a mutated child to be drawn again (default: 0.1)')
     search.add_argument('--crossover-share', type=non_negative_float, default=0.5,
                         help='share of each generation made by crossover (default: 0.5)')
-    search.add_argument('--calib-batches', type=int, default=10,
-                        help='training batches that recalibrate BatchNorm per candidate (default: 10)')
+    search.add_argument('--calib-batches', type=non_negative_int, default=10,
+                        help='training batches that recalibrate BatchNorm per candidate; 0 keeps the supernet\'s '
+                             'statistics (default: 10)')
     search.add_argument('--resume-anyway', action='store_true',
                         help='resume the supernet run and the search in --output even if their settings differ')
     _add_config_flags(search)

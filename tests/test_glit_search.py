@@ -263,6 +263,8 @@ def test_search_command_errors_are_one_line(tmp_path, capsys):
     for argv, message in [(['--model', 'sret_t'], '--model sret_t does not apply'),
                           (['--budget-macs', '1.5X'], "expected a number with an optional k/M/G suffix"),
                           (['--population', '0'], 'population'),
+                          (['--budget-params', 'nan'], 'must be a positive finite number, got nan'),
+                          (['--calib-batches', '-1'], 'must be an integer >= 0, got -1'),
                           (['--space', 'glit_huge'], "invalid choice: 'glit_huge'")]:
         try:
             code = main(['search', '--output', str(tmp_path / 's'), *argv])
