@@ -42,8 +42,8 @@ __all__ = ['SPACES', 'STRATEGIES', 'CostModel', 'SupernetScorer', 'search']
 
 # GLiT's space on DeiT-Ti / S / B widths. Only Tiny has a published searched model; Small and Base are offered as
 # spaces, not as architectures.
-SPACES = {'glit_tiny': dict(embed_dim=192, num_heads=3, depth=12), 'glit_small': dict(embed_dim=384, num_heads=6,
-                                                                                    depth=12),
+SPACES = {'glit_tiny': dict(embed_dim=192, num_heads=3, depth=12),
+          'glit_small': dict(embed_dim=384, num_heads=6, depth=12),
           'glit_base': dict(embed_dim=768, num_heads=12, depth=12)}
 STRATEGIES = ('hierarchical', 'flat')
 DEFAULT_HOLDOUT = 0.2
