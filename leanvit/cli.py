@@ -125,9 +125,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace, **defaults) -> TrainConfig:
+    """The TrainConfig of a command: its flags over its recipe (--config) over ``defaults`` (the command's own
+    defaults, where they differ from TrainConfig's)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    # A default applies where neither a flag nor the recipe chose a value, i.e. where TrainConfig's own default stands.
+    unset = {name: value for name, value in defaults.items()
+             if name not in overrides and getattr(config, name) == TrainConfig.__dataclass_fields__[name].default}
+    return dataclasses.replace(config, **unset) if unset else config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = train_config(args)
     from leanvit.train import train  # torch and timm load only once the configuration is known to be valid
 
     final = train(config, resume_anyway=args.resume_anyway)
@@ -136,8 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    config = train_config(args)
     from leanvit.compress import compress
 
     init = int(args.shared_init) if args.shared_init.isdigit() else args.shared_init
@@ -148,12 +157,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    overrides.setdefault('output', 'runs/search')
-    if overrides.get('model', 'glit_supernet') != 'glit_supernet':
-        raise UsageError(f'leanvit search trains the GLiT supernet; --model {overrides["model"]} does not apply (the '
+    if getattr(args, 'model', 'glit_supernet') != 'glit_supernet':
+        raise UsageError(f'leanvit search trains the GLiT supernet; --model {args.model} does not apply (the '
                          f'searched architecture is retrained with --model glit_custom --arch best.json)')
-    config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    config = train_config(args, output='runs/search')
     from leanvit.search.evolution import Budget, EvolutionSettings
     from leanvit.search.glit_search import search
 

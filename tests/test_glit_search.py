@@ -287,3 +287,13 @@ def test_a_score_does_not_depend_on_what_was_scored_before():
     scorer(second)
     assert scorer(first) == score
     assert supernet.blocks[0].local.norm.momentum is None  # recalibrated as a cumulative average
+
+
+def test_search_output_default_yields_to_a_recipe_and_a_flag(tmp_path):
+    from leanvit.cli import build_parser, train_config
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('output: runs/from_recipe\n')
+    parse = build_parser().parse_args
+    assert train_config(parse(['search']), output='runs/search').output == 'runs/search'
+    assert train_config(parse(['search', '--config', str(recipe)]), output='runs/search').output == 'runs/from_recipe'
+    assert train_config(parse(['search', '--config', str(recipe), '--output', 'x']), output='runs/search').output == 'x'
