@@ -22,7 +22,6 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import leanvit
-from leanvit.search.supernet import GLiTSupernet
 
 SMALL_SIZE = 64
 BATCH_SIZE = 2
@@ -313,19 +312,11 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if not next(module.children(), None)}
 
 
-def skip_supernet(model):
-    # A supernet runs slices of its layers' weights (functional calls), so hooks on those layers never fire; hooks
-    # belong on the plain GLiT that `GLiTSupernet.extract` returns, which these tests cover as glit_custom.
-    if isinstance(model, GLiTSupernet):
-        pytest.skip('a supernet computes with slices of its layers\' weights')
-
-
 @over_models
 @pytest.mark.parametrize('mode', ['eval', 'train'])
 def test_forward_hook_fires_on_every_leaf_module(model, x, mode):
     """Every leaf module is called by the forward, in both modes: identities (drop_path 0) and dropouts of rate 0
     included, so a hook on any of them sees the tensors it names."""
-    skip_supernet(model)
     model.train(mode == 'train')
     leaves = leaf_modules(model)
     fired = set()
@@ -358,7 +349,6 @@ class AddDelta(nn.Module):
 def test_every_linear_and_conv_output_reaches_the_model_output(model, x):
     """Each nn.Linear and nn.Conv2d is called as a module: a wrapper around any one of them changes the output (to
     first order, through the gradient of each wrapper's scale), and wrapping all of them changes it."""
-    skip_supernet(model)
     layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     wrappers = {}
     for i, name in enumerate(layers):

@@ -217,8 +217,9 @@ class TokenMajorConvModule(nn.Module):
     Why: the canonical module transposes to (B, C, N) and back and runs its 1 x 1 convs through oneDNN's blocked
     layout; one GEMM over B * N rows is up to 2x faster for the 192 -> 1536 pointwise conv, and (B, N, C) tokens are
     already channels-last for the depthwise kernel. oneDNN runs the depthwise conv along the width of a one-row map,
-    padding included, 1.5-2x faster than along the height of a one-column map (padded first or not). Measured on GLiT-Tiny (batch 16, 2 threads, interleaved rounds):
-    see docs/glit.md, "Speed". ``canonical()`` gives the `ConvModule` it computes (BatchNorm at the identity).
+    padding included, 1.5-2x faster than along the height of a one-column map (padded first or not). Measured on
+    GLiT-Tiny (batch 16, 2 threads, interleaved rounds): see docs/glit.md, "Speed". ``canonical()`` gives the
+    `ConvModule` it computes (BatchNorm at the identity).
     """
 
     def __init__(self, module: ConvModule):

@@ -7,7 +7,9 @@ first channels, the local module the last ones through the first ``expansion * c
 central ``kernel_size`` taps of the depthwise kernel, the MLP the first ``mlp_ratio * dim`` hidden units. So every
 candidate of the space shares its weights with every other (weight entanglement, as AutoFormer, Chen et al., ICCV
 2021, rather than one copy per candidate), `GLiTSupernet.extract` cuts any candidate out as a plain `GLiT`, and the
-supernet's size does not grow with the number of choices.
+supernet's size does not grow with the number of choices. Each layer computes its own slice (the block's
+`ActivePath` says which), so the forward calls every layer as a module, as in any timm model: hooks fire on them and
+a wrapped layer (LoRA, quantization) still computes its slice.
 
 `PathSampling` trains it single-path (SPOS, Guo et al., ECCV 2020): before each training forward it draws one
 architecture uniformly (per block: the number of global heads, then each low-level choice of that block type) and
@@ -15,6 +17,7 @@ runs it; after the forward the model is back on its default path, which evaluati
 """
 
 import copy
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -31,95 +34,194 @@ from leanvit.models.glit import BlockArch, GLiT, SearchSpace, _cfg, load_archite
 __all__ = ['GLiTSupernet', 'PathSampling', 'SuperBlock', 'glit_supernet', 'sample_architecture']
 
 
+@dataclasses.dataclass
+class ActivePath:
+    """The sizes a `SuperBlock`'s architecture takes from each of its layers. One instance per block, shared by the
+    block's layers: `SuperBlock.arch` sets it, and each layer reads it when called, so the block's forward calls its
+    layers as modules (hooks fire, and a wrapped layer still computes its slice)."""
+    global_dim: int = 0  # channels of the global heads (the first ones)
+    heads: int = 0  # global heads
+    width: int = 0  # width of each global head
+    local_dim: int = 0  # channels of the local module (the last ones)
+    local_hidden: int = 0  # expansion * local_dim
+    kernel_size: int = 1
+    mlp_hidden: int = 0
+
+
+class SlicedQKV(nn.Linear):
+    """qkv of all heads at the largest head width; computes the first ``heads`` heads, the first ``width`` units of
+    each, over the first ``global_dim`` channels."""
+
+    def __init__(self, dim: int, num_heads: int, max_head_dim: int, path: ActivePath):
+        super().__init__(dim, 3 * num_heads * max_head_dim)
+        self.num_heads, self.max_head_dim, self.path = num_heads, max_head_dim, path
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        p = self.path
+        weight = self.weight.view(3, self.num_heads, self.max_head_dim, -1)[:, :p.heads, :p.width, :p.global_dim]
+        bias = self.bias.view(3, self.num_heads, self.max_head_dim)[:, :p.heads, :p.width]
+        return {'weight': weight.reshape(-1, p.global_dim), 'bias': bias.reshape(-1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, **self.sliced())
+
+
+class SlicedHeadProjection(nn.Linear):
+    """The global heads' output projection, from the same heads and units as `SlicedQKV` to ``global_dim``."""
+
+    def __init__(self, dim: int, num_heads: int, max_head_dim: int, path: ActivePath):
+        super().__init__(num_heads * max_head_dim, dim)
+        self.num_heads, self.max_head_dim, self.path = num_heads, max_head_dim, path
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        p = self.path
+        weight = self.weight.view(-1, self.num_heads, self.max_head_dim)[:p.global_dim, :p.heads, :p.width]
+        return {'weight': weight.reshape(p.global_dim, -1), 'bias': self.bias[:p.global_dim]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, **self.sliced())
+
+
+class SlicedGLUPointwise(nn.Conv1d):
+    """The local module's first pointwise conv (values and gates of the GLU): the first ``local_hidden`` of each
+    half, from the last ``local_dim`` channels."""
+
+    def __init__(self, dim: int, max_hidden: int, path: ActivePath):
+        super().__init__(dim, 2 * max_hidden, 1)
+        self.max_hidden, self.path = max_hidden, path
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        p = self.path
+        weight = self.weight.view(2, self.max_hidden, self.in_channels, 1)[:, :p.local_hidden, -p.local_dim:]
+        bias = self.bias.view(2, self.max_hidden)[:, :p.local_hidden]
+        return {'weight': weight.reshape(2 * p.local_hidden, p.local_dim, 1), 'bias': bias.reshape(-1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, **self.sliced())
+
+
+class SlicedDepthwise(nn.Conv1d):
+    """The depthwise conv at the largest kernel: the first ``local_hidden`` channels, the central ``kernel_size``
+    taps (Once-for-All's elastic kernel, Cai et al., ICLR 2020, without its kernel transformation). Its input comes
+    padded for ``kernel_size``, as in `ConvModule`."""
+
+    def __init__(self, max_hidden: int, max_kernel_size: int, path: ActivePath):
+        super().__init__(max_hidden, max_hidden, max_kernel_size, groups=max_hidden)
+        self.path = path
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        p = self.path
+        trim = (self.kernel_size[0] - p.kernel_size) // 2
+        return {'weight': self.weight[:p.local_hidden, :, trim:trim + p.kernel_size],
+                'bias': self.bias[:p.local_hidden]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, **self.sliced(), groups=self.path.local_hidden)
+
+
+class SlicedBatchNorm(nn.BatchNorm1d):
+    """The depthwise conv's BatchNorm over its first ``local_hidden`` channels. The slices of the running statistics
+    are views, so training updates them in place."""
+
+    def __init__(self, max_hidden: int, path: ActivePath):
+        super().__init__(max_hidden)
+        self.path = path
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        hidden = self.path.local_hidden
+        return {name: getattr(self, name)[:hidden] for name in ('weight', 'bias', 'running_mean', 'running_var')}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.sliced()
+        momentum = self.momentum
+        if self.training and momentum is None:  # a cumulative average (BatchNorm recalibration), as nn.BatchNorm1d
+            self.num_batches_tracked.add_(1)
+            momentum = 1. / float(self.num_batches_tracked)
+        return F.batch_norm(x, w['running_mean'], w['running_var'], w['weight'], w['bias'], self.training,
+                            momentum or 0., self.eps)
+
+
+class SlicedPointwiseOut(nn.Conv1d):
+    """The local module's last pointwise conv: from the first ``local_hidden`` channels to the last ``local_dim``."""
+
+    def __init__(self, max_hidden: int, dim: int, path: ActivePath):
+        super().__init__(max_hidden, dim, 1)
+        self.path = path
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        p = self.path
+        return {'weight': self.weight[-p.local_dim:, :p.local_hidden], 'bias': self.bias[-p.local_dim:]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, **self.sliced())
+
+
+class SlicedHidden(nn.Linear):
+    """An MLP layer at the largest ratio, computing the first ``mlp_hidden`` hidden units: into them (fc1) or out of
+    them (fc2)."""
+
+    def __init__(self, in_features: int, out_features: int, path: ActivePath, into_hidden: bool):
+        super().__init__(in_features, out_features)
+        self.path, self.into_hidden = path, into_hidden
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        hidden = self.path.mlp_hidden
+        if self.into_hidden:
+            return {'weight': self.weight[:hidden], 'bias': self.bias[:hidden]}
+        return {'weight': self.weight[:, :hidden], 'bias': self.bias}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, **self.sliced())
+
+
 class SuperGlobalAttention(nn.Module):
-    """Global heads of every size: qkv and proj at all heads and the largest head width; an architecture takes the
-    first ``global_heads`` heads, the first ``global_dim`` input channels and the first ``width`` units of each head."""
+    """Global heads of every size (`leanvit.models.glit.GlobalAttention` at all heads and the largest qkv ratio)."""
 
-    def __init__(self, dim: int, num_heads: int, max_head_dim: int):
+    def __init__(self, dim: int, num_heads: int, max_head_dim: int, path: ActivePath):
         super().__init__()
-        self.dim, self.num_heads, self.max_head_dim = dim, num_heads, max_head_dim
-        self.qkv = nn.Linear(dim, 3 * num_heads * max_head_dim)
-        self.proj = nn.Linear(num_heads * max_head_dim, dim)
+        self.path = path
+        self.qkv = SlicedQKV(dim, num_heads, max_head_dim, path)
+        self.proj = SlicedHeadProjection(dim, num_heads, max_head_dim, path)
 
-    def weights(self, heads: int, width: int) -> dict[str, torch.Tensor]:
-        """The slices a `GlobalAttention` of ``heads`` heads of ``width`` over ``dim * heads / num_heads`` channels
-        holds, under its parameter names."""
-        dim = self.dim * heads // self.num_heads
-        qkv_w = self.qkv.weight.view(3, self.num_heads, self.max_head_dim, self.dim)[:, :heads, :width, :dim]
-        qkv_b = self.qkv.bias.view(3, self.num_heads, self.max_head_dim)[:, :heads, :width]
-        proj_w = self.proj.weight.view(self.dim, self.num_heads, self.max_head_dim)[:dim, :heads, :width]
-        return {'qkv.weight': qkv_w.reshape(-1, dim), 'qkv.bias': qkv_b.reshape(-1),
-                'proj.weight': proj_w.reshape(dim, -1), 'proj.bias': self.proj.bias[:dim]}
-
-    def forward(self, x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
-        w = self.weights(heads, width)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        qkv = F.linear(x, w['qkv.weight'], w['qkv.bias'])
-        q, k, v = qkv.reshape(B, N, 3, heads, width).permute(2, 0, 3, 1, 4).unbind(0)
+        heads, width = self.path.heads, self.path.width
+        q, k, v = self.qkv(x).reshape(B, N, 3, heads, width).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)
-        return F.linear(x.transpose(1, 2).reshape(B, N, heads * width), w['proj.weight'], w['proj.bias'])
+        return self.proj(x.transpose(1, 2).reshape(B, N, heads * width))
 
 
 class SuperConvModule(nn.Module):
-    """The local module of every size (`leanvit.models.glit.ConvModule` at the largest expansion and kernel): an
-    architecture with ``channels`` local channels (the model's last ones) uses the first ``expansion * channels``
-    hidden channels and the central ``kernel_size`` taps of each depthwise kernel, as Once-for-All's elastic kernels
-    (Cai et al., ICLR 2020) without their kernel transformation."""
+    """The local module of every size (`leanvit.models.glit.ConvModule` at the largest expansion and kernel)."""
 
-    def __init__(self, dim: int, max_expansion: int, max_kernel_size: int, act_layer: type[nn.Module] = nn.SiLU):
+    def __init__(self, dim: int, max_expansion: int, max_kernel_size: int, path: ActivePath,
+                 act_layer: type[nn.Module] = nn.SiLU):
         super().__init__()
-        self.dim, self.hidden = dim, max_expansion * dim
-        self.pw1 = nn.Conv1d(dim, 2 * self.hidden, 1)
-        self.dw = nn.Conv1d(self.hidden, self.hidden, max_kernel_size, groups=self.hidden)
-        self.norm = nn.BatchNorm1d(self.hidden)
+        self.path = path
+        hidden = max_expansion * dim
+        self.pw1 = SlicedGLUPointwise(dim, hidden, path)
+        self.dw = SlicedDepthwise(hidden, max_kernel_size, path)
+        self.norm = SlicedBatchNorm(hidden, path)
         self.act = act_layer()
-        self.pw2 = nn.Conv1d(self.hidden, dim, 1)
+        self.pw2 = SlicedPointwiseOut(hidden, dim, path)
 
-    def weights(self, channels: int, expansion: int, kernel_size: int) -> dict[str, torch.Tensor]:
-        """The slices a `ConvModule(channels, expansion, kernel_size)` holds, under its parameter names."""
-        hidden, first = expansion * channels, self.dim - channels
-        trim = (self.dw.kernel_size[0] - kernel_size) // 2
-        pw1_w = self.pw1.weight.view(2, self.hidden, self.dim, 1)[:, :hidden, first:]
-        pw1_b = self.pw1.bias.view(2, self.hidden)[:, :hidden]
-        out = {'pw1.weight': pw1_w.reshape(2 * hidden, channels, 1), 'pw1.bias': pw1_b.reshape(-1),
-               'dw.weight': self.dw.weight[:hidden, :, trim:trim + kernel_size], 'dw.bias': self.dw.bias[:hidden],
-               'pw2.weight': self.pw2.weight[first:, :hidden], 'pw2.bias': self.pw2.bias[first:]}
-        for name in ('weight', 'bias', 'running_mean', 'running_var'):
-            out[f'norm.{name}'] = getattr(self.norm, name)[:hidden]
-        return out
-
-    def forward(self, x: torch.Tensor, channels: int, expansion: int, kernel_size: int) -> torch.Tensor:
-        w = self.weights(channels, expansion, kernel_size)
-        x = F.glu(F.conv1d(x.transpose(1, 2), w['pw1.weight'], w['pw1.bias']), dim=1)
-        x = F.conv1d(F.pad(x, (kernel_size // 2,) * 2), w['dw.weight'], w['dw.bias'], groups=expansion * channels)
-        norm = self.norm
-        # Slices of the running statistics are views: training updates the slice in place. Momentum None (as set by
-        # BatchNorm recalibration) is a cumulative average, as in nn.BatchNorm1d.
-        momentum = norm.momentum
-        if norm.training and momentum is None:
-            norm.num_batches_tracked.add_(1)
-            momentum = 1. / float(norm.num_batches_tracked)
-        x = F.batch_norm(x, w['norm.running_mean'], w['norm.running_var'], w['norm.weight'], w['norm.bias'],
-                         norm.training, momentum or 0., norm.eps)
-        return F.conv1d(self.act(x), w['pw2.weight'], w['pw2.bias']).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.glu(self.pw1(x.transpose(1, 2)), dim=1)
+        x = self.dw(F.pad(x, (self.path.kernel_size // 2,) * 2))
+        return self.pw2(self.act(self.norm(x))).transpose(1, 2)
 
 
 class SuperMlp(nn.Module):
-    """The MLP at the largest ratio; an architecture uses the first ``mlp_ratio * dim`` hidden units."""
+    """The MLP at the largest ratio."""
 
-    def __init__(self, dim: int, max_hidden: int, act_layer: type[nn.Module] = nn.GELU):
+    def __init__(self, dim: int, max_hidden: int, path: ActivePath, act_layer: type[nn.Module] = nn.GELU):
         super().__init__()
-        self.fc1 = nn.Linear(dim, max_hidden)
+        self.fc1 = SlicedHidden(dim, max_hidden, path, into_hidden=True)
         self.act = act_layer()
-        self.fc2 = nn.Linear(max_hidden, dim)
+        self.fc2 = SlicedHidden(max_hidden, dim, path, into_hidden=False)
 
-    def weights(self, hidden: int) -> dict[str, torch.Tensor]:
-        return {'fc1.weight': self.fc1.weight[:hidden], 'fc1.bias': self.fc1.bias[:hidden],
-                'fc2.weight': self.fc2.weight[:, :hidden], 'fc2.bias': self.fc2.bias}
-
-    def forward(self, x: torch.Tensor, hidden: int) -> torch.Tensor:
-        w = self.weights(hidden)
-        return F.linear(self.act(F.linear(x, w['fc1.weight'], w['fc1.bias'])), w['fc2.weight'], w['fc2.bias'])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class SuperBlock(nn.Module):
@@ -130,48 +232,61 @@ class SuperBlock(nn.Module):
                  norm_layer: type[nn.Module] = nn.LayerNorm, act_layer: type[nn.Module] = nn.GELU,
                  conv_act_layer: type[nn.Module] = nn.SiLU):
         super().__init__()
-        self.dim, self.num_heads, self.arch = dim, num_heads, arch
+        self.dim, self.num_heads = dim, num_heads
         self.head_dim = dim // num_heads
+        self.path = ActivePath()
         self.norm1 = norm_layer(dim)
         self.attn = SuperGlobalAttention(
-            dim, num_heads, int(self.head_dim * max((*space.qkv_ratios, space.mixed_qkv_ratio))))
+            dim, num_heads, int(self.head_dim * max((*space.qkv_ratios, space.mixed_qkv_ratio))), self.path)
         self.local = SuperConvModule(dim, int(max(space.expansions)),
-                                     int(max((*space.kernel_sizes, space.mixed_kernel_size))), conv_act_layer)
+                                     int(max((*space.kernel_sizes, space.mixed_kernel_size))), self.path,
+                                     conv_act_layer)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = SuperMlp(dim, int(dim * max((*space.mlp_ratios, space.local_mlp_ratio))), act_layer)
+        self.mlp = SuperMlp(dim, int(dim * max((*space.mlp_ratios, space.local_mlp_ratio))), self.path, act_layer)
+        self.arch = arch
 
-    def sizes(self, arch: BlockArch) -> tuple[int, int]:
-        """(channels of the global heads, width of each global head) of ``arch``."""
-        return self.dim * arch.global_heads // self.num_heads, int(self.head_dim * arch.qkv_ratio)
+    @property
+    def arch(self) -> BlockArch:
+        return self._arch
+
+    @arch.setter
+    def arch(self, arch: BlockArch):
+        global_dim = self.dim * arch.global_heads // self.num_heads
+        local_dim = self.dim - global_dim
+        # Updated in place: the layers hold this object.
+        vars(self.path).update(dataclasses.asdict(ActivePath(
+            global_dim=global_dim, heads=arch.global_heads, width=int(self.head_dim * arch.qkv_ratio),
+            local_dim=local_dim, local_hidden=arch.expansion * local_dim, kernel_size=arch.kernel_size,
+            mlp_hidden=int(self.dim * arch.mlp_ratio))))
+        self._arch = arch
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        arch = self.arch
-        global_dim, width = self.sizes(arch)
+        global_dim = self.path.global_dim
         if global_dim == self.dim:
-            return self.attn(x, arch.global_heads, width)
-        local_dim = self.dim - global_dim
+            return self.attn(x)
         if global_dim == 0:
-            return self.local(x, local_dim, arch.expansion, arch.kernel_size)
-        return torch.cat([self.attn(x[..., :global_dim], arch.global_heads, width),
-                          self.local(x[..., global_dim:], local_dim, arch.expansion, arch.kernel_size)], dim=-1)
+            return self.local(x)
+        return torch.cat([self.attn(x[..., :global_dim]), self.local(x[..., global_dim:])], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mix(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x), int(self.dim * self.arch.mlp_ratio)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def candidate_state(self, arch: BlockArch) -> dict[str, torch.Tensor]:
-        """The state of the `GLBlock` of ``arch`` (its parameter and buffer names), sliced from this block."""
-        global_dim, width = self.sizes(arch)
+    def candidate_state(self) -> dict[str, torch.Tensor]:
+        """The state of the `GLBlock` of the current ``arch`` (its parameter and buffer names), sliced from this
+        block."""
         state = {f'norm{i}.{name}': value for i in (1, 2)
                  for name, value in getattr(self, f'norm{i}').state_dict().items()}
-        if global_dim:
-            state |= {f'mixer.attn.{k}': v for k, v in self.attn.weights(arch.global_heads, width).items()}
-        if global_dim < self.dim:
-            local = self.local.weights(self.dim - global_dim, arch.expansion, arch.kernel_size)
-            state |= {f'mixer.local.{k}': v for k, v in local.items()}
+        parts = {'mlp': self.mlp}
+        if self.path.global_dim:
+            parts['mixer.attn'] = self.attn
+        if self.path.local_dim:
+            parts['mixer.local'] = self.local
             state['mixer.local.norm.num_batches_tracked'] = self.local.norm.num_batches_tracked.clone()
-        state |= {f'mlp.{k}': v for k, v in self.mlp.weights(int(self.dim * arch.mlp_ratio)).items()}
+        for prefix, part in parts.items():
+            state |= {f'{prefix}.{name}.{key}': value for name, layer in part.named_children()
+                      if hasattr(layer, 'sliced') for key, value in layer.sliced().items()}
         return state
 
 
@@ -227,8 +342,11 @@ class GLiTSupernet(GLiT):
         for block, source in zip(model.blocks, self.blocks):
             block.norm1, block.norm2 = copy.deepcopy(source.norm1), copy.deepcopy(source.norm2)
         state = {k: v for k, v in self.state_dict().items() if not k.startswith('blocks.')}
-        for i, choice in enumerate(arch):
-            state |= {f'blocks.{i}.{k}': v for k, v in self.blocks[i].candidate_state(choice).items()}
+        current = self.arch
+        self.set_arch(arch)
+        for i, block in enumerate(self.blocks):
+            state |= {f'blocks.{i}.{k}': v for k, v in block.candidate_state().items()}
+        self.set_arch(current)
         model.load_state_dict({k: v.detach().clone() for k, v in state.items()})
         return model.train(self.training)
 
