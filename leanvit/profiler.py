@@ -2,7 +2,8 @@
 
 The papers' "FLOPs" are fvcore-style MACs of convolutions, linear layers and matmuls, attention matmuls included.
 torch's FlopCounterMode counts 2 x MACs and has no formula for the fused CPU attention kernel, so attention would
-count as zero; we register one (QK^T and AV: 2 * B * heads * Nq * Nk * head_dim MACs).
+count as zero; we register one (QK^T and AV: 2 * B * heads * Nq * Nk * head_dim MACs), and the in-place batched
+product it also leaves out.
 FFTs (GFNet's global filters) count as their authors count them, see ``_fft_flops``.
 
 A re-parameterized model (``timm.utils.model.reparameterize_model``) counts as the architecture it computes: its CPU
@@ -38,6 +39,11 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _baddbmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    batch, rows, inner = a_shape
+    return 2 * batch * rows * inner * b_shape[-1]
+
+
 def _fft_flops(input_shape, dim, *args, **kwargs) -> int:
     """N * ceil(log2 N) MACs per transform of N points, N the transformed input extent (complex for c2r).
 
@@ -51,6 +57,7 @@ def _fft_flops(input_shape, dim, *args, **kwargs) -> int:
 
 _EXTRA_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten.baddbmm_: _baddbmm_flops,  # in place (Mini-DeiT's iRPE logits); FlopCounterMode maps only baddbmm
     torch.ops.aten._fft_r2c: _fft_flops,
     torch.ops.aten._fft_c2r: _fft_flops,
     torch.ops.aten._fft_c2c: _fft_flops,
