@@ -191,9 +191,9 @@ def relative_position_index(window: int, table_window: int) -> torch.Tensor:
 class MultiplexedAttention(nn.Module):
     """Multi-head self-attention whose weights several layers share; each layer brings its `LayerTransforms`.
 
-    ``logits = (q / sqrt(d)) kᵀ (+ relative position bias) (+ the iRPE term, `ImageRPE`)``, then the layer's ``mix_logits``, the
-    window mask, softmax, ``mix_probs``, ``@ v``: the official order of both code bases. Without head mixing or iRPE the
-    logits never need materialising and the fused kernel runs (plain Swin and DeiT attention).
+    ``logits = (q / sqrt(d)) kᵀ (+ relative position bias) (+ the iRPE term, `ImageRPE`)``, then the layer's
+    ``mix_logits``, the window mask, softmax, ``mix_probs``, ``@ v``: the official order of both code bases. Without
+    head mixing or iRPE the logits never need materialising and the fused kernel runs (plain Swin and DeiT attention).
 
     Args:
         window_size: Swin's window (a shared relative position bias table per window offset); None for global
