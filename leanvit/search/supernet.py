@@ -48,7 +48,28 @@ class ActivePath:
     mlp_hidden: int = 0
 
 
-class SlicedQKV(nn.Linear):
+class SlicedLinear(nn.Linear):
+    """A linear layer of the supernet: computes with ``sliced()``, the slice of its weights the block's path selects
+    (under the parameter names of the candidate's layer)."""
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, **self.sliced())
+
+
+class SlicedConv1d(nn.Conv1d):
+    """A conv of the supernet's local module, computing with ``sliced()`` as `SlicedLinear`."""
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, **self.sliced())
+
+
+class SlicedQKV(SlicedLinear):
     """qkv of all heads at the largest head width; computes the first ``heads`` heads, the first ``width`` units of
     each, over the first ``global_dim`` channels."""
 
@@ -62,11 +83,8 @@ class SlicedQKV(nn.Linear):
         bias = self.bias.view(3, self.num_heads, self.max_head_dim)[:, :p.heads, :p.width]
         return {'weight': weight.reshape(-1, p.global_dim), 'bias': bias.reshape(-1)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, **self.sliced())
 
-
-class SlicedHeadProjection(nn.Linear):
+class SlicedHeadProjection(SlicedLinear):
     """The global heads' output projection, from the same heads and units as `SlicedQKV` to ``global_dim``."""
 
     def __init__(self, dim: int, num_heads: int, max_head_dim: int, path: ActivePath):
@@ -78,11 +96,8 @@ class SlicedHeadProjection(nn.Linear):
         weight = self.weight.view(-1, self.num_heads, self.max_head_dim)[:p.global_dim, :p.heads, :p.width]
         return {'weight': weight.reshape(p.global_dim, -1), 'bias': self.bias[:p.global_dim]}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, **self.sliced())
 
-
-class SlicedGLUPointwise(nn.Conv1d):
+class SlicedGLUPointwise(SlicedConv1d):
     """The local module's first pointwise conv (values and gates of the GLU): the first ``local_hidden`` of each
     half, from the last ``local_dim`` channels."""
 
@@ -96,11 +111,8 @@ class SlicedGLUPointwise(nn.Conv1d):
         bias = self.bias.view(2, self.max_hidden)[:, :p.local_hidden]
         return {'weight': weight.reshape(2 * p.local_hidden, p.local_dim, 1), 'bias': bias.reshape(-1)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, **self.sliced())
 
-
-class SlicedDepthwise(nn.Conv1d):
+class SlicedDepthwise(SlicedConv1d):
     """The depthwise conv at the largest kernel: the first ``local_hidden`` channels, the central ``kernel_size``
     taps (Once-for-All's elastic kernel, Cai et al., ICLR 2020, without its kernel transformation). Its input comes
     padded for ``kernel_size``, as in `ConvModule`."""
@@ -141,7 +153,7 @@ class SlicedBatchNorm(nn.BatchNorm1d):
                             momentum or 0., self.eps)
 
 
-class SlicedPointwiseOut(nn.Conv1d):
+class SlicedPointwiseOut(SlicedConv1d):
     """The local module's last pointwise conv: from the first ``local_hidden`` channels to the last ``local_dim``."""
 
     def __init__(self, max_hidden: int, dim: int, path: ActivePath):
@@ -152,11 +164,8 @@ class SlicedPointwiseOut(nn.Conv1d):
         p = self.path
         return {'weight': self.weight[-p.local_dim:, :p.local_hidden], 'bias': self.bias[-p.local_dim:]}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, **self.sliced())
 
-
-class SlicedHidden(nn.Linear):
+class SlicedHidden(SlicedLinear):
     """An MLP layer at the largest ratio, computing the first ``mlp_hidden`` hidden units: into them (fc1) or out of
     them (fc2)."""
 
@@ -169,9 +178,6 @@ class SlicedHidden(nn.Linear):
         if self.into_hidden:
             return {'weight': self.weight[:hidden], 'bias': self.bias[:hidden]}
         return {'weight': self.weight[:, :hidden], 'bias': self.bias}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, **self.sliced())
 
 
 class SuperGlobalAttention(nn.Module):
