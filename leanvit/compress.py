@@ -13,14 +13,13 @@ LayerNorm replaces the residual stream (docs/minivit.md, "leanvit choices").
 """
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from leanvit.errors import UsageError
+from leanvit.errors import RunDirectoryError, UsageError
 from leanvit.models.minivit import HeadMixing
 
 STRATEGIES = ('first', 'mean')
@@ -264,6 +263,7 @@ def agreement(student: nn.Module, teacher: nn.Module, batches, max_images: int |
 
 
 MULTIPLEXED = 'multiplexed.safetensors'
+RECORD = 'compress.json'
 
 
 def compress(config, share: int = 2, init: str | int = 'first', attn_transform: bool = True, local_conv: bool = False,
@@ -272,43 +272,87 @@ def compress(config, share: int = 2, init: str | int = 'first', attn_transform: 
     close the untrained student is on the validation split, then train it through the engine with the teacher.
 
     ``config`` is the run's `leanvit.train.TrainConfig`; its ``model``, ``model_kwargs`` and ``init_checkpoint`` are
-    the student's, set here. The first call writes ``multiplexed.safetensors`` and ``compress.json`` to the run
-    directory; calling again resumes the run from its last checkpoint, as `leanvit train` does.
+    the student's, set here. The first call writes ``multiplexed.safetensors`` and ``compress.json`` (the student and
+    the settings that made it) to the run directory; calling again with the same settings resumes the run from its
+    last checkpoint, as `leanvit train` does, and other settings are refused unless ``resume_anyway``.
     """
-    import leanvit
-    from leanvit.checkpoint import save_weights
-    from leanvit.data import build_datasets
     from leanvit.train import train
-    from leanvit.train.checkpoints import write_json
-    from leanvit.train.evaluation import data_config
+    from leanvit.train.checkpoints import RunLock
 
     if not config.teacher:
         raise UsageError('compress needs a teacher (--teacher NAME, normally with --teacher-checkpoint FILE)')
     if config.model_kwargs or config.init_checkpoint:
         raise UsageError('compress builds the student from the teacher: give no model_kwargs or init_checkpoint')
     output = Path(config.output)
-    start, record = output / MULTIPLEXED, output / 'compress.json'
-    if not (start.exists() and record.exists()):
-        teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
-        probe = leanvit.create_model(config.teacher, **teacher_kwargs)
-        data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
-                              augment='none', bad_images=config.bad_images, seed=config.seed)
-        teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs).eval()
-        if config.teacher_checkpoint:
-            leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
-        student, report = multiplex(teacher, share, init, attn_transform, local_conv, rpe)
-        from torch.utils.data import DataLoader
-        close = agreement(student, teacher, DataLoader(data.val, config.batch_size), max_images=1000)
-        print(f'{report.summary()}\nuntrained student vs teacher on {close.images} validation images: top-1 '
-              f'agreement {close.top1_agreement:.1%}, logit RMSE {close.logit_rmse:.3g}', flush=True)
-        output.mkdir(parents=True, exist_ok=True)
-        save_weights(student, start)
-        write_json(record, dict(report=dataclasses.asdict(report), untrained_agreement=dataclasses.asdict(close),
-                                share=share, init=init))
-    report = json.loads(record.read_text())['report']
+    settings = dict(teacher=config.teacher, teacher_checkpoint=config.teacher_checkpoint,
+                    teacher_kwargs=config.teacher_kwargs, img_size=config.img_size, share=share, init=init,
+                    attn_transform=attn_transform, local_conv=local_conv, rpe=rpe)
+    # One process at a time makes (or checks) the student; the engine then takes the folder for the training.
+    with RunLock(output):
+        if (output / MULTIPLEXED).exists() and (output / RECORD).exists():
+            report = _recorded_student(output / RECORD, settings, resume_anyway)
+        else:
+            report = _multiplexed_student(config, output, settings, share, init, attn_transform, local_conv, rpe)
     # The engine gives the model the data's classes; weight distillation is the default objective (paper Sec. 3.3).
-    kwargs = {k: v for k, v in report['model_kwargs'].items() if k != 'num_classes'}
+    # `pretrained` would only load weights that the multiplexed start replaces.
+    kwargs = {k: v for k, v in report['model_kwargs'].items() if k not in ('num_classes', 'pretrained')}
     student_config = dataclasses.replace(config, model=report['model'], model_kwargs=kwargs,
-                                         init_checkpoint=str(start),
+                                         init_checkpoint=str(output / MULTIPLEXED),
                                          objectives=config.objectives or {'weight_distillation': {}})
     return train(student_config, resume_anyway=resume_anyway)
+
+
+def _multiplexed_student(config, output: Path, settings: dict, share, init, attn_transform, local_conv,
+                         rpe) -> dict:
+    """Build the teacher, multiplex it, say how close the untrained student is, and write both files."""
+    import leanvit
+    from leanvit.checkpoint import save_weights
+    from leanvit.data import build_datasets
+    from leanvit.train.checkpoints import write_json
+    from leanvit.train.evaluation import data_config
+    from torch.utils.data import DataLoader
+
+    teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
+    probe = leanvit.create_model(config.teacher, **teacher_kwargs)
+    data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
+                          augment='none', bad_images=config.bad_images, seed=config.seed)
+    teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs).eval()
+    if config.teacher_checkpoint:
+        leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
+    student, report = multiplex(teacher, share, init, attn_transform, local_conv, rpe)
+    close = agreement(student, teacher, DataLoader(data.val, config.batch_size), max_images=1000)
+    print(f'{report.summary()}\nuntrained student vs teacher on {close.images} validation images: top-1 '
+          f'agreement {close.top1_agreement:.1%}, logit RMSE {close.logit_rmse:.3g}', flush=True)
+    save_weights(student, output / MULTIPLEXED)
+    report = dataclasses.asdict(report)
+    # Written last: a kill before this leaves no record, and the next call multiplexes again.
+    write_json(output / RECORD, dict(report=report, untrained_agreement=dataclasses.asdict(close), settings=settings))
+    return report
+
+
+def _recorded_student(record: Path, settings: dict, resume_anyway: bool) -> dict:
+    """The student ``compress.json`` records (its fields checked), if it was made with ``settings``; a run made with
+    others is refused, naming them, unless ``resume_anyway`` (which then resumes the recorded student)."""
+    from leanvit.train.checkpoints import read_sidecar
+    from leanvit.train.config import as_recorded
+
+    meta = read_sidecar(record)
+    report, recorded = meta.get('report'), meta.get('settings')
+    if not (isinstance(report, dict) and isinstance(report.get('model'), str)
+            and isinstance(report.get('model_kwargs'), dict)):
+        raise RunDirectoryError(f'{record}: field "report" must hold the student\'s "model" (a name) and '
+                                f'"model_kwargs" (a JSON object), got {report!r}')
+    if not isinstance(recorded, dict):
+        raise RunDirectoryError(f'{record}: field "settings" must be a JSON object of the compress settings, got '
+                                f'{recorded!r}; it is corrupt, or was written by an older leanvit: move the folder '
+                                f'aside to start over')
+    changed = [f'{name}: {recorded.get(name)!r} -> {value!r}' for name, value in settings.items()
+               if recorded.get(name) != as_recorded(value)]
+    if changed and not resume_anyway:
+        raise UsageError(f'{record.parent} holds a compressed student made with other settings ({"; ".join(changed)}): '
+                         f'run with its settings to resume it, choose another --output for a new student, or pass '
+                         f'--resume-anyway to resume the recorded one')
+    if changed:
+        print(f'{record.parent}: resuming the recorded student, not one made with the new settings '
+              f'({"; ".join(changed)})', flush=True)
+    return report

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import zipfile
 import os
 import warnings
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from leanvit.errors import ExportVerificationError, LeanvitError, UsageError
+from leanvit.errors import CheckpointError, ExportVerificationError, LeanvitError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -166,7 +167,7 @@ def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynami
                       input_names=['input'], output_names=['output'], opset_version=opset,
                       dynamic_shapes=dynamic_shapes)
     exported = onnx.load(path)
-    exported.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+    exported.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata, allow_nan=False))
     onnx.save(exported, path)
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     return [session.run(None, {'input': x.cpu().numpy()})[0] for x in inputs]
@@ -183,7 +184,7 @@ def _export_torchscript(model: nn.Module, path: str, inputs: list[torch.Tensor],
         # fresh inputs, at a second batch size too, is the check that matters.
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         traced = torch.jit.trace(model, inputs[0], check_trace=False)
-    torch.jit.save(traced, path, _extra_files={f'{METADATA_KEY}.json': json.dumps(metadata)})
+    torch.jit.save(traced, path, _extra_files={f'{METADATA_KEY}.json': json.dumps(metadata, allow_nan=False)})
     loaded = torch.jit.load(path, map_location=device)
     return _outputs(loaded, inputs)
 
@@ -267,7 +268,46 @@ def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     if not stored:
         raise LeanvitError(f'{path} has no leanvit metadata (model, input pipeline): it was not written by '
                            f'leanvit export; evaluate its checkpoint instead')
-    return runner, json.loads(stored)
+    return runner, _checked_metadata(path, stored)
+
+
+def _checked_metadata(path: Path, stored: str) -> dict:
+    """The metadata ``export_model`` stored in the file at ``path``, each field a command reads checked."""
+    def refuse(field, expected, value):
+        raise CheckpointError(f'{path}: metadata field "{field}" must be {expected}, got {value!r}; the file was '
+                              f'altered or not written by leanvit export')
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    try:
+        meta = json.loads(stored, parse_constant=lambda name: refuse('(any)', 'finite numbers only', name))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{path}: its leanvit metadata is not valid JSON ({e})') from None
+    if not isinstance(meta, dict):
+        refuse('(the whole)', 'a JSON object', meta)
+    for field, kind, expected in (('model', str, 'a model name'), ('model_kwargs', dict, 'a JSON object'),
+                                  ('config', dict, 'a JSON object'), ('data_config', dict, 'a JSON object')):
+        if not isinstance(meta.get(field), kind):
+            refuse(field, expected, meta.get(field))
+    classes = meta.get('num_classes')
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        refuse('num_classes', 'an integer >= 1', classes)
+    cfg = meta['data_config']
+    size = cfg.get('input_size')
+    if not (isinstance(size, list) and len(size) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+        refuse('data_config.input_size', 'three integers >= 1 (channels, height, width)', size)
+    for field in ('mean', 'std'):
+        value = cfg.get(field)
+        if not (isinstance(value, list) and value and all(map(number, value))
+                and (field == 'mean' or all(v > 0 for v in value))):
+            refuse(f'data_config.{field}', 'a list of finite numbers' + (' > 0' if field == 'std' else ''), value)
+    if not (number(cfg.get('crop_pct')) and 0 < cfg['crop_pct'] <= 1):
+        refuse('data_config.crop_pct', 'a number in (0, 1]', cfg.get('crop_pct'))
+    if not isinstance(cfg.get('interpolation'), str):
+        refuse('data_config.interpolation', 'a string such as "bicubic"', cfg.get('interpolation'))
+    return meta
 
 
 class _OnnxModule:

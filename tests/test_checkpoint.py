@@ -251,3 +251,15 @@ def test_trust_unpickles_fully_with_a_warning_and_only_when_asked(tmp_path):
     with pytest.warns(UserWarning, match=r'unpickling .*evil\.pth fully \(trusted\)'):
         checkpoint = read_checkpoint(tmp_path / 'evil.pth', trust=True)
     assert marker.exists() and torch.equal(checkpoint['w'], torch.zeros(1))
+
+
+def test_pretrained_weights_that_carry_code_are_one_error_naming_the_file(tmp_path):
+    marker = tmp_path / 'executed'
+    with open(tmp_path / 'evil.pth', 'wb') as f:
+        pickle.dump({'model': {'w': torch.zeros(1)}, 'payload': WritesAFile(marker)}, f)
+    with pytest.raises(UnsafeCheckpointError) as error:
+        leanvit.create_model('test_sret', pretrained=True, pretrained_cfg_overlay={'file': str(tmp_path / 'evil.pth')})
+    message = str(error.value)
+    assert f'refused to load the pretrained weights of test_sret ({tmp_path / "evil.pth"}' in message
+    assert 'Remove pretrained' in message and 'trust=True' in message and '\n' not in message
+    assert not marker.exists()

@@ -127,6 +127,20 @@ def test_compress_command_distils_the_multiplexed_student(trained_teacher, tmp_p
     before = (tmp_path / 'multiplexed.safetensors').stat().st_mtime_ns
     assert main(command) == 0
     assert (tmp_path / 'multiplexed.safetensors').stat().st_mtime_ns == before
+    capsys.readouterr()
+    # Another student in the same folder is refused, naming the setting, and nothing is touched.
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != 'run.lock'}
+    assert main(command + ['--share', '4']) == 2
+    err = capsys.readouterr().err
+    assert f'{tmp_path} holds a compressed student made with other settings (share: 2 -> 4)' in err
+    assert 'Traceback' not in err and err.count('\n') == 1
+    assert main(command + ['--no-attn-transform']) == 2
+    assert 'attn_transform: True -> False' in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != 'run.lock'} == files
+    # A crafted record is named by file and field.
+    (tmp_path / 'compress.json').write_text(json.dumps(dict(record, report=dict(record['report'], model=[1]))))
+    assert main(command) == 1
+    assert f'{tmp_path / "compress.json"}: field "report" must hold' in capsys.readouterr().err
 
 
 def test_init_checkpoint_of_another_model_is_named(trained_teacher, tmp_path):

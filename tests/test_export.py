@@ -255,3 +255,24 @@ def test_an_exported_file_passed_as_a_checkpoint_is_named_as_such(run, tmp_path)
     main(['export', '--checkpoint', str(checkpoint), '--format', 'onnx', '--out', str(tmp_path / 'm.onnx')])
     with pytest.raises(LeanvitError, match=r'm\.onnx is an exported onnx model, not a checkpoint'):
         leanvit.load_checkpoint(leanvit.create_model('test_sret', img_size=32, num_classes=10), tmp_path / 'm.onnx')
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda m: m.pop('num_classes'), 'metadata field "num_classes" must be an integer >= 1, got None'),
+    (lambda m: m.update(model=['test_sret']), 'metadata field "model" must be a model name'),
+    (lambda m: m['data_config'].update(input_size=[3, 32]), 'metadata field "data_config.input_size" must be three'),
+    (lambda m: m['data_config'].update(std=[0, 1, 1]), 'metadata field "data_config.std" must be a list of finite'),
+    (lambda m: m['data_config'].update(crop_pct='NaN'), 'metadata field "data_config.crop_pct" must be a number'),
+])
+def test_altered_export_metadata_is_named_by_field(run, tmp_path, capsys, change, message):
+    _, checkpoint = run
+    assert run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', tmp_path / 'm.pt')[0] == 0
+    files = {'leanvit.json': ''}
+    module = torch.jit.load(str(tmp_path / 'm.pt'), _extra_files=files)
+    meta = json.loads(files['leanvit.json'])
+    change(meta)
+    torch.jit.save(module, str(tmp_path / 'm.pt'), _extra_files={'leanvit.json': json.dumps(meta)})
+    code = main(['eval', '--checkpoint', str(tmp_path / 'm.pt'), '--output', str(tmp_path / 'e')])
+    err = capsys.readouterr().err
+    assert code == 1 and 'Traceback' not in err and err.count('\n') == 1
+    assert f'{tmp_path / "m.pt"}: {message}' in err

@@ -275,13 +275,16 @@ def test_search_command_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / 's').exists()
 
 
+def digits_scorer(supernet, calib_batches: int, batch_size: int) -> SupernetScorer:
+    data = build_datasets('digits', supernet.pretrained_cfg | {'input_size': (3, 32, 32)}, augment='none',
+                          holdout=0.2)
+    return SupernetScorer(supernet, data.held_out, data.train, calib_batches, batch_size, torch.device('cpu'))
+
+
 def test_a_score_does_not_depend_on_what_was_scored_before():
     # Distributed scoring and resume rely on it: the BatchNorm recalibration sees the same batches every time.
     supernet = small_supernet(depth=2)
-    cfg = supernet.pretrained_cfg | {'input_size': (3, 32, 32)}
-    data = build_datasets('digits', cfg, augment='none', holdout=0.2)
-    scorer = SupernetScorer(supernet, data.held_out, data.train, calib_batches=2, batch_size=32,
-                            device=torch.device('cpu'))
+    scorer = digits_scorer(supernet, calib_batches=2, batch_size=32)
     first, second = (BlockArch(0, expansion=4, kernel_size=45),) * 2, (BlockArch(1, expansion=1),) * 2
     score = scorer(first)
     scorer(second)
@@ -297,3 +300,102 @@ def test_search_output_default_yields_to_a_recipe_and_a_flag(tmp_path):
     assert train_config(parse(['search']), output='runs/search').output == 'runs/search'
     assert train_config(parse(['search', '--config', str(recipe)]), output='runs/search').output == 'runs/from_recipe'
     assert train_config(parse(['search', '--config', str(recipe), '--output', 'x']), output='runs/search').output == 'x'
+
+
+def test_a_log_cut_short_by_a_kill_stays_resumable_for_every_later_run(tmp_path, capsys):
+    whole = toy_search(tmp_path, lambda archs: [reward(a) for a in archs], name='whole.jsonl').run('flat', 3)
+    first = toy_search(tmp_path, lambda archs: [reward(a) for a in archs], name='log.jsonl').run('flat', 2)
+    path = tmp_path / 'log.jsonl'
+    lines = path.read_text().splitlines()
+    path.write_text('\n'.join(lines[:-1]) + '\n' + lines[-1][:25])  # the kill cut the last record short
+    resumed = toy_search(tmp_path, lambda archs: [reward(a) for a in archs]).run('flat', 3)
+    out = capsys.readouterr().out
+    assert f'{path}: dropped its last line, a record cut short by a kill' in out and out.count('\n') == 1
+    assert [(c.arch, c.score) for c in resumed] == [(c.arch, c.score) for c in whole]
+    # Every later run reads the log as it is: one record per line, nothing dropped again.
+    text = path.read_text()
+    assert text.endswith('\n') and len(text.splitlines()) == len(set(c.arch for c in whole)) > len(first)
+    again = toy_search(tmp_path, lambda archs: pytest.fail('nothing left to score')).run('flat', 3)
+    assert [(c.arch, c.score) for c in again] == [(c.arch, c.score) for c in whole]
+    assert capsys.readouterr().out == '' and path.read_text() == text
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('arch', [{'global_heads': [1]}], 'arch block 0: global_heads must be an integer, got [1] (list)'),
+    ('arch', [{'global_heads': '1'}], "arch block 0: global_heads must be an integer, got '1' (str)"),
+    ('arch', [{'global_heads': 1, 'mlp_ratio': None}], 'arch block 0: mlp_ratio must be a number, got None'),
+    ('arch', [{'global_heads': 1, 'colour': 2}], 'arch block 0 must be a mapping with global_heads'),
+    ('arch', [], 'field "arch" must be a non-empty list of blocks'),
+    ('score', 'high', 'field "score" must be a finite number or null'),
+    ('macs', -1, 'field "macs" must be a finite number >= 0'),
+    ('params', 1.5, 'field "params" must be an integer >= 0'),
+    ('generation', True, 'field "generation" must be an integer >= 0'),
+    ('stage', 'middle', "field \"stage\" must be one of ['high', 'low', 'flat']"),
+])
+def test_every_field_of_every_record_is_validated(tmp_path, field, value, message):
+    good = dict(arch=[{'global_heads': 1}], score=50.0, macs=1e6, params=1000, stage='flat', generation=0)
+    path = tmp_path / 'log.jsonl'
+    path.write_text(json.dumps(good) + '\n' + json.dumps(dict(good, **{field: value})) + '\n')
+    with pytest.raises(RunDirectoryError) as error:
+        CandidateLog(path)
+    assert f'{path} line 2: {message}' in str(error.value) and '\n' not in str(error.value)
+
+
+def test_a_record_with_missing_or_extra_fields_is_named(tmp_path):
+    path = tmp_path / 'log.jsonl'
+    path.write_text('{"arch": [{"global_heads": 1}], "score": 1}\n{}\n')
+    with pytest.raises(RunDirectoryError, match=r'line 1 must be a JSON object with the fields'):
+        CandidateLog(path)
+
+
+def test_non_finite_scores_are_left_out_counted_and_never_written_as_nan(tmp_path):
+    def score(archs):  # a first block of one global head overflows
+        return [float('nan') if a[0].global_heads == 1 else reward(a) for a in archs]
+    search_ = toy_search(tmp_path, score, generations=3)
+    ranked = search_.run('high', 3)
+    assert search_.unscored and all(c.score is not None for c in ranked)
+    text = (tmp_path / 'log.jsonl').read_text()
+    assert 'NaN' not in text and '"score": null' in text
+    for line in text.splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f'{name} in the log'))
+    # A resume reads the unscored candidates back and does not score them again.
+    resumed = toy_search(tmp_path, lambda archs: pytest.fail('scored again'), generations=3)
+    assert resumed.run('high', 3) == ranked and len(resumed.unscored) == len(search_.unscored)
+
+
+def test_ties_go_to_the_cheaper_candidate(tmp_path):
+    search_ = toy_search(tmp_path, lambda archs: [1.0] * len(archs))
+    ranked = search_.run('flat', 2)
+    assert [(c.macs, c.params) for c in ranked] == sorted((c.macs, c.params) for c in ranked)
+
+
+def test_write_json_refuses_non_finite_numbers(tmp_path):
+    from leanvit.train.checkpoints import write_json
+    with pytest.raises(ValueError, match=r'field metrics.1.loss is not a finite number'):
+        write_json(tmp_path / 'x.json', {'metrics': [{'loss': 1.0}, {'loss': float('inf')}]})
+    assert not (tmp_path / 'x.json').exists()
+
+
+def test_a_supernet_with_non_finite_outputs_gives_no_score():
+    supernet = small_supernet(depth=2)
+    scorer = digits_scorer(supernet, calib_batches=0, batch_size=64)
+    arch = (BlockArch(1, expansion=1),) * 2
+    assert 0 <= scorer(arch) <= 100
+    with torch.no_grad():
+        supernet.head.weight[0, 0] = float('nan')
+    assert scorer(arch) != scorer(arch)  # NaN
+
+
+def test_a_search_whose_every_score_is_nan_fails_naming_a_candidate_and_writes_no_nan(tmp_path, capsys,
+                                                                                       monkeypatch):
+    from leanvit.cli import main
+    monkeypatch.setattr(SupernetScorer, '__call__', lambda self, arch: float('nan'))
+    code = main(['search', '--output', str(tmp_path / 's'), '--img-size', '32', '--epochs', '1', '--batch-size',
+                 '128', '--no-progress', '--model-kwargs', '{"patch_size": 8, "embed_dim": 48, "depth": 2}',
+                 '--population', '3', '--parents', '2', '--generations', '2', '--calib-batches', '0'])
+    err = capsys.readouterr().err
+    assert code == 1 and 'Traceback' not in err and err.count('\n') == 1
+    assert 'every candidate of the search made non-finite outputs' in err and 'first global heads' in err
+    folder = tmp_path / 's' / 'hierarchical'
+    assert not (folder / 'best.json').exists() and not (folder / 'search.json').exists()
+    assert 'NaN' not in (folder / 'candidates.jsonl').read_text()

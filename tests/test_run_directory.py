@@ -94,6 +94,7 @@ def test_a_tag_naming_another_run_is_refused_and_nothing_is_imported(finished_ru
     ('TAG.json', '{"epoch": 1, "step": 0, "history": "x", "epoch_stats": {}}', 'field "history"'),
     ('TAG.json', '{"epoch": 1, "step": 0, "history": [], "epoch_stats": {"seen": "a"}}', 'field "epoch_stats"'),
     ('best.json', '{"metric": "high"}', 'field "metric"'),
+    ('best.json', '{"metric": NaN}', 'holds NaN, which is not a JSON number'),
 ])
 def test_a_sidecar_that_fails_validation_is_an_error_naming_file_and_field(finished_run, tmp_path, capsys, name,
                                                                            content, field):
@@ -290,3 +291,63 @@ def test_a_log_file_gets_no_progress_bar_redraws(tmp_path):
     for line in (f'model      test_sret: {params:,} parameters, input 3x32x32', 'data       digits',
                  'teacher    none (labels)', 'compute threads', f'output     {tmp_path / "run"} (new run)'):
         assert line in header, (line, header)
+
+
+def test_a_sidecar_asking_for_pretrained_pickle_weights_loads_nothing_from_them(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / 'run')
+    marker = tmp_path / 'executed'
+    import pickle
+
+    class WritesAFile:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+    with open(tmp_path / 'evil.pth', 'wb') as f:
+        pickle.dump({'payload': WritesAFile()}, f)
+    meta = json.loads((run / 'best.json').read_text())
+    meta['model_kwargs'].update(pretrained=True, pretrained_cfg_overlay={'file': str(tmp_path / 'evil.pth')})
+    (run / 'best.json').write_text(json.dumps(meta))
+    # The checkpoint's weights replace pretrained ones anyway: the rebuild asks for none.
+    code, err = run_cli(capsys, 'eval', '--checkpoint', run / 'best.safetensors')
+    assert code == 0 and not marker.exists(), err
+
+
+def test_a_lock_file_that_is_a_folder_is_named(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / 'run')
+    (run / 'run.lock').unlink(missing_ok=True)
+    (run / 'run.lock').mkdir()
+    code, err = train_cli(capsys, run)
+    assert code == 1
+    assert_one_line_naming(err, f'{run / "run.lock"} is a folder, not the lock file leanvit keeps there')
+
+
+def test_resuming_after_the_architecture_file_changed_names_the_architecture(tmp_path, capsys):
+    arch = tmp_path / 'arch.json'
+    arch.write_text(json.dumps({'blocks': [{'global_heads': 1}, {'global_heads': 0, 'kernel_size': 17}]}))
+    command = ['train', '--model', 'glit_custom', '--arch', arch, '--img-size', 32, '--batch-size', 128, '--epochs',
+               1, '--no-progress', '--model-kwargs', '{"patch_size": 8, "embed_dim": 48}', '--output', tmp_path / 'r']
+    code, err = run_cli(capsys, *command)
+    assert code == 0, err
+    arch.write_text(json.dumps({'blocks': [{'global_heads': 3}, {'global_heads': 0, 'kernel_size': 17}]}))
+    for extra in ([], ['--resume-anyway']):
+        code, err = run_cli(capsys, *command, '--epochs', 2, *extra)
+        assert code == 2
+        assert_one_line_naming(err, f'arch (--arch) {arch} describes another architecture than the one the run in '
+                                    f'{tmp_path / "r"} was trained with')
+    arch.write_text(json.dumps({'blocks': [{'global_heads': '1'}]}))
+    code, err = run_cli(capsys, *command)
+    assert code == 2
+    assert_one_line_naming(err, "block 0: global_heads must be an integer, got '1' (str)")
+
+
+@pytest.mark.parametrize('part, value, message', [('rng', {'torch': 'x'}, 'field "rng" cannot be restored'),
+                                                  ('objectives', [1], 'field "objectives" must be a dict'),
+                                                  ('scheduler', 7, 'field "scheduler" cannot be restored')])
+def test_a_damaged_part_of_the_resume_state_is_named(finished_run, tmp_path, capsys, part, value, message):
+    run = copy_run(finished_run, tmp_path / 'run')
+    tag = json.loads((run / 'latest.json').read_text())['tag']
+    state = torch.load(run / f'{tag}.resume.pt', weights_only=True)
+    state[part] = value
+    torch.save(state, run / f'{tag}.resume.pt')
+    code, err = train_cli(capsys, run)
+    assert code == 1
+    assert_one_line_naming(err, f'{run / f"{tag}.resume.pt"}: {message}')

@@ -58,6 +58,9 @@ def load_teacher_logits(path: str | os.PathLike, num_images: int, num_classes: i
     if logits.ndim != 2 or not logits.is_floating_point():
         raise CheckpointError(f'{path} holds "logits" of shape {tuple(logits.shape)} and dtype {logits.dtype}, not 2-D '
                               f'floats; teacher logits must be {_EXPECTED}')
+    if not torch.isfinite(logits).all():
+        raise CheckpointError(f'{path} holds "logits" that are not all finite (NaN or infinite, '
+                              f'{int((~torch.isfinite(logits)).sum())} values); teacher logits must be {_EXPECTED}')
     try:
         metadata = json.loads(header.get('leanvit', '{}'))
     except json.JSONDecodeError as e:

@@ -3,6 +3,7 @@ each family's checkpoint converter."""
 
 import difflib
 import fnmatch
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import timm
 from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, is_model, model_entrypoint
 from torch import nn
 
-from leanvit.errors import UsageError
+from leanvit.errors import UnsafeCheckpointError, UsageError
 
 
 @dataclass
@@ -45,6 +46,19 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
         return timm.create_model(model_name, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:  # timm's constructors check arguments with asserts too
         raise UsageError(f'cannot build model {model_name} with arguments {kwargs}: {e}') from e
+    except RuntimeError as e:
+        if not isinstance(e.__cause__, pickle.UnpicklingError):
+            raise
+        # timm's weights-only load of pretrained=True weights refused the file (nothing ran): name it, and the way
+        # to load a file one trusts, instead of timm's traceback.
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        source = overlay.get('file') if isinstance(overlay, dict) else None
+        raise UnsafeCheckpointError(
+            f'refused to load the pretrained weights of {model_name} ({source or "its pretrained file"}, asked for by '
+            f'pretrained=True): the file holds Python objects other than tensors, so unpickling it could run code. '
+            f'Remove pretrained from the model arguments; to start from a file you trust, convert it once '
+            f'(leanvit.load_checkpoint(model, FILE, trust=True), then leanvit.save_weights) and train from the '
+            f'.safetensors with --init-checkpoint') from None
 
 
 def list_models(filter: str = '', include_test: bool = True) -> list[str]:

@@ -19,6 +19,7 @@ Choices where the official code is silent: docs/glit.md.
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -54,6 +55,22 @@ class BlockArch:
     qkv_ratio: float = 1.
     expansion: int = 1
     kernel_size: int = 31
+
+    @classmethod
+    def from_dict(cls, record, where: str) -> 'BlockArch':
+        """The block a JSON / YAML mapping describes, each field's type checked; a ValueError names ``where`` (file
+        and block) and the field otherwise. Whether the values lie in a search space is `SearchSpace.check`'s."""
+        fields = {f.name: getattr(f.type, '__name__', f.type) for f in dataclasses.fields(cls)}
+        if not isinstance(record, dict) or 'global_heads' not in record or set(record) - set(fields):
+            raise ValueError(f'{where} must be a mapping with global_heads and any of '
+                             f'{sorted(set(fields) - {"global_heads"})}, got {record!r}')
+        for name, value in record.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if fields[name] == 'int' and not (number and isinstance(value, int)):
+                raise ValueError(f'{where}: {name} must be an integer, got {value!r} ({type(value).__name__})')
+            if fields[name] == 'float' and not (number and math.isfinite(value)):
+                raise ValueError(f'{where}: {name} must be a number, got {value!r} ({type(value).__name__})')
+        return cls(**record)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,17 +167,8 @@ def load_architecture(source: str | Path | Sequence[BlockArch | dict]) -> tuple[
         source = source.get('blocks')
     if not isinstance(source, (list, tuple)) or not source:
         raise ValueError(f'{where} must be a non-empty list of blocks (or {{"blocks": [...]}})')
-    fields = {f.name for f in dataclasses.fields(BlockArch)}
-    blocks = []
-    for i, block in enumerate(source):
-        if isinstance(block, BlockArch):
-            blocks.append(block)
-            continue
-        if not isinstance(block, dict) or 'global_heads' not in block or set(block) - fields:
-            raise ValueError(f'{where}: block {i} must be a mapping with global_heads and any of '
-                             f'{sorted(fields - {"global_heads"})}, got {block!r}')
-        blocks.append(BlockArch(**block))
-    return tuple(blocks)
+    return tuple(block if isinstance(block, BlockArch) else BlockArch.from_dict(block, f'{where}: block {i}')
+                 for i, block in enumerate(source))
 
 
 class GlobalAttention(nn.Module):

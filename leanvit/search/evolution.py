@@ -15,16 +15,18 @@ mid-generation included.
 
 import dataclasses
 import json
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from leanvit.checkpoint import atomic_write
 from leanvit.errors import RunDirectoryError, UsageError
 from leanvit.models.glit import BlockArch, SearchSpace
 
-__all__ = ['STAGES', 'Budget', 'Candidate', 'CandidateLog', 'EvolutionSearch', 'EvolutionSettings']
+__all__ = ['STAGES', 'Budget', 'Candidate', 'CandidateLog', 'EvolutionSearch', 'EvolutionSettings', 'ranked']
 
 Arch = tuple[BlockArch, ...]
 STAGES = ('high', 'low', 'flat')
@@ -80,8 +82,10 @@ class EvolutionSettings:
 
 @dataclass(frozen=True)
 class Candidate:
+    """An architecture and its score; ``score`` is None for a candidate whose score was not finite (a forward that
+    overflowed): it is logged so that a resume does not score it again, and never ranked."""
     arch: Arch
-    score: float
+    score: float | None
     macs: float
     params: int
     stage: str
@@ -91,32 +95,73 @@ class Candidate:
         return dict(dataclasses.asdict(self), arch=[dataclasses.asdict(b) for b in self.arch])
 
     @classmethod
-    def from_json(cls, record: dict) -> 'Candidate':
-        return cls(**dict(record, arch=tuple(BlockArch(**b) for b in record['arch'])))
+    def from_json(cls, record, where: str = 'candidate') -> 'Candidate':
+        """The candidate of a log record, every field checked; a ValueError names ``where`` and the field."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(record, dict) or set(record) != set(fields):
+            got = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f'{where} must be a JSON object with the fields {fields}, got {got}')
+        arch = record['arch']
+        if not isinstance(arch, list) or not arch:
+            raise ValueError(f'{where}: field "arch" must be a non-empty list of blocks, got {arch!r}')
+        blocks = tuple(BlockArch.from_dict(block, f'{where}: arch block {i}') for i, block in enumerate(arch))
+        for name, kind, low in (('score', float, None), ('macs', float, 0), ('params', int, 0),
+                                ('generation', int, 0)):
+            value = record[name]
+            if value is None and name == 'score':
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or (kind is int and not isinstance(value, int)) or (low is not None and value < low):
+                expected = ('an integer' if kind is int else 'a finite number') + (f' >= {low}' if low is not None
+                                                                                  else '')
+                raise ValueError(f'{where}: field "{name}" must be {expected}' + (' or null' if name == 'score' else '')
+                                 + f', got {value!r}')
+        if record['stage'] not in STAGES:
+            raise ValueError(f'{where}: field "stage" must be one of {list(STAGES)}, got {record["stage"]!r}')
+        return cls(**dict(record, arch=blocks))
 
 
 class CandidateLog:
-    """Every scored candidate, one JSON line each, appended and flushed to disk as it is scored. A line cut short
-    by a kill is dropped on reading (its candidate is scored again). ``persist=False`` (the other processes of a
-    distributed search) reads the file but leaves the writing to one process."""
+    """Every scored candidate, one JSON line each, appended and flushed to disk as it is scored.
+
+    A kill can cut the last line short. Opening the log for writing drops that line (its candidate is scored again)
+    by rewriting the file atomically, and says so, so that the next record starts on a line of its own and the log
+    stays readable for every later resume. Any other line that is not a valid record is an error naming the line and
+    field. ``persist=False`` (the other processes of a distributed search) reads the file but leaves the writing to
+    one process.
+    """
 
     def __init__(self, path: str | Path, persist: bool = True):
         self.path, self.persist = Path(path), persist
         self.candidates: dict[Arch, Candidate] = {}
-        if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            for i, line in enumerate(lines):
-                try:
-                    candidate = Candidate.from_json(json.loads(line))
-                except (ValueError, TypeError, KeyError):
-                    if i == len(lines) - 1:
-                        continue  # the write a kill interrupted
-                    raise RunDirectoryError(f'{self.path} line {i + 1} is not a candidate record ({line[:80]!r}); the '
-                                            f'file is corrupt or was not written by leanvit') from None
-                self.candidates[candidate.arch] = candidate
-            if persist and lines and not self.path.read_text().endswith('\n'):
-                with open(self.path, 'a') as f:
-                    f.write('\n')  # the next record starts on a line of its own
+        if not self.path.exists():
+            return
+        if not self.path.is_file():
+            raise RunDirectoryError(f'{self.path} is not a file; it should be the search\'s candidate log')
+        try:
+            text = self.path.read_text()
+        except UnicodeDecodeError:
+            raise RunDirectoryError(f'{self.path} is not UTF-8 text; it is corrupt or was not written by '
+                                    f'leanvit') from None
+        lines = text.splitlines()
+        kept = len(lines)
+        for i, line in enumerate(lines):
+            where = f'{self.path} line {i + 1}'
+            try:
+                candidate = Candidate.from_json(json.loads(line), where)
+            except ValueError as e:
+                if i == len(lines) - 1 and not text.endswith('\n'):
+                    kept = i  # the write a kill interrupted: every record ends with a newline
+                    break
+                message = str(e) if str(e).startswith(where) else f'{where} is not a candidate record ({e})'
+                raise RunDirectoryError(f'{message}; the file is corrupt or was not written by leanvit') from None
+            self.candidates[candidate.arch] = candidate
+        if persist and (kept < len(lines) or (lines and not text.endswith('\n'))):
+            whole = ''.join(line + '\n' for line in lines[:kept])
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(whole))
+            if kept < len(lines):
+                print(f'{self.path}: dropped its last line, a record cut short by a kill ({lines[-1][:60]!r}); '
+                      f'that candidate is scored again', flush=True)
 
     def __contains__(self, arch: Arch) -> bool:
         return arch in self.candidates
@@ -125,13 +170,20 @@ class CandidateLog:
         return self.candidates[arch]
 
     def add(self, candidate: Candidate) -> None:
+        if candidate.score is not None and not math.isfinite(candidate.score):
+            raise ValueError(f'a logged score must be finite or None, got {candidate.score}')
         self.candidates[candidate.arch] = candidate
         if not self.persist:
             return
         with open(self.path, 'a') as f:
-            f.write(json.dumps(candidate.to_json()) + '\n')
+            f.write(json.dumps(candidate.to_json(), allow_nan=False) + '\n')
             f.flush()
             os.fsync(f.fileno())
+
+
+def ranked(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates with a score, best first; of equal scores the cheaper (MACs, then parameters) first."""
+    return sorted((c for c in candidates if c.score is not None), key=lambda c: (-c.score, c.macs, c.params))
 
 
 class EvolutionSearch:
@@ -157,6 +209,7 @@ class EvolutionSearch:
         self.space, self.depth, self.num_heads = space, depth, num_heads
         self.score, self.cost, self.budget, self.settings = score, cost, budget, settings
         self.log, self.progress, self.chunk = log, progress, chunk
+        self.unscored: list[Candidate] = []  # candidates whose score was not finite, left out of every ranking
 
     def run(self, stage: str, generations: int, global_heads: Sequence[int] | None = None) -> list[Candidate]:
         """Candidates of ``stage`` scored over ``generations`` generations, best first.
@@ -179,10 +232,11 @@ class EvolutionSearch:
         seen: list[Candidate] = []
         for generation in range(generations):
             rng = random.Random(f'{self.settings.seed}:{stage}:{generation}')
-            parents = sorted(seen, key=lambda c: -c.score)[:self.settings.parents]
+            parents = ranked(seen)[:self.settings.parents]
             population = self._breed(parents, rng, draw_block, {c.arch for c in seen})
             seen += self._scored(population, stage, generation)
-        return sorted(seen, key=lambda c: -c.score)
+        self.unscored += [c for c in seen if c.score is None]
+        return ranked(seen)
 
     def _breed(self, parents: list[Candidate], rng: random.Random, draw_block, taken: set[Arch]) -> list[Arch]:
         """One generation: children of ``parents`` (crossover, then mutation), topped up at random, all new and
@@ -216,7 +270,8 @@ class EvolutionSearch:
             new = [arch for arch in part if arch not in self.log]
             for arch, score in zip(new, self.score(new) if new else []):
                 macs, params = self.cost(arch)
-                self.log.add(Candidate(arch, float(score), macs, params, stage, generation))
+                score = float(score)
+                self.log.add(Candidate(arch, score if math.isfinite(score) else None, macs, params, stage, generation))
             for _ in part:
                 self.progress()
         return [self.log[arch] for arch in population]

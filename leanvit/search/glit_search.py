@@ -18,6 +18,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import random
 from collections.abc import Sequence
 from functools import cache
@@ -31,11 +32,11 @@ from tqdm import tqdm
 import leanvit
 from leanvit.checkpoint import atomic_write
 from leanvit.data import build_datasets
-from leanvit.errors import UsageError
+from leanvit.errors import TrainingDivergedError, UsageError
 from leanvit.models.glit import GLiT, SearchSpace
-from leanvit.search.evolution import Budget, Candidate, CandidateLog, EvolutionSearch, EvolutionSettings
+from leanvit.search.evolution import Budget, Candidate, CandidateLog, EvolutionSearch, EvolutionSettings, ranked
 from leanvit.search.supernet import GLiTSupernet, SuperConvModule
-from leanvit.train.checkpoints import RunLock, read_sidecar, write_json
+from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, write_json
 from leanvit.train.config import TrainConfig
 
 __all__ = ['SPACES', 'STRATEGIES', 'CostModel', 'SupernetScorer', 'search']
@@ -107,7 +108,10 @@ class SupernetScorer:
         model.eval()
         correct = total = 0
         for images, labels in self.held_out:
-            correct += (model(images.to(self.device)).argmax(-1).cpu() == labels).sum().item()
+            logits = model(images.to(self.device))
+            if not torch.isfinite(logits).all():
+                return math.nan  # no score: the search leaves the candidate out and says so
+            correct += (logits.argmax(-1).cpu() == labels).sum().item()
             total += labels.numel()
         return 100. * correct / total
 
@@ -155,7 +159,7 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
     if device.type == 'cuda' and world_size > 1:
         device = torch.device('cuda', torch.cuda.current_device())
     run_dir = output / 'supernet'
-    tag = json.loads((run_dir / 'latest.json').read_text())['tag']
+    tag = CheckpointManager.latest_in(run_dir)
     probe = leanvit.create_model('glit_supernet', **model_kwargs, **_img(config))
     data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
                           augment='none', bad_images=config.bad_images, seed=config.seed,
@@ -191,33 +195,51 @@ def _search_stage(folder: Path, strategy: str, space: str, budget: Budget, setti
     searcher = EvolutionSearch(supernet.space, depth, num_heads, _distributed_score(scorer, rank, world_size), cost,
                                budget, settings, log, progress=bar.update, chunk=world_size)
     if strategy == 'flat':
-        ranked = searcher.run('flat', settings.generations)
+        scored = searcher.run('flat', settings.generations)
     else:
         high = searcher.run('high', settings.generations // 2 or 1)
+        if not high:
+            _no_scores(searcher.unscored, run_dir / f'{tag}.safetensors')
         heads = [block.global_heads for block in high[0].arch]
-        ranked = sorted(high + searcher.run('low', max(settings.generations - settings.generations // 2, 1),
-                                            global_heads=heads), key=lambda c: -c.score)
+        scored = ranked(high + searcher.run('low', max(settings.generations - settings.generations // 2, 1),
+                                            global_heads=heads))
     bar.close()
-    best = ranked[0]
-    summary = dict(strategy=strategy, space=space, budget=str(budget), candidates=len(ranked),
-                   best=best.to_json(), supernet=str(run_dir / f'{tag}.safetensors'))
+    if not scored:
+        _no_scores(searcher.unscored, run_dir / f'{tag}.safetensors')
+    best, unscored = scored[0], len(searcher.unscored)
+    summary = dict(strategy=strategy, space=space, budget=str(budget), candidates=len(scored),
+                   unscored=unscored, best=best.to_json(), supernet=str(run_dir / f'{tag}.safetensors'))
     if rank == 0:
-        _write_outputs(folder, ranked, best, budget)
+        if unscored:
+            print(f'left out {unscored} candidate(s) whose supernet outputs were not finite (NaN or infinite), first '
+                  f'{_describe_arch(searcher.unscored[0].arch)}', flush=True)
+        _write_outputs(folder, scored, best, budget)
         write_json(folder / 'search.json', summary)
-        print(f'best of {len(ranked)} candidates ({strategy}): held-out top-1 {best.score:.2f}%, '
+        print(f'best of {len(scored)} candidates ({strategy}): held-out top-1 {best.score:.2f}%, '
               f'{best.macs / 1e9:.4f} GMACs, {best.params / 1e6:.3f} M params -> {folder / "best.json"}', flush=True)
     return summary
+
+
+def _describe_arch(arch) -> str:
+    return 'global heads ' + ' '.join(str(block.global_heads) for block in arch)
+
+
+def _no_scores(unscored: list[Candidate], supernet: Path):
+    raise TrainingDivergedError(
+        f'every candidate of the search made non-finite outputs (NaN or infinite) on the held-out images, first '
+        f'{_describe_arch(unscored[0].arch)}: the supernet {supernet} has diverged; train it again with a lower lr '
+        f'in another --output')
 
 
 def _img(config: TrainConfig) -> dict:
     return {'img_size': config.img_size} if config.img_size else {}
 
 
-def _write_outputs(folder: Path, ranked: list[Candidate], best: Candidate, budget: Budget) -> None:
+def _write_outputs(folder: Path, scored: list[Candidate], best: Candidate, budget: Budget) -> None:
     best_record = dict(blocks=[dataclasses.asdict(b) for b in best.arch], held_out_top1=best.score, macs=best.macs,
                        params=best.params, budget=str(budget))
     write_json(folder / 'best.json', best_record)
-    rows = sorted(ranked, key=lambda c: (c.stage, c.generation))
+    rows = sorted(scored, key=lambda c: (c.stage, c.generation))
 
     def write_csv(path: str):
         lines = [['stage', 'generation', 'held_out_top1', 'macs', 'params', 'global_heads', 'arch']]

@@ -404,7 +404,10 @@ class PathSampling:
         return {'draws': self.draws, 'seed': self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.draws = int(state.get('draws', 0))
+        draws = state.get('draws', 0)
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
+            raise ValueError(f'draws must be an integer >= 0, got {draws!r}')
+        self.draws = draws
 
     def remove(self) -> None:
         for hook in self._hooks:

@@ -37,11 +37,27 @@ RESUME_KEYS = ('optimizer', 'scheduler', 'scaler', 'rng', 'ema')
 
 
 def write_json(path: Path, data: dict) -> None:
+    """``data`` as indented JSON at ``path``, atomically. NaN and infinities are not JSON: a non-finite number is a
+    ValueError naming the field (callers decide what a non-finite result means before writing)."""
+    if (field := non_finite_field(data)) is not None:
+        raise ValueError(f'refusing to write {path}: field {field} is not a finite number')
+
     def write(tmp):
         with open(tmp, 'w') as f:
-            json.dump(data, f, indent=2, default=str)
+            json.dump(data, f, indent=2, default=str, allow_nan=False)
             f.write('\n')
     atomic_write(path, write)
+
+
+def non_finite_field(data, where: str = '') -> str | None:
+    """The path (``"metrics.loss"``) of the first NaN or infinite float in nested dicts and lists, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or 'value'
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        if (found := non_finite_field(value, f'{where}.{key}' if where else str(key))) is not None:
+            return found
+    return None
 
 
 def rng_state() -> dict:
@@ -137,8 +153,11 @@ class CheckpointManager:
 
 def read_sidecar(path: Path) -> dict:
     """A JSON object leanvit wrote into a run directory; anything else is a RunDirectoryError naming the file."""
+    def refuse(constant):  # Python's json reads NaN and Infinity, which are not JSON and never written by leanvit
+        raise RunDirectoryError(f'{path} holds {constant}, which is not a JSON number; it is corrupt or was not '
+                                f'written by leanvit')
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), parse_constant=refuse)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirectoryError(f'{path} is not valid JSON ({e}); it is corrupt or was not written by leanvit')
     if not isinstance(data, dict):
@@ -200,11 +219,16 @@ class RunLock:
     def __enter__(self) -> 'RunLock':
         if self.directory.exists() and not self.directory.is_dir():
             raise RunDirectoryError(f'run directory {self.directory} is a file, not a folder; choose another output')
+        path = self.directory / self.FILE
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise RunDirectoryError(f'{path} is a {"folder" if path.is_dir() else "special file"}, not the lock file '
+                                    f'leanvit keeps there; remove it, or choose another output')
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            lock = open(self.directory / self.FILE, 'a+')  # 'a+': the holder's record stays until we own the lock
+            lock = open(path, 'a+')  # 'a+': the holder's record stays until we own the lock
         except OSError as e:
-            raise RunDirectoryError(f'cannot write to run directory {self.directory}: {e.strerror or e}') from None
+            raise RunDirectoryError(f'cannot write to run directory {self.directory}: {e.filename or path}: '
+                                    f'{e.strerror or e}') from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -33,9 +33,9 @@ from leanvit.checkpoint import atomic_write, check_state_dict_fits
 from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets, renormalizer
 from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
 from leanvit.distill.teacher_init import init_from_checkpoint, init_from_teacher
-from leanvit.errors import TrainingDivergedError, UsageError
+from leanvit.errors import RunDirectoryError, TrainingDivergedError, UsageError
 from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state, write_json
-from leanvit.train.config import TrainConfig
+from leanvit.train.config import TrainConfig, as_recorded
 from leanvit.train.evaluation import data_config, evaluate_model
 from leanvit.train.objectives import build_objectives, check_objective_names
 
@@ -224,6 +224,12 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     if (tag := CheckpointManager.latest_in(output)) is not None:
         weights, meta, state = CheckpointManager.load_from(output, tag)
         changed = config.differences(meta.get('config') or {})
+        recorded_arch = (meta.get('model_kwargs') or {}).get('arch')
+        if config.arch and recorded_arch is not None and recorded_arch != as_recorded(model_kwargs['arch']):
+            # Same file name, other contents: the weights of the run no longer fit, whatever --resume-anyway says.
+            raise UsageError(f'arch (--arch) {config.arch} describes another architecture than the one the run in '
+                             f'{output} was trained with (recorded in {output / f"{tag}.json"}): restore the file, or '
+                             f'train the new architecture in another --output')
         if changed and not resume_anyway:
             raise UsageError(f'run directory {output} holds a run with other settings ({"; ".join(changed)}): run '
                              f'with its settings to resume it, choose another output for a new run, or pass '
@@ -239,15 +245,29 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             raise UsageError(f'{output / f"{tag}.resume.pt"} holds optimizer state for other trainable parameters '
                              f'than this run\'s model and objectives ({e}): resume it with the objectives it was '
                              f'saved with') from None
-        scheduler.load_state_dict(state['scheduler'])
-        scaler.load_state_dict(state['scaler'])
-        if ema is not None:
-            ema.load_state_dict(state['ema'])
-        for name, objective in objectives.items():
-            objective.load_state_dict(state.get('objectives', {}).get(name, {}))
-        if is_main:
-            set_rng_state(state['rng'])
-        else:  # only rank 0's generators are saved; the others restart from (seed, rank, position)
+        resume_file = output / f'{tag}.resume.pt'
+        saved_objectives = state.get('objectives', {})
+        if not isinstance(saved_objectives, dict):
+            raise RunDirectoryError(f'{resume_file}: field "objectives" must be a dict of objective states, got '
+                                    f'{type(saved_objectives).__name__}')
+        parts = [('scheduler', lambda: scheduler.load_state_dict(state['scheduler'])),
+                 ('scaler', lambda: scaler.load_state_dict(state['scaler']))]
+        parts += [('ema', lambda: ema.load_state_dict(state['ema']))] if ema is not None else []
+        parts += [(f'objectives.{name}', partial(objective.load_state_dict, saved_objectives.get(name, {})))
+                  for name, objective in objectives.items()]
+        parts += [('rng', lambda: set_rng_state(state['rng']))] if is_main else []
+        for part, restore in parts:
+            # The file was read weights-only, so it holds only tensors and plain data, but their layout is not
+            # checked: a crafted or damaged part is named instead of failing deep inside torch.
+            try:
+                restore()
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+                raise RunDirectoryError(f'{resume_file}: field "{part}" cannot be restored '
+                                        f'({" ".join(str(e).split())[:200] or type(e).__name__}); the file is corrupt '
+                                        f'or was not written by leanvit: move the run directory aside to start '
+                                        f'over') from None
+        if not is_main:
+            # Only rank 0's generators are saved; the others restart from (seed, rank, position).
             random_seed(config.seed + rank + 7919 * (meta['epoch'] * steps_per_epoch + meta['step']))
         epoch, step, history, epoch_stats = meta['epoch'], meta['step'], meta['history'], meta['epoch_stats']
 

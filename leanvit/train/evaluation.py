@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import leanvit
 from leanvit.checkpoint import atomic_write
 from leanvit.data import build_datasets, display_name
-from leanvit.errors import CheckpointError, DataError, UsageError
+from leanvit.errors import CheckpointError, DataError, TrainingDivergedError, UsageError
 from leanvit.export import exported_format, load_exported
 from leanvit.train.checkpoints import read_sidecar, write_json
 from leanvit.train.config import TrainConfig
@@ -75,6 +75,10 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device | 
     start = time.perf_counter()
     for images, labels in loader:
         logits = model(images.to(device)).float().cpu()
+        if not torch.isfinite(logits).all():  # a metric of NaN logits would be a number with no meaning
+            bad = int((~torch.isfinite(logits)).any(-1).sum())
+            raise TrainingDivergedError(f'the model\'s outputs are not finite (NaN or infinite) for {bad} of '
+                                        f'{len(labels)} images of a batch: its weights have diverged or are corrupt')
         loss += F.cross_entropy(logits, labels, reduction='sum').item()
         ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top5 += (ranked == labels[:, None]).any(-1).sum().item()
@@ -136,7 +140,9 @@ def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = N
     if name is None:
         raise UsageError(f'{path} has no {sidecar.name} beside it that names its model: pass the model name '
                          f'(--model), and its non-default arguments such as num_classes (--model-kwargs)')
-    kwargs = dict(meta.get('model_kwargs', {}) if name == meta.get('model') else {}, **(model_kwargs or {}))
+    recorded = {k: v for k, v in meta.get('model_kwargs', {}).items() if k != 'pretrained'} \
+        if name == meta.get('model') else {}  # `pretrained` would load weights that the checkpoint's replace
+    kwargs = dict(recorded, **(model_kwargs or {}))
     model = leanvit.create_model(name, **kwargs)
     leanvit.load_checkpoint(model, path, trust=trust)
     return model, name, kwargs
