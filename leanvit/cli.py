@@ -100,13 +100,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import torch
     from timm.utils.model import reparameterize_model
 
-    kwargs = {'img_size': args.img_size} if args.img_size else {}
-    model = leanvit.create_model(args.model, **kwargs)
+    from leanvit.threads import choose_threads
+    from leanvit.train.engine import read_architecture_file
+    from leanvit.train.evaluation import data_config, trained_model_spec
+
+    threads, why = choose_threads(args.threads)
+    kwargs = dict(args.model_kwargs or {})
+    if args.arch:
+        kwargs['arch'] = read_architecture_file(args.arch)
+    if args.img_size:
+        kwargs['img_size'] = args.img_size
+    if args.checkpoint:  # a run's checkpoint rebuilds its model as the run built it (name, size, arguments)
+        name, kwargs = trained_model_spec(args.checkpoint, args.model, kwargs)
+    elif args.model:
+        name = args.model
+    else:
+        raise UsageError('profile needs a model name (leanvit profile sret_t) or a run\'s --checkpoint')
+    model = leanvit.create_model(name, **kwargs)
     if args.checkpoint:
         leanvit.load_checkpoint(model, args.checkpoint, trust=args.trust_checkpoint)
     model.eval()
-    channels = model.pretrained_cfg['input_size'][0]
-    input_size = (channels, args.img_size, args.img_size) if args.img_size else model.pretrained_cfg['input_size']
+    input_size = data_config(model, kwargs.get('img_size'))['input_size']
     measured = leanvit.profile(model, input_size)  # the architecture's true figures, before re-parameterizing
     model = reparameterize_model(model)  # timed as deployed: the inference form
     images = torch.randn(args.batch_size, *input_size)
@@ -116,24 +130,39 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for _ in range(args.iters):
             logits = model(images)
         elapsed = time.perf_counter() - start
-    print(f'model      {args.model} ({"x".join(map(str, input_size))})')
+    print(f'model      {name} ({"x".join(map(str, input_size))})' + (f' from {args.checkpoint}' if args.checkpoint
+                                                                    else ''))
     print(f'params     {measured.params:,}')
-    print(f'GMACs      {measured.gmacs:.3f}  (FLOPs = 2 x MACs)')
+    print(f'GMACs      {measured.gmacs:.4g}  (FLOPs = 2 x MACs)')
     print(f'output     {tuple(logits.shape)}, top-1 class of image 0: {int(logits[0].argmax())}')
     print(f'images/s   {args.batch_size * args.iters / elapsed:.1f}  (eval, re-parameterized, batch {args.batch_size}, '
-          f'{torch.get_num_threads()} threads, {args.iters} iterations)')
+          f'{threads} threads: {why}, {args.iters} iterations)')
     return 0
 
 
 def train_config(args: argparse.Namespace, **defaults) -> TrainConfig:
     """The TrainConfig of a command: its flags over its recipe (--config) over ``defaults`` (the command's own
-    defaults, where they differ from TrainConfig's)."""
+    defaults, where they differ from TrainConfig's). A flag that does not apply to the command is an error."""
+    given = [name for name in getattr(args, 'hidden_config_flags', ()) if hasattr(args, name)]
+    if given:
+        raise UsageError(f'--{flag(given[0])} does not apply to leanvit {args.command}'
+                         + HIDDEN_WHY.get((args.command, given[0]), ''))
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
     # A default applies where neither a flag nor the recipe chose a value, i.e. where TrainConfig's own default stands.
     unset = {name: value for name, value in defaults.items()
              if name not in overrides and getattr(config, name) == TrainConfig.__dataclass_fields__[name].default}
     return dataclasses.replace(config, **unset) if unset else config
+
+
+# Training options that some commands set themselves, and why, for the message a user gets who gives one anyway.
+SEARCH_SETS = ('model', 'arch', 'teacher', 'teacher_checkpoint', 'teacher_kwargs', 'trust_teacher_checkpoint', 'kd',
+               'kd_alpha', 'kd_tau', 'init_from_teacher', 'teacher_logits')
+COMPRESS_SETS = ('model', 'model_kwargs', 'arch', 'init_checkpoint', 'init_from_teacher', 'teacher_logits')
+HIDDEN_WHY = {('search', 'model'): ': it trains the GLiT supernet (retrain the searched architecture with '
+                                   '`leanvit train --model glit_custom --arch OUTPUT/hierarchical/best_arch.json`)',
+              ('compress', 'model'): ': the student is built from the teacher (--share and the transformation flags '
+                                     'shape it)'}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -151,15 +180,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     init = int(args.shared_init) if args.shared_init.isdigit() else args.shared_init
     final = compress(config, share=args.share, init=init, attn_transform=args.attn_transform,
-                     local_conv=args.local_conv, rpe=args.rpe, resume_anyway=args.resume_anyway)
+                     local_conv=args.local_conv, rpe=args.rpe, from_scratch=args.from_scratch,
+                     resume_anyway=args.resume_anyway)
     print(json.dumps(final, indent=2))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    if getattr(args, 'model', 'glit_supernet') != 'glit_supernet':
-        raise UsageError(f'leanvit search trains the GLiT supernet; --model {args.model} does not apply (the '
-                         f'searched architecture is retrained with --model glit_custom --arch best.json)')
     config = train_config(args, output='runs/search')
     from leanvit.search.evolution import Budget, EvolutionSettings
     from leanvit.search.glit_search import search
@@ -178,10 +205,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
+    from leanvit.threads import choose_threads
+    from leanvit.train.evaluation import evaluate_checkpoint, evaluation_files
 
-    from leanvit.train.evaluation import evaluate_checkpoint
-
+    threads, why = choose_threads(args.threads)
     output = args.output or os.path.dirname(args.checkpoint) or '.'
     report = evaluate_checkpoint(args.checkpoint, output, model_name=args.model, model_kwargs=args.model_kwargs,
                                  data=args.data, batch_size=args.batch_size,
@@ -192,17 +219,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f'top-5      {report["top5"]:.2f}%')
     print(f'loss       {report["loss"]:.4f}')
     print(f'images/s   {report["images_per_s"]:.1f}  (eval loop with data loading, batch {args.batch_size}, '
-          f'{torch.get_num_threads()} threads)')
+          f'{threads} threads: {why})')
     print(f'images     {report["images"]}')
-    print(f'wrote      {os.path.join(output, "eval.json")}, {os.path.join(output, "confusion_matrix.png")}')
+    print(f'wrote      {", ".join(map(str, evaluation_files(args.checkpoint, output)))}')
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from leanvit.predict import format_predictions, predict, write_predictions_csv
+    from leanvit.threads import choose_threads
+
+    choose_threads(args.threads)
+    predictions = predict(args.checkpoint, args.images, args.top_k, model_name=args.model,
+                          model_kwargs=args.model_kwargs, trust=args.trust_checkpoint, batch_size=args.batch_size)
+    print('\n'.join(format_predictions(predictions)), flush=True)
+    if args.out:
+        write_predictions_csv(args.out, predictions)
+        print(f'wrote {args.out}')
     return 0
 
 
 def cmd_teacher_logits(args: argparse.Namespace) -> int:
     from leanvit.data import build_datasets
     from leanvit.distill import compute_teacher_logits, save_teacher_logits
+    from leanvit.threads import choose_threads
     from leanvit.train.evaluation import data_config, load_trained_model
 
+    choose_threads(args.threads)
     teacher, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
                                                trust=args.trust_checkpoint)
     # The evaluation transform on the training split: one deterministic view per image, in the split's order.
@@ -218,10 +261,12 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from leanvit.export import export_model
+    from leanvit.threads import choose_threads
     from leanvit.train.evaluation import data_config, load_trained_model, run_metadata
 
     # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
     logging.getLogger('onnxscript').setLevel(logging.ERROR)
+    choose_threads(args.threads)
     model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
                                              trust=args.trust_checkpoint)
     cfg = data_config(model, args.img_size or kwargs.get('img_size'))
@@ -333,21 +378,28 @@ def json_object(text: str) -> dict:
 positive_int.__name__, non_negative_float.__name__, json_object.__name__ = 'positive integer', 'number', 'JSON object'
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = (),
+                      meaning: dict[str, str] | None = None) -> None:
     """One flag per TrainConfig field, grouped by topic, with the field's help line and default; only flags given on
     the command line override the recipe.
 
     Types come from the field annotations; ranges are checked by ``TrainConfig`` itself, so a recipe value and a flag
-    are held to the same rules.
+    are held to the same rules. ``hidden`` fields do not apply to the command: their flags stay out of its --help,
+    and `refuse_hidden` names one that is given. ``meaning`` replaces a field's help line where the command gives
+    it another meaning (search's --epochs train the supernet).
     """
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    parser.set_defaults(hidden_config_flags=hidden)
     for field in dataclasses.fields(TrainConfig):
         name = '--' + flag(field.name)
         kind = next(t for t in value_types(field) if t is not type(None))
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         shown = 'none' if default is None else json.dumps(default) if isinstance(default, dict) else default
         valid = field.metadata.get('range')
-        help_text = f'{field.metadata["help"]} (default: {shown}' + (f'; {valid}' if valid else '') + ')'
+        help_text = f'{(meaning or {}).get(field.name, field.metadata["help"])} (default: {shown}' + \
+            (f'; {valid}' if valid else '') + ')'
+        if field.name in hidden:
+            help_text = argparse.SUPPRESS
         group = groups[field.metadata['group']]
         if kind is bool:
             group.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -363,11 +415,13 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, data_default: str | No
     """Which trained model to run (shared by eval, teacher-logits and export), and on which data if the command
     reads data (``data_default`` says what it reads without --data)."""
     parser.add_argument('--checkpoint', required=True, help="a leanvit run's .safetensors (its .json names the "
-                                                            "model), or any checkpoint leanvit loads, with --model")
+                                                            "model), any checkpoint leanvit loads with --model, or "
+                                                            "for eval and predict a file `leanvit export` wrote")
     parser.add_argument('--model', default=None, help="model name (default: from the checkpoint's .json)")
     parser.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON',
                         help="model arguments, e.g. '{\"num_classes\": 10}'; override the checkpoint's .json")
     _add_trust_flag(parser)
+    _add_threads_flag(parser)
     if data_default:
         parser.add_argument('--data', default=None,
                             help=f'an image folder or torch/NAME:ROOT, as in training (default: {data_default})')
@@ -389,6 +443,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--threads', type=positive_int, default=None,
+                        help='compute threads (default: OMP_NUM_THREADS if set, else the CPUs not busy with other '
+                             'processes, as `leanvit train` chooses)')
+
+
 def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='unpickle a .pth fully, which can run code it carries: only for a file whose origin you '
@@ -396,7 +456,16 @@ def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog='leanvit', description=__doc__)
+    parser = Parser(
+        prog='leanvit', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Parameter-efficient vision transformers (SReT, GLiT, MiniViT, RIFormer) as timm models: train,\n'
+                    'distil, compress, search, evaluate, export and run them on your own images, on a CPU or a GPU.\n'
+                    '`leanvit COMMAND --help` explains each command.',
+        epilog='first steps on a folder of class folders (photos/cat/*.jpg, photos/dog/*.jpg, ...):\n'
+               '  leanvit train --model sret_t --data photos/ --val-split 0.2 --img-size 64 --output runs/photos\n'
+               '  leanvit eval --checkpoint runs/photos/best.safetensors\n'
+               '  leanvit predict --checkpoint runs/photos/best.safetensors new_photos/\n'
+               '  leanvit export --checkpoint runs/photos/best.safetensors --out model.onnx')
     parser.add_argument('--version', action='version', version=f'leanvit {leanvit.__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
 
@@ -406,12 +475,28 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument('--all', action='store_true', help='include the tiny test_* configurations')
     models.set_defaults(func=cmd_models)
 
-    profile = sub.add_parser('profile', help='params, GMACs and eval throughput of one model on random input')
-    profile.add_argument('model')
+    profile = sub.add_parser(
+        'profile', help='params, GMACs and eval throughput of one model on random input',
+        description='Params, GMACs and eval throughput of a model on random input: a registered model by name, or '
+                    "the model of a run's checkpoint, rebuilt as the run built it (a compressed student, a searched "
+                    'GLiT).',
+        epilog='examples:\n'
+               '  leanvit profile sret_t --img-size 32\n'
+               '  leanvit profile --checkpoint runs/mini/best.safetensors\n'
+               '  leanvit profile glit_custom --arch runs/search/hierarchical/best_arch.json --img-size 32',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    profile.add_argument('model', nargs='?', default=None,
+                         help="model name (default: from --checkpoint's .json)")
+    profile.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON',
+                         help="model arguments, e.g. '{\"patch_size\": 4}'; override the checkpoint's .json")
+    profile.add_argument('--arch', default=None, metavar='FILE',
+                         help='architecture file of a model built from one (glit_custom, a searched best_arch.json)')
     profile.add_argument('--img-size', type=positive_int, default=None,
-                         help='input resolution (default: the model default)')
-    profile.add_argument('--checkpoint', default=None, help='weights to load (.safetensors, or official .pth)')
+                         help="input resolution (default: the checkpoint's, else the model's default)")
+    profile.add_argument('--checkpoint', default=None, help="weights to load: a run's .safetensors (its .json names "
+                                                            'the model and its arguments), or an official .pth')
     _add_trust_flag(profile)
+    _add_threads_flag(profile)
     profile.add_argument('--batch-size', type=positive_int, default=16)
     profile.add_argument('--iters', type=positive_int, default=5)
     profile.set_defaults(func=cmd_profile)
@@ -456,9 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "student from starting as the teacher)")
     compress.add_argument('--rpe', action=argparse.BooleanOptionalAction, default=False,
                           help="per-layer iRPE on the keys, DeiT students only (default: off)")
+    compress.add_argument('--from-scratch', action='store_true',
+                          help='the baseline: train the same student from random weights on the labels alone, without '
+                               'the teacher (give it its own --output)')
     compress.add_argument('--resume-anyway', action='store_true',
                           help='resume the run in --output even if its settings differ from these')
-    _add_config_flags(compress)
+    _add_config_flags(compress, hidden=COMPRESS_SETS)
     compress.set_defaults(func=cmd_compress)
 
     search = sub.add_parser(
@@ -466,12 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
         description='Train the GLiT supernet of --space on your data (single-path, resumable like `leanvit train`),\n'
                     'then run the evolutionary search over it (hierarchical: the global/local distribution, then\n'
                     'the sizes inside the blocks; or flat), scoring each candidate on a held-out part of the\n'
-                    'training split. Writes OUTPUT/STRATEGY/best.json, candidates.csv and candidates.png; a killed\n'
-                    'search resumes where it stopped. Training options configure the supernet run. docs/glit.md.',
+                    'training split. Writes OUTPUT/STRATEGY/best_arch.json, candidates.csv and candidates.png;\n'
+                    'a killed search resumes where it stopped. Training options configure the supernet run; it\n'
+                    'prints what the space costs at your --img-size first, and refuses a budget outside that.\n'
+                    'Small images: pass a smaller patch_size in --model-kwargs. docs/glit.md.',
         epilog='examples:\n'
                '  leanvit search --space glit_tiny --budget-macs 1.5G --data photos/ --val-split 0.2 --output runs/s\n'
                '  leanvit search ... --strategy flat        # the same options: the baseline, on the same supernet\n'
-               '  leanvit train --model glit_custom --arch runs/s/hierarchical/best.json \\\n'
+               '  leanvit train --model glit_custom --arch runs/s/hierarchical/best_arch.json \\\n'
                '      --data photos/ --val-split 0.2 --output runs/best     # retrain the winner',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     search.add_argument('--config', metavar='YAML', help='recipe; options given here override its values')
@@ -494,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
                              'statistics (default: 10)')
     search.add_argument('--resume-anyway', action='store_true',
                         help='resume the supernet run and the search in --output even if their settings differ')
-    _add_config_flags(search)
+    _add_config_flags(search, hidden=SEARCH_SETS, meaning={
+        'epochs': 'epochs of supernet training (the search itself is --generations)',
+        'output': 'folder of the search: supernet/ and one folder per --strategy'})
     search.set_defaults(func=cmd_search)
 
     evaluate = sub.add_parser('eval', help='top-1 / top-5 / loss and confusion matrix of a checkpoint on the '
@@ -502,8 +594,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_args(evaluate, data_default="the run's own data and split, as its checkpoint records them")
     evaluate.add_argument('--batch-size', type=positive_int, default=64)
     evaluate.add_argument('--output', default=None,
-                          help="folder for eval.json and confusion_matrix.png (default: the checkpoint's folder)")
+                          help="folder for eval_FILE.json and confusion_matrix_FILE.png, FILE the checkpoint's name "
+                               "(default: the checkpoint's folder)")
     evaluate.set_defaults(func=cmd_eval)
+
+    predict = sub.add_parser(
+        'predict', help='top-k classes of image files, with class names and probabilities',
+        description='Print the most probable classes of each image (files, or folders searched recursively) with\n'
+                    'their probabilities, as the model sees the images in `leanvit eval`. --checkpoint takes what\n'
+                    'eval takes, exported ONNX and TorchScript files included. Class names come from the data the\n'
+                    "run trained on (its checkpoint's .json, or the exported file's metadata); without that record\n"
+                    'the classes are shown by index.',
+        epilog='examples:\n'
+               '  leanvit predict --checkpoint runs/photos/best.safetensors photos/new/\n'
+               '  leanvit predict --checkpoint model.onnx cat.jpg dog.png --top-k 3 --out predictions.csv',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict.add_argument('images', nargs='+', metavar='IMAGE',
+                         help='image files, and folders whose image files (any depth) are taken in sorted order')
+    _add_checkpoint_args(predict)
+    predict.add_argument('--top-k', type=positive_int, default=5,
+                         help="classes shown per image; at most the model's class count (default: 5)")
+    predict.add_argument('--out', default=None, metavar='CSV',
+                         help='also write the predictions as CSV: path, then class_i, name_i, prob_i for each ranked '
+                              'class; replaced only once complete')
+    predict.add_argument('--batch-size', type=positive_int, default=64)
+    predict.set_defaults(func=cmd_predict)
 
     logits = sub.add_parser('teacher-logits', help="store a teacher's logits for the training split once, so that "
                                                    "students train with --teacher-logits instead of a live teacher")

@@ -267,9 +267,12 @@ RECORD = 'compress.json'
 
 
 def compress(config, share: int = 2, init: str | int = 'first', attn_transform: bool = True, local_conv: bool = False,
-             rpe: bool = False, resume_anyway: bool = False) -> dict:
+             rpe: bool = False, from_scratch: bool = False, resume_anyway: bool = False) -> dict:
     """`leanvit compress`: multiplex ``config.teacher`` (with its checkpoint) into a MiniViT student, report how
     close the untrained student is on the validation split, then train it through the engine with the teacher.
+
+    ``from_scratch`` trains the same student architecture from random weights on the labels alone, without the
+    teacher: the baseline that shows what starting from the teacher and distilling from it are worth.
 
     ``config`` is the run's `leanvit.train.TrainConfig`; its ``model``, ``model_kwargs`` and ``init_checkpoint`` are
     the student's, set here. The first call writes ``multiplexed.safetensors`` and ``compress.json`` (the student and
@@ -278,48 +281,65 @@ def compress(config, share: int = 2, init: str | int = 'first', attn_transform: 
     """
     from leanvit.train import train
     from leanvit.train.checkpoints import RunLock
+    from leanvit.train.evaluation import trained_model_spec
 
-    if not config.teacher:
-        raise UsageError('compress needs a teacher (--teacher NAME, normally with --teacher-checkpoint FILE)')
+    if not (config.teacher or config.teacher_checkpoint):
+        raise UsageError('compress needs a teacher: --teacher-checkpoint FILE (a run\'s checkpoint names its model), '
+                         'or --teacher NAME for a checkpoint of another origin or a new model')
+    if not config.teacher:  # the teacher run's sidecar names it
+        config = dataclasses.replace(config, teacher=trained_model_spec(config.teacher_checkpoint,
+                                                                        name_flag='--teacher')[0])
     if config.model_kwargs or config.init_checkpoint:
         raise UsageError('compress builds the student from the teacher: give no model_kwargs or init_checkpoint')
     output = Path(config.output)
     settings = dict(teacher=config.teacher, teacher_checkpoint=config.teacher_checkpoint,
                     teacher_kwargs=config.teacher_kwargs, img_size=config.img_size, share=share, init=init,
-                    attn_transform=attn_transform, local_conv=local_conv, rpe=rpe)
+                    attn_transform=attn_transform, local_conv=local_conv, rpe=rpe, from_scratch=from_scratch)
     # One process at a time makes (or checks) the student; the engine then takes the folder for the training.
     with RunLock(output):
-        if (output / MULTIPLEXED).exists() and (output / RECORD).exists():
+        if (output / RECORD).exists() and (from_scratch or (output / MULTIPLEXED).exists()):
             report = _recorded_student(output / RECORD, settings, resume_anyway)
         else:
-            report = _multiplexed_student(config, output, settings, share, init, attn_transform, local_conv, rpe)
-    # The engine gives the model the data's classes; weight distillation is the default objective (paper Sec. 3.3).
-    # `pretrained` would only load weights that the multiplexed start replaces.
+            report = _multiplexed_student(config, output, settings, share, init, attn_transform, local_conv, rpe,
+                                          from_scratch)
+    # The engine gives the model the data's classes. `pretrained` would only load weights that the multiplexed start
+    # (or the random one of a baseline) replaces.
     kwargs = {k: v for k, v in report['model_kwargs'].items() if k not in ('num_classes', 'pretrained')}
-    student_config = dataclasses.replace(config, model=report['model'], model_kwargs=kwargs,
-                                         init_checkpoint=str(output / MULTIPLEXED),
-                                         objectives=config.objectives or {'weight_distillation': {}})
+    if from_scratch:
+        student_config = dataclasses.replace(config, model=report['model'], model_kwargs=kwargs, teacher=None,
+                                             teacher_checkpoint=None, teacher_kwargs={}, objectives={})
+    else:  # weight distillation is the default objective (paper Sec. 3.3)
+        student_config = dataclasses.replace(config, model=report['model'], model_kwargs=kwargs,
+                                             init_checkpoint=str(output / MULTIPLEXED),
+                                             objectives=config.objectives or {'weight_distillation': {}})
     return train(student_config, resume_anyway=resume_anyway)
 
 
-def _multiplexed_student(config, output: Path, settings: dict, share, init, attn_transform, local_conv,
-                         rpe) -> dict:
-    """Build the teacher, multiplex it, say how close the untrained student is, and write both files."""
+def _multiplexed_student(config, output: Path, settings: dict, share, init, attn_transform, local_conv, rpe,
+                         from_scratch: bool) -> dict:
+    """Build the teacher, multiplex it, say how close the untrained student is, and write both files (only the
+    record for a baseline ``from_scratch``, which needs the student's architecture and nothing of its weights)."""
     import leanvit
     from leanvit.checkpoint import save_weights
     from leanvit.data import build_datasets
     from leanvit.train.checkpoints import write_json
+    from leanvit.train.engine import teacher_spec
     from leanvit.train.evaluation import data_config
     from torch.utils.data import DataLoader
 
-    teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
-    probe = leanvit.create_model(config.teacher, **teacher_kwargs)
+    teacher_name, teacher_kwargs = teacher_spec(config)
+    probe = leanvit.create_model(teacher_name, **teacher_kwargs)
     data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
                           augment='none', bad_images=config.bad_images, seed=config.seed)
-    teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs).eval()
+    teacher = leanvit.create_model(teacher_name, num_classes=data.num_classes, **teacher_kwargs).eval()
     if config.teacher_checkpoint:
         leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
     student, report = multiplex(teacher, share, init, attn_transform, local_conv, rpe)
+    if from_scratch:
+        print(f'{report.summary().splitlines()[0]}; trained from scratch on the labels, as a baseline', flush=True)
+        report = dataclasses.asdict(report)
+        write_json(output / RECORD, dict(report=report, settings=settings))
+        return report
     close = agreement(student, teacher, DataLoader(data.val, config.batch_size), max_images=1000)
     print(f'{report.summary()}\nuntrained student vs teacher on {close.images} validation images: top-1 '
           f'agreement {close.top1_agreement:.1%}, logit RMSE {close.logit_rmse:.3g}', flush=True)

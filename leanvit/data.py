@@ -267,6 +267,28 @@ def _digits_datasets(train_tf: Callable, val_tf: Callable) -> DataBundle:
                       f'fixed stratified split (random_state={DIGITS_SPLIT["random_state"]})')
 
 
+def typical_image_size(dataset: Dataset, samples: int = 64) -> tuple[int, int] | None:
+    """The median width and height of up to ``samples`` images spread over ``dataset`` (a `LabelledImages`; files
+    are opened for their header only), or None for another kind of dataset or an empty one."""
+    images = getattr(dataset, 'images', None)
+    if not images:
+        return None
+    sizes = []
+    for image in images[::max(1, len(images) // samples)][:samples]:
+        if isinstance(image, str):
+            try:
+                with Image.open(image) as opened:
+                    image = opened
+                    sizes.append(image.size)
+            except Exception:  # noqa: BLE001 - an unreadable file is the loader's to report, not this estimate's
+                continue
+        else:
+            sizes.append(image.size)
+    if not sizes:
+        return None
+    return int(np.median([w for w, _ in sizes])), int(np.median([h for _, h in sizes]))
+
+
 def display_name(name: str) -> str:
     """``name`` printable and encodable as UTF-8: bytes that were not UTF-8 are shown as ``\\xNN``.
 

@@ -315,6 +315,9 @@ class _OnnxModule:
 
     def __init__(self, session):
         self.session = session
+        size = session.get_inputs()[0].shape[0]
+        # A file exported with --static-batch takes that batch size only (a dynamic axis has a name, not a size).
+        self.fixed_batch = size if isinstance(size, int) else None
 
     def eval(self):
         return self
@@ -322,5 +325,12 @@ class _OnnxModule:
     def __call__(self, images):
         import torch
 
-        return torch.from_numpy(self.session.run(None, {'input': images.float().cpu().numpy()})[0])
+        outputs = []
+        for part in images.float().cpu().split(self.fixed_batch or len(images) or 1):
+            # A fixed-batch file gets the last part padded with copies of its last image, and the copies' outputs
+            # are dropped.
+            padded = torch.cat([part, part[-1:].expand(self.fixed_batch - len(part), *part.shape[1:])]) \
+                if self.fixed_batch and len(part) < self.fixed_batch else part
+            outputs.append(torch.from_numpy(self.session.run(None, {'input': padded.numpy()})[0])[:len(part)])
+        return torch.cat(outputs)
 

@@ -16,7 +16,7 @@ def main(run: Path) -> None:
     for part in ('teacher', 'student'):
         final = json.loads((run / part / 'final.json').read_text())
         meta = json.loads((run / part / 'best.json').read_text())
-        evaluation = json.loads((run / part / 'eval.json').read_text())
+        evaluation = json.loads((run / part / 'eval_best.safetensors.json').read_text())
         model = leanvit.create_model(meta['model'], **meta['model_kwargs'])
         size = meta['model_kwargs'].get('img_size') or model.pretrained_cfg['input_size'][-1]
         cost = leanvit.profile(model, (3, size, size))

@@ -17,7 +17,7 @@ README = os.path.join(os.path.dirname(__file__), '..', 'README.md')
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main(list(argv))
+    code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -63,8 +63,36 @@ def test_profile_prints_params_macs_and_throughput(capsys):
     measured = leanvit.profile(leanvit.create_model('test_sret'), (3, 64, 64))
     assert code == 0
     assert f'params     {measured.params:,}' in out
-    assert f'GMACs      {measured.gmacs:.3f}' in out
-    assert re.search(r'images/s   \d+\.\d', out)
+    assert f'GMACs      {measured.gmacs:.4g}' in out
+    assert re.search(r'images/s   \d+\.\d+  \(eval, re-parameterized, batch 2, \d+ threads: ', out)
+
+
+def test_profile_rebuilds_a_runs_model_from_its_checkpoint(tmp_path, capsys):
+    # A timm DeiT trained at 32 px with 4-pixel patches: the sidecar alone says how to build it.
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=10)
+    model = leanvit.create_model('deit_tiny_patch16_224', **kwargs)
+    leanvit.save_weights(model, tmp_path / 'best.safetensors')
+    (tmp_path / 'best.json').write_text(json.dumps(dict(model='deit_tiny_patch16_224', model_kwargs=kwargs)))
+    code, out, err = run_cli(capsys, 'profile', '--checkpoint', tmp_path / 'best.safetensors', '--batch-size', '2',
+                             '--iters', '1', '--threads', '1')
+    assert code == 0, err
+    measured = leanvit.profile(model, (3, 32, 32))
+    assert f'model      deit_tiny_patch16_224 (3x32x32) from {tmp_path / "best.safetensors"}' in out
+    assert f'params     {measured.params:,}' in out and f'GMACs      {measured.gmacs:.4g}' in out
+    assert '1 threads: --threads' in out
+
+
+def test_profile_builds_an_architecture_file(tmp_path, capsys):
+    arch = tmp_path / 'arch.json'
+    arch.write_text(json.dumps({'blocks': [{'global_heads': 3}, {'global_heads': 0, 'kernel_size': 17}]}))
+    code, out, err = run_cli(capsys, 'profile', 'glit_custom', '--arch', arch, '--img-size', '32', '--model-kwargs',
+                             '{"patch_size": 8}', '--batch-size', '1', '--iters', '1')
+    assert code == 0, err
+    expected = leanvit.profile(leanvit.create_model('glit_custom', arch=str(arch), img_size=32, patch_size=8),
+                               (3, 32, 32))
+    assert f'params     {expected.params:,}' in out
+    code, _, err = run_cli(capsys, 'profile')
+    assert code == 2 and "profile needs a model name (leanvit profile sret_t) or a run's --checkpoint" in err
 
 
 def test_unknown_model_is_a_clear_error(capsys):

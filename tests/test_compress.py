@@ -5,7 +5,9 @@ import json
 import pytest
 import timm
 import torch
+import yaml
 
+import leanvit
 from leanvit.compress import agreement, multiplex
 from leanvit.errors import CheckpointError, UsageError
 from leanvit.models.minivit import MiniDeiT, MiniSwin
@@ -161,3 +163,36 @@ def test_init_checkpoint_without_a_matching_weight_is_named(tmp_path):
     with pytest.raises(UsageError, match=f'init_checkpoint {unrelated} has no weight of this model'):
         train(TrainConfig(model='test_sret', img_size=64, epochs=1, init_checkpoint=str(unrelated),
                           output=str(tmp_path / 'run')))
+
+
+def test_compress_reads_the_teacher_run_and_offers_the_from_scratch_baseline(trained_teacher, tmp_path, capsys):
+    from leanvit.cli import main
+
+    # No --teacher, --teacher-kwargs or --img-size: the teacher run's sidecar says how it was built.
+    assert main(['compress', '--teacher-checkpoint', trained_teacher, '--epochs', '1', '--no-progress',
+                 '--output', str(tmp_path / 'mini')]) == 0
+    out = capsys.readouterr().out
+    assert 'untrained student vs teacher on 360 validation images' in out
+    student = json.loads((tmp_path / 'mini' / 'compress.json').read_text())['report']
+    assert student['model_kwargs']['img_size'] == 32 and student['model_kwargs']['patch_size'] == 8
+
+    assert main(['compress', '--teacher-checkpoint', trained_teacher, '--epochs', '1', '--no-progress',
+                 '--from-scratch', '--output', str(tmp_path / 'scratch')]) == 0
+    capsys.readouterr()
+    scratch = json.loads((tmp_path / 'scratch' / 'compress.json').read_text())['report']
+    assert (scratch['model'], scratch['model_kwargs']) == (student['model'], student['model_kwargs'])
+    config = yaml.safe_load((tmp_path / 'scratch' / 'config.yaml').read_text())
+    assert config['teacher'] is None and config['init_checkpoint'] is None and config['objectives'] == {}
+    assert not (tmp_path / 'scratch' / 'multiplexed.safetensors').exists()
+    assert not (tmp_path / 'scratch' / 'init.json').exists()
+    # The two runs train the same architecture: their checkpoints have the same tensors and shapes.
+    shapes = [{k: tuple(v.shape) for k, v in leanvit.read_checkpoint(folder / 'best.safetensors').items()}
+              for folder in (tmp_path / 'mini', tmp_path / 'scratch')]
+    assert shapes[0] == shapes[1]
+
+    for argv, message in [(['--model', 'sret_t'], '--model does not apply to leanvit compress: the student is built '
+                                                  'from the teacher'),
+                          ([], 'compress needs a teacher: --teacher-checkpoint FILE')]:
+        code = main(['compress', '--output', str(tmp_path / 'x'), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count('\n') == 1, err

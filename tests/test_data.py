@@ -421,13 +421,13 @@ def test_class_folder_name_that_is_not_utf8_is_shown_escaped_and_evaluated(tmp_p
     monkeypatch.setattr('leanvit.train.evaluation.plot_confusion_matrix', plot_fails)
     with pytest.raises(RuntimeError, match='no plot'):
         evaluate_checkpoint(tmp_path / 'best.safetensors', tmp_path / 'failed', data=str(data))
-    assert json.loads((tmp_path / 'failed' / 'eval.json').read_text(encoding='utf-8'))['images'] == 2
+    assert json.loads((tmp_path / 'failed' / 'eval_best.safetensors.json').read_text(encoding='utf-8'))['images'] == 2
     monkeypatch.undo()
 
     report = evaluate_checkpoint(tmp_path / 'best.safetensors', tmp_path / 'eval', data=str(data))
-    written = json.loads((tmp_path / 'eval' / 'eval.json').read_bytes().decode('utf-8'))
+    written = json.loads((tmp_path / 'eval' / 'eval_best.safetensors.json').read_bytes().decode('utf-8'))
     assert written['class_names'] == report['class_names'] == ['caf\\xe9', 'tea']
-    assert (tmp_path / 'eval' / 'confusion_matrix.png').read_bytes().startswith(b'\x89PNG')
+    assert (tmp_path / 'eval' / 'confusion_matrix_best.safetensors.png').read_bytes().startswith(b'\x89PNG')
 
 
 @pytest.mark.parametrize('preset, crop_scale, flips', [('light', (0.8, 1.0), False), ('imagenet', (0.08, 1.0), True)])

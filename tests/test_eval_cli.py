@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 import leanvit
 from leanvit.cli import main
 from leanvit.data import build_datasets
+from leanvit.train.evaluation import evaluation_files
 
 KWARGS = dict(img_size=32, num_classes=10)
 DIGITS_VAL_IMAGES = 360
@@ -65,7 +66,7 @@ def test_eval_prints_and_writes_the_metrics_of_an_independent_computation(run, r
     code, out, err = run_eval(capsys, '--checkpoint', checkpoint, '--output', tmp_path)
     assert code == 0, err
     assert reference['images'] == DIGITS_VAL_IMAGES
-    report = json.loads((tmp_path / 'eval.json').read_text())
+    report = json.loads(evaluation_files(checkpoint, tmp_path)[0].read_text())
     assert report['images'] == DIGITS_VAL_IMAGES
     assert report['top1'] == pytest.approx(reference['top1'])
     assert report['top5'] == pytest.approx(reference['top5'])
@@ -83,14 +84,14 @@ def test_eval_prints_and_writes_the_metrics_of_an_independent_computation(run, r
     assert confusion.trace() == reference['correct']
     assert (confusion.sum(0) > 0).sum() > 2, 'predictions of a single class would make these checks weak'
     assert report['class_names'] == [str(d) for d in range(10)]
-    assert (tmp_path / 'confusion_matrix.png').read_bytes().startswith(b'\x89PNG')
+    assert evaluation_files(checkpoint, tmp_path)[1].read_bytes().startswith(b'\x89PNG')
 
 
 def test_eval_writes_beside_the_checkpoint_by_default(tmp_path, capsys):
     _, checkpoint = save_run_checkpoint(tmp_path, KWARGS)
     code, _, err = run_eval(capsys, '--checkpoint', checkpoint, '--batch-size', 128)
     assert code == 0, err
-    assert (tmp_path / 'eval.json').exists() and (tmp_path / 'confusion_matrix.png').exists()
+    assert evaluation_files(checkpoint, tmp_path)[0].exists() and evaluation_files(checkpoint, tmp_path)[1].exists()
 
 
 def test_a_checkpoint_without_json_needs_model_and_kwargs(run, reference, tmp_path, capsys):
@@ -103,7 +104,7 @@ def test_a_checkpoint_without_json_needs_model_and_kwargs(run, reference, tmp_pa
     code, _, err = run_eval(capsys, '--checkpoint', checkpoint, '--model', 'test_sret',
                             '--model-kwargs', json.dumps(KWARGS), '--output', tmp_path)
     assert code == 0, err
-    assert json.loads((tmp_path / 'eval.json').read_text())['top1'] == pytest.approx(reference['top1'])
+    assert json.loads(evaluation_files(checkpoint, tmp_path)[0].read_text())['top1'] == pytest.approx(reference['top1'])
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -117,7 +118,7 @@ def test_class_count_mismatch_names_both_numbers(tmp_path, capsys):
     code, _, err = run_eval(capsys, '--checkpoint', checkpoint)
     assert code == 1
     assert 'class count mismatch' in err and 'has 7 classes, the data has 10' in err
-    assert not (tmp_path / 'eval.json').exists()
+    assert not evaluation_files(checkpoint, tmp_path)[0].exists()
 
 
 def test_plots_leave_the_callers_matplotlib_state_alone(tmp_path):
@@ -157,5 +158,47 @@ def test_eval_uses_the_data_the_run_trained_on(tmp_path, capsys):
     assert main(['eval', '--checkpoint', str(tmp_path / 'run' / 'best.safetensors')]) == 0
     out = capsys.readouterr().out
     assert f'image folder {tmp_path / "data"} (train/ + val/)' in out and 'the data the run trained on' in out
-    report = json.loads((tmp_path / 'run' / 'eval.json').read_text())
+    report = json.loads((tmp_path / 'run' / 'eval_best.safetensors.json').read_text())
     assert report['images'] == 16 and report['class_names'] == ['dark', 'light']
+
+
+def test_a_timm_model_trained_at_a_small_size_evaluates_and_profiles_at_it(tmp_path, capsys):
+    # The user's commands: train a stock DeiT at --img-size 32, then evaluate its best checkpoint.
+    kwargs = '{"embed_dim": 24, "depth": 1, "num_heads": 2}'
+    assert main(['train', '--model', 'deit_tiny_patch16_224', '--img-size', '32', '--model-kwargs', kwargs,
+                 '--epochs', '1', '--no-progress', '--output', str(tmp_path / 'deit')]) == 0
+    out = capsys.readouterr().out
+    # 16-pixel patches on 32 pixels: the header says so and how to change it.
+    assert 'note       at 32x32 the 16-pixel patches make a 2x2 grid of tokens' in out
+    assert '"patch_size": 4' in out
+    checkpoint = tmp_path / 'deit' / 'best.safetensors'
+    assert main(['eval', '--checkpoint', str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert 'deit_tiny_patch16_224 (3x32x32)' in out
+    report = json.loads(evaluation_files(checkpoint, tmp_path / 'deit')[0].read_text())
+    assert report['input_size'] == [3, 32, 32] and report['images'] == DIGITS_VAL_IMAGES
+
+
+def test_train_says_when_the_images_are_far_smaller_than_the_input(tmp_path, capsys):
+    # The digits are 8 x 8; without --img-size the model would run at 224 x 224.
+    from leanvit.train.engine import input_size_notes
+    model = leanvit.create_model('test_sret')
+    cfg = {'input_size': (3, 224, 224)}
+    notes = input_size_notes(model, cfg, (28, 28), None)
+    assert notes == ['the images are about 28x28 pixels but the model runs at 224x224 (its default), 64x the pixels '
+                     'per image: --img-size 32 suits them']
+    assert input_size_notes(model, cfg, (28, 28), 224) == []  # the user chose the size
+    assert input_size_notes(model, cfg, (200, 180), None) == []
+
+
+def test_eval_chooses_threads_as_train_does(tmp_path, capsys, monkeypatch):
+    _, checkpoint = save_run_checkpoint(tmp_path, KWARGS)
+    code, out, err = run_eval(capsys, '--checkpoint', checkpoint, '--threads', '1')
+    assert code == 0, err
+    assert '1 threads: --threads' in out and torch.get_num_threads() == 1
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+    code, out, err = run_eval(capsys, '--checkpoint', checkpoint)
+    assert code == 0 and '2 threads: OMP_NUM_THREADS' in out
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    code, out, err = run_eval(capsys, '--checkpoint', checkpoint)
+    assert code == 0 and re.search(r'\d+ threads: \d+ usable CPUs, [\d.]+ busy with other processes', out)

@@ -234,18 +234,23 @@ def test_export_reparameterizes_by_default_and_can_be_told_not_to(run, tmp_path,
     assert not any(line.startswith('reparam ') for line in stdout.splitlines())
 
 
-@pytest.mark.parametrize('fmt, suffix', [('onnx', '.onnx'), ('torchscript', '.pt')])
-def test_eval_runs_an_exported_file_in_its_runtime_as_it_evaluates_the_checkpoint(tmp_path, capsys, fmt, suffix):
+@pytest.mark.parametrize('fmt, suffix, options', [('onnx', '.onnx', []), ('torchscript', '.pt', []),
+                                                   ('onnx', '.onnx', ['--static-batch', '--batch-size', 7])],
+                         ids=['onnx', 'torchscript', 'onnx-fixed-batch'])
+def test_eval_runs_an_exported_file_in_its_runtime_as_it_evaluates_the_checkpoint(tmp_path, capsys, fmt, suffix,
+                                                                                   options):
     _, checkpoint = save_run_checkpoint(tmp_path / 'run', dict(img_size=32, num_classes=10))  # the digits' classes
     out = tmp_path / f'model{suffix}'
-    code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--format', fmt, '--out', out)
+    code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--format', fmt, '--out', out, *options)
     assert code == 0, err
-    assert main(['eval', '--checkpoint', str(checkpoint), '--output', str(tmp_path / 'from_checkpoint')]) == 0
-    assert main(['eval', '--checkpoint', str(out), '--output', str(tmp_path / 'from_export')]) == 0
+    # Both evaluated into one folder: each keeps its own report, named after what it evaluated. A fixed-batch file
+    # takes eval's batches of 64 (and the last, of 40) in parts of its own 7.
+    assert main(['eval', '--checkpoint', str(checkpoint), '--output', str(tmp_path / 'eval')]) == 0
+    assert main(['eval', '--checkpoint', str(out), '--output', str(tmp_path / 'eval')]) == 0
     capsys.readouterr()
-    expected, got = (json.loads((tmp_path / name / 'eval.json').read_text())
-                     for name in ('from_checkpoint', 'from_export'))
-    assert got['model'] == expected['model'] and got['data'] == expected['data']
+    expected, got = (json.loads((tmp_path / 'eval' / f'eval_{name}.json').read_text())
+                     for name in (checkpoint.name, out.name))
+    assert got['model'] == expected['model'] and got['data'] == expected['data'] and got['images'] == 360
     assert got['confusion_matrix'] == expected['confusion_matrix']
     assert got['loss'] == pytest.approx(expected['loss'], abs=1e-4)
 
@@ -276,3 +281,4 @@ def test_altered_export_metadata_is_named_by_field(run, tmp_path, capsys, change
     err = capsys.readouterr().err
     assert code == 1 and 'Traceback' not in err and err.count('\n') == 1
     assert f'{tmp_path / "m.pt"}: {message}' in err
+

@@ -3,6 +3,7 @@ loop (budget, stages, resume from its log), exact candidate costs, the held-out 
 
 import json
 import random
+import re
 
 import pytest
 import timm
@@ -229,13 +230,13 @@ def test_search_end_to_end_resumes_and_retrains(tmp_path):
     settings = EvolutionSettings(population=3, parents=2, generations=2)
     summary = search(config, budget=Budget(params=100_000), settings=settings, calib_batches=1)
     folder = tmp_path / 'search' / 'hierarchical'
-    for name in ('best.json', 'candidates.csv', 'candidates.png', 'candidates.jsonl', 'search.json'):
+    for name in ('best_arch.json', 'candidates.csv', 'candidates.png', 'candidates.jsonl', 'search.json'):
         assert (folder / name).stat().st_size > 0, name
     lines = (folder / 'candidates.csv').read_text().splitlines()
     assert len(lines) == 1 + summary['candidates'] == 1 + 6
-    best = load_architecture(folder / 'best.json')
+    best = load_architecture(folder / 'best_arch.json')
     assert [dict(b.__dict__) for b in best] == summary['best']['arch']
-    built = timm.create_model('glit_custom', arch=str(folder / 'best.json'), **SMALL)
+    built = timm.create_model('glit_custom', arch=str(folder / 'best_arch.json'), **SMALL)
     assert leanvit.count_params(built) == summary['best']['params'] <= 100_000
 
     # Run again: the supernet run is done and every candidate is in the log, so nothing is trained or scored.
@@ -249,7 +250,7 @@ def test_search_end_to_end_resumes_and_retrains(tmp_path):
 
     # Retraining the winner records the architecture itself, not the file's path.
     from leanvit.train import train
-    retrain = TrainConfig(model='glit_custom', arch=str(folder / 'best.json'), img_size=32, epochs=1,
+    retrain = TrainConfig(model='glit_custom', arch=str(folder / 'best_arch.json'), img_size=32, epochs=1,
                           batch_size=128, progress=False, output=str(tmp_path / 'retrain'),
                           model_kwargs=dict(patch_size=8, embed_dim=48))
     train(retrain)
@@ -260,7 +261,8 @@ def test_search_end_to_end_resumes_and_retrains(tmp_path):
 
 def test_search_command_errors_are_one_line(tmp_path, capsys):
     from leanvit.cli import main
-    for argv, message in [(['--model', 'sret_t'], '--model sret_t does not apply'),
+    for argv, message in [(['--model', 'sret_t'], '--model does not apply to leanvit search: it trains the GLiT'),
+                          (['--teacher', 'sret_t'], '--teacher does not apply to leanvit search'),
                           (['--budget-macs', '1.5X'], "expected a number with an optional k/M/G suffix"),
                           (['--population', '0'], 'population'),
                           (['--budget-params', 'nan'], 'must be a positive finite number, got nan'),
@@ -397,5 +399,43 @@ def test_a_search_whose_every_score_is_nan_fails_naming_a_candidate_and_writes_n
     assert code == 1 and 'Traceback' not in err and err.count('\n') == 1
     assert 'every candidate of the search made non-finite outputs' in err and 'first global heads' in err
     folder = tmp_path / 's' / 'hierarchical'
-    assert not (folder / 'best.json').exists() and not (folder / 'search.json').exists()
+    assert not (folder / 'best_arch.json').exists() and not (folder / 'search.json').exists()
     assert 'NaN' not in (folder / 'candidates.jsonl').read_text()
+
+
+def test_cost_range_is_the_cost_of_the_cheapest_and_dearest_architectures():
+    from leanvit.search.glit_search import cost_range
+    cost = CostModel(num_heads=3, **SMALL)
+    blocks = SPACE.all_blocks(3)
+    assert len(blocks) == len(set(blocks)) == 4 * 9
+    (macs_low, params_low), (macs_high, params_high) = cost_range(cost, SPACE, 3, 3)
+    costs = {block: cost((block,) * 3) for block in blocks}  # each the cost of a whole 3-block architecture
+    assert macs_low == min(c[0] for c in costs.values()) and params_low == min(c[1] for c in costs.values())
+    assert macs_high == max(c[0] for c in costs.values()) and params_high == max(c[1] for c in costs.values())
+    rng = random.Random(2)
+    for _ in range(5):
+        macs, params = cost(sample_architecture(SPACE, 3, 3, rng))
+        assert macs_low <= macs <= macs_high and params_low <= params <= params_high
+
+
+def test_a_budget_outside_the_space_at_this_size_is_refused_before_training(tmp_path, capsys):
+    from leanvit.cli import main
+    code = main(['search', '--output', str(tmp_path / 's'), '--img-size', '32', '--budget-macs', '1.5G'])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.count('\n') == 1
+    assert re.search(r'budget-macs 1\.5G is above the dearest architecture of glit_tiny at 32x32: choose one in '
+                     r'[\d.]+G\.\.[\d.]+G', captured.err), captured.err
+    assert 'space      glit_tiny at 32x32 (5 tokens)' in captured.out
+    assert "the local modules' 1-D kernels (17-45) are wider than the 5 tokens" in captured.out
+    assert not (tmp_path / 's' / 'supernet').exists()
+
+
+def test_search_help_shows_only_what_applies(capsys):
+    from leanvit.cli import main
+    with pytest.raises(SystemExit):
+        main(['search', '--help'])
+    out = capsys.readouterr().out
+    options = set(re.findall(r'^  (--[\w-]+)', out, flags=re.MULTILINE))
+    assert {'--budget-macs', '--epochs', '--img-size', '--holdout', '--threads'} <= options
+    assert not options & {'--teacher', '--kd', '--kd-alpha', '--arch', '--init-from-teacher', '--model'}
+    assert 'epochs of supernet training' in out

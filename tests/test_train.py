@@ -199,7 +199,7 @@ def test_unknown_amp_mode_is_named(tmp_path):
 @pytest.mark.parametrize('cpus, busy, workers, processes, expected', [
     (2, 0.1, 0, 1, 2), (2, 1.6, 0, 1, 1), (2, 2.0, 0, 1, 1), (8, 0.4, 2, 1, 6), (8, 0., 0, 2, 4), (4, 5.0, 3, 1, 1)])
 def test_default_threads_leave_busy_cpus_and_loader_workers_alone(cpus, busy, workers, processes, expected):
-    from leanvit.train.engine import default_threads
+    from leanvit.threads import default_threads
 
     assert default_threads(cpus, busy, workers, processes) == expected
 

@@ -18,6 +18,7 @@ Choices where the official code is silent: docs/glit.md.
 """
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -101,6 +102,15 @@ class SearchSpace:
                 if getattr(block, name) not in values:
                     raise ValueError(f'block {i} ({self.kind(block, num_heads)}): {name} {getattr(block, name)} is '
                                      f'not one of {list(values)}')
+
+    def all_blocks(self, num_heads: int) -> tuple[BlockArch, ...]:
+        """Every block of the space, for a block of ``num_heads`` heads."""
+        blocks = []
+        for heads in self.global_head_choices(num_heads):
+            allowed = self.allowed(BlockArch(heads), num_heads)
+            blocks += [BlockArch(heads, **dict(zip(allowed, values)))
+                       for values in itertools.product(*allowed.values())]
+        return tuple(blocks)
 
     def default_block(self, global_heads: int, num_heads: int) -> BlockArch:
         """The block of ``global_heads`` global heads with every low-level choice at the middle of its range (the

@@ -6,12 +6,12 @@
    flat, each candidate scored by its held-out top-1 on the supernet's weights, its BatchNorm statistics
    recalibrated for that candidate on training images first (the statistics the supernet kept are an average over
    every path it trained, Guo et al., ECCV 2020, Sec. 4).
-3. Write the best architecture (``best.json``, loadable by ``glit_custom(arch=...)`` and
-   ``leanvit train --model glit_custom --model-kwargs '{"arch": "best.json"}'``), and a CSV and a PNG of every
+3. Write the best architecture (``best_arch.json``, loadable by ``glit_custom(arch=...)`` and
+   ``leanvit train --model glit_custom --model-kwargs '{"arch": "best_arch.json"}'``), and a CSV and a PNG of every
    candidate scored.
 
 Output folder: ``supernet/`` (an engine run), and per strategy ``hierarchical/`` or ``flat/`` with
-``candidates.jsonl`` (the resume log), ``candidates.csv``, ``candidates.png``, ``best.json`` and ``search.json``.
+``candidates.jsonl`` (the resume log), ``candidates.csv``, ``candidates.png``, ``best_arch.json`` and ``search.json``.
 """
 
 import contextlib
@@ -151,6 +151,15 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
     supernet_config = dataclasses.replace(config, model='glit_supernet', model_kwargs=model_kwargs,
                                           objectives=objectives, output=str(output / 'supernet'),
                                           holdout=config.holdout or DEFAULT_HOLDOUT)
+    probe = leanvit.create_model('glit_supernet', **model_kwargs, **_img(config))
+    data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
+                          augment='none', bad_images=config.bad_images, seed=config.seed,
+                          holdout=supernet_config.holdout)
+    cost_kwargs = {k: v for k, v in model_kwargs.items() if k not in ('depth', 'drop_path_rate')}
+    cost = CostModel(img_size=probe.img_size[0], num_classes=data.num_classes, **cost_kwargs)
+    # Before the supernet trains: a budget that no architecture (or every one) meets at this size is a mistake that
+    # should cost seconds, not the supernet's training.
+    _check_budget(budget, cost, probe, space)
     train(supernet_config, resume_anyway=resume_anyway)
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -160,15 +169,9 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
         device = torch.device('cuda', torch.cuda.current_device())
     run_dir = output / 'supernet'
     tag = CheckpointManager.latest_in(run_dir)
-    probe = leanvit.create_model('glit_supernet', **model_kwargs, **_img(config))
-    data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
-                          augment='none', bad_images=config.bad_images, seed=config.seed,
-                          holdout=supernet_config.holdout)
     supernet = leanvit.create_model('glit_supernet', num_classes=data.num_classes, **model_kwargs, **_img(config))
     leanvit.load_checkpoint(supernet, run_dir / f'{tag}.safetensors')
     scorer = SupernetScorer(supernet, data.held_out, data.train, calib_batches, config.batch_size, device)
-    cost_kwargs = {k: v for k, v in model_kwargs.items() if k not in ('depth', 'drop_path_rate')}
-    cost = CostModel(img_size=supernet.img_size[0], num_classes=data.num_classes, **cost_kwargs)
 
     folder = output / strategy
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,8 +219,44 @@ def _search_stage(folder: Path, strategy: str, space: str, budget: Budget, setti
         _write_outputs(folder, scored, best, budget)
         write_json(folder / 'search.json', summary)
         print(f'best of {len(scored)} candidates ({strategy}): held-out top-1 {best.score:.2f}%, '
-              f'{best.macs / 1e9:.4f} GMACs, {best.params / 1e6:.3f} M params -> {folder / "best.json"}', flush=True)
+              f'{best.macs / 1e9:.4f} GMACs, {best.params / 1e6:.3f} M params -> {folder / "best_arch.json"}',
+              flush=True)
     return summary
+
+
+def cost_range(cost: CostModel, space: SearchSpace, depth: int, num_heads: int) -> tuple[tuple[float, int], ...]:
+    """((fewest MACs, fewest params), (most MACs, most params)) over every architecture of ``space``: each block's
+    cost is its own, so the extremes are ``depth`` times the cheapest and the dearest block."""
+    blocks = space.all_blocks(num_heads)
+    costs = [cost.block(block) for block in blocks]
+    first_macs, first_params = cost.block(blocks[0])
+    base_macs, base_params = cost._whole((blocks[0],))
+    low = (base_macs - first_macs + depth * min(c[0] for c in costs),
+           base_params - first_params + depth * min(c[1] for c in costs))
+    high = (base_macs - first_macs + depth * max(c[0] for c in costs),
+            base_params - first_params + depth * max(c[1] for c in costs))
+    return low, high
+
+
+def _check_budget(budget: Budget, cost: CostModel, supernet: GLiTSupernet, space_name: str) -> None:
+    """Print what the space costs at this input size (and how the blocks see it); refuse a budget outside that."""
+    depth, num_heads, tokens = len(supernet.blocks), supernet.num_heads, supernet.patch_embed.num_patches + 1
+    (macs_low, params_low), (macs_high, params_high) = cost_range(cost, supernet.space, depth, num_heads)
+    size = 'x'.join(map(str, supernet.img_size))
+    print(f'space      {space_name} at {size} ({tokens} tokens): {macs_low / 1e9:.4g}-{macs_high / 1e9:.4g} GMACs, '
+          f'{params_low / 1e6:.4g}-{params_high / 1e6:.4g} M params per architecture; budget {budget}', flush=True)
+    widest = max(supernet.space.kernel_sizes)
+    if widest > tokens:
+        print(f'note       the local modules\' 1-D kernels ({min(supernet.space.kernel_sizes)}-{widest}) are wider '
+              f'than '
+              f'the {tokens} tokens of a {size} input at patch size {supernet.patch_embed.patch_size[0]}: for small '
+              f'images, pass a smaller patch_size in --model-kwargs (docs/glit.md)', flush=True)
+    for name, value, low, high, unit, scale in (('macs', budget.macs, macs_low, macs_high, 'G', 1e9),
+                                                ('params', budget.params, params_low, params_high, 'M', 1e6)):
+        if value is not None and not low <= value <= high:
+            where = 'below the cheapest' if value < low else 'above the dearest'
+            raise UsageError(f'budget-{name} {value / scale:.4g}{unit} is {where} architecture of {space_name} at '
+                             f'{size}: choose one in {low / scale:.4g}{unit}..{high / scale:.4g}{unit}')
 
 
 def _describe_arch(arch) -> str:
@@ -238,7 +277,7 @@ def _img(config: TrainConfig) -> dict:
 def _write_outputs(folder: Path, scored: list[Candidate], best: Candidate, budget: Budget) -> None:
     best_record = dict(blocks=[dataclasses.asdict(b) for b in best.arch], held_out_top1=best.score, macs=best.macs,
                        params=best.params, budget=str(budget))
-    write_json(folder / 'best.json', best_record)
+    write_json(folder / 'best_arch.json', best_record)
     rows = sorted(scored, key=lambda c: (c.stage, c.generation))
 
     def write_csv(path: str):

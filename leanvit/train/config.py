@@ -81,7 +81,7 @@ class TrainConfig:
     model: str = option('sret_t', 'model', 'model name, any leanvit or timm model (`leanvit models --all`)')
     model_kwargs: dict = option({}, 'model', "model arguments as a JSON object, e.g. '{\"num_blocks\": [2, 4, 2]}'")
     arch: str | None = option(None, 'model', "architecture file (JSON or YAML) of a model built from one, e.g. "
-                                             "glit_custom with a searched best.json; its contents are recorded")
+                                             "glit_custom with a searched best_arch.json; its contents are recorded")
     img_size: int | None = option(None, 'model', "input resolution (none: the model's default)", low=1)
     data: str | None = option(None, 'data', 'an image folder (class folders, or train/ and val/ of them), '
                                             'torch/NAME:ROOT, or none for the bundled digits')

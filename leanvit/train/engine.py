@@ -24,19 +24,21 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import leanvit
 from leanvit.checkpoint import atomic_write, check_state_dict_fits
-from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets, renormalizer
+from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets, renormalizer, typical_image_size
 from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
 from leanvit.distill.teacher_init import init_from_checkpoint, init_from_teacher
 from leanvit.errors import RunDirectoryError, TrainingDivergedError, UsageError
+from leanvit.threads import choose_threads
 from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state, write_json
 from leanvit.train.config import TrainConfig, as_recorded
-from leanvit.train.evaluation import data_config, evaluate_model
+from leanvit.train.evaluation import data_config, evaluate_model, trained_model_spec
 from leanvit.train.objectives import build_objectives, check_objective_names
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -121,12 +123,10 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         torch.use_deterministic_algorithms(True)
     # A resumed run keeps the thread count it started with: other counts sum in other orders, and a resume must give
     # the weights an uninterrupted run gives.
-    # OMP_NUM_THREADS, if the user set it, is a choice as explicit as --threads.
     resumed_threads = recorded_threads(output)
-    chosen = config.threads or resumed_threads or environment_threads()
-    cpus, busy = usable_cpus(), (0. if chosen else busy_cpus())
-    threads = chosen or default_threads(cpus, busy, config.num_workers, world_size)
-    torch.set_num_threads(threads)
+    threads, threads_reason = choose_threads(config.threads or resumed_threads, config.num_workers, world_size)
+    if resumed_threads and not config.threads:
+        threads_reason = 'as the run started'
 
     # Model and data: the model's pretrained cfg decides the input pipeline, at the resolution the model is built for.
     model_kwargs = dict(config.model_kwargs, drop_path_rate=config.drop_path)
@@ -155,8 +155,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
                              'mixup/cutmix')
         teacher_table, _ = load_teacher_logits(config.teacher_logits, len(data.train), data.num_classes)
     if config.teacher:
-        teacher_kwargs = dict(config.teacher_kwargs, **({'img_size': config.img_size} if config.img_size else {}))
-        teacher = leanvit.create_model(config.teacher, num_classes=data.num_classes, **teacher_kwargs)
+        teacher_name, teacher_kwargs = teacher_spec(config)
+        teacher = leanvit.create_model(teacher_name, num_classes=data.num_classes, **teacher_kwargs)
         if config.teacher_checkpoint:
             leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
         teacher.to(device).eval().requires_grad_(False)
@@ -290,11 +290,11 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             + (f', auto-augment {config.auto_augment}' if config.auto_augment else '')
             + (f', mixup {config.mixup} / cutmix {config.cutmix}' if mixup is not None else ''),
             f'teacher    {teacher_line}' + (f'; objectives {", ".join(objectives)}' if objectives else ''),
-            f'device     {device}, {threads} compute threads '
-            + ('(--threads)' if config.threads else '(as the run started)' if resumed_threads else
-               '(OMP_NUM_THREADS)' if chosen else f'({cpus} usable CPUs, {busy:.1f} busy with other processes)')
-            + f', {config.num_workers} data-loader workers, {world_size} process(es)',
+            f'device     {device}, {threads} compute threads ({threads_reason}), {config.num_workers} data-loader '
+            f'workers, {world_size} process(es)',
             f'output     {output} ({f"resuming from {tag}" if tag else "new run"})',
+            *(f'note       {note}' for note in input_size_notes(model, data_config(model, config.img_size),
+                                                                typical_image_size(data.train), config.img_size)),
         ]), flush=True)
 
     forward_model = model
@@ -424,8 +424,9 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         last_good = save(epoch, 0, epoch_stats, metrics)
         if is_main:
             write_summary(output, history)
-            print(f'epoch {epoch}/{config.epochs}: train loss {history[-1]["train_loss"]:.4f}, '
-                  f'val top-1 {metrics["top1"]:.2f}%, val loss {metrics["loss"]:.4f}', flush=True)
+            print(f'epoch {epoch}/{config.epochs}: train loss {history[-1]["train_loss"]:.4f}, train top-1 '
+                  f'{history[-1]["train_top1"]:.2f}%, val top-1 {metrics["top1"]:.2f}%, val loss '
+                  f'{metrics["loss"]:.4f}, {history[-1]["train_images_per_s"]:.0f} train images/s', flush=True)
 
     for objective in objectives.values():
         objective.remove()
@@ -451,65 +452,51 @@ def read_architecture_file(path: str) -> object:
                          f'{" ".join(str(e).split())}') from None
 
 
+def input_size_notes(model: nn.Module, cfg: dict, image_size: tuple[int, int] | None,
+                     img_size: int | None) -> list[str]:
+    """What a user should know about the input size before waiting for epochs: the images are far smaller or larger
+    than what the model runs at (``img_size`` None: its default), or a patch grid so coarse that attention has next
+    to nothing to attend to."""
+    notes = []
+    height, width = cfg['input_size'][1:]
+    if image_size is not None and not img_size:
+        side = max(image_size)
+        ratio = height * width / (image_size[0] * image_size[1])
+        if ratio >= 4 or ratio <= 1 / 4:
+            suggested = max(32, -(-side // 16) * 16)
+            notes.append(f'the images are about {image_size[0]}x{image_size[1]} pixels but the model runs at '
+                         f'{width}x{height} (its default), {ratio:.3g}x the pixels per image: --img-size {suggested} '
+                         f'suits them')
+    patch_embed = getattr(model, 'patch_embed', None)
+    grid, patch = getattr(patch_embed, 'grid_size', None), getattr(patch_embed, 'patch_size', None)
+    if grid is not None and patch is not None and min(grid) < 4:
+        notes.append(f'at {width}x{height} the {patch[0]}-pixel patches make a {grid[0]}x{grid[1]} grid of tokens: for '
+                     f'small images pass a smaller patch size, e.g. --model-kwargs \'{{"patch_size": 4}}\' '
+                     f'(docs/across-families.md, "Small images")')
+    return notes
+
+
+def teacher_spec(config: TrainConfig) -> tuple[str, dict]:
+    """The teacher's model name and kwargs (without ``num_classes``, the data's): as its run built it, where the
+    teacher checkpoint is a run's with a sidecar (size, arguments, architecture), under ``teacher_kwargs``; the
+    run's ``img_size``, if set, last, since the teacher sees the student's images."""
+    if config.teacher_checkpoint:
+        name, kwargs = trained_model_spec(config.teacher_checkpoint, config.teacher, config.teacher_kwargs,
+                                          name_flag='--teacher')
+    else:
+        name, kwargs = config.teacher, dict(config.teacher_kwargs)
+    kwargs.pop('num_classes', None)
+    if config.img_size:
+        kwargs['img_size'] = config.img_size
+    return name, kwargs
+
+
 def recorded_threads(output: Path) -> int | None:
     """The compute threads the run in ``output`` used, as its last checkpoint records them; None for a new run."""
     tag = CheckpointManager.latest_in(output)
     sidecar = output / f'{tag}.json'
     threads = read_sidecar(sidecar).get('threads') if tag and sidecar.is_file() else None  # a missing file: later
     return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1 else None
-
-
-def environment_threads() -> int | None:
-    """The thread count the ``OMP_NUM_THREADS`` environment variable sets, if it is a positive integer."""
-    value = os.environ.get('OMP_NUM_THREADS', '')
-    return int(value) if value.isdigit() and int(value) >= 1 else None
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    try:
-        quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
-        if quota != 'max':
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
-def busy_cpus(interval: float = 0.25) -> float:
-    """How many of the usable CPUs other processes keep busy, measured over ``interval`` seconds while this process
-    sleeps (Linux ``/proc/stat``; 0 where it cannot be read). Unlike the load average, it does not lag a minute
-    behind, so a run started right after another is not mistaken for a busy machine."""
-    cpus = [f'cpu{i} ' for i in (os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else ())]
-
-    def sample() -> tuple[int, int]:
-        busy = total = 0
-        for line in Path('/proc/stat').read_text().splitlines():
-            if line.startswith(tuple(cpus)):
-                ticks = [int(v) for v in line.split()[1:]]
-                idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-                busy, total = busy + sum(ticks) - idle, total + sum(ticks)
-        return busy, total
-
-    try:
-        (busy0, total0), _, (busy1, total1) = sample(), time.sleep(interval), sample()
-    except (OSError, ValueError, IndexError):
-        return 0.
-    return len(cpus) * (busy1 - busy0) / max(total1 - total0, 1)
-
-
-def default_threads(cpus: int, busy: float, num_workers: int, processes: int = 1) -> int:
-    """Compute threads that do not oversubscribe the CPUs: the ``cpus`` this process may use (`usable_cpus`), less
-    the ``busy`` ones other processes occupy (`busy_cpus`) and the data-loader workers, shared among this run's
-    ``processes``; at least 1.
-
-    Why: torch's OpenMP threads wait for each other at every operator, so one thread that shares its core with
-    another process stalls them all. On 2 CPUs with other processes busy on them (load 5), SReT-T at 64 px trained
-    at 19-27 images/s with 2 threads and at 76-84 with 1 (``leanvit train --model sret_t --img-size 64 --epochs 1``,
-    ``OMP_NUM_THREADS`` 2 vs 1, alternating runs).
-    """
-    return max(1, (cpus - round(busy) - num_workers) // processes)
 
 
 def check_finite(unchecked: list[tuple[int, torch.Tensor]], epoch: int, last_good: str | None, output: Path) -> None:

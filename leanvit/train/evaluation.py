@@ -3,7 +3,7 @@
 ``evaluate_checkpoint`` is what ``leanvit eval`` runs. It rebuilds the model a checkpoint holds (from the
 ``{tag}.json`` beside a leanvit run's ``{tag}.safetensors``, or from a model name for any checkpoint
 ``leanvit.load_checkpoint`` reads), evaluates it on the validation split at the model's own resolution and writes
-``eval.json`` and ``confusion_matrix.png``.
+``eval_{file}.json`` and ``confusion_matrix_{file}.png``, named after the file evaluated.
 """
 
 import dataclasses
@@ -127,25 +127,33 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: list[str], path:
 
 def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = None,
                        model_kwargs: dict | None = None, trust: bool = False) -> tuple[nn.Module, str, dict]:
-    """The model ``checkpoint`` holds, with its weights loaded, and the name and kwargs it was built from.
+    """The model ``checkpoint`` holds, with its weights loaded, and the name and kwargs it was built from (see
+    `trained_model_spec`)."""
+    name, kwargs = trained_model_spec(checkpoint, model_name, model_kwargs)
+    model = leanvit.create_model(name, **kwargs)
+    leanvit.load_checkpoint(model, checkpoint, trust=trust)
+    return model, name, kwargs
+
+
+def trained_model_spec(checkpoint: str | os.PathLike, model_name: str | None = None,
+                       model_kwargs: dict | None = None, name_flag: str = '--model') -> tuple[str, dict]:
+    """The model name and kwargs that rebuild the model ``checkpoint`` holds, exactly as its run built it.
 
     A leanvit run's ``{tag}.safetensors`` has a ``{tag}.json`` beside it that names the model and its kwargs
-    (``num_classes`` included). ``model_name`` overrides the name (the sidecar's kwargs then apply only if it is the
-    same model) and ``model_kwargs`` override the kwargs key by key. Any other checkpoint needs ``model_name``.
+    (``num_classes``, ``img_size`` and ``arch`` included). ``model_name`` overrides the name (the sidecar's kwargs then
+    apply only if it is the same model) and ``model_kwargs`` override the kwargs key by key. Any other checkpoint
+    needs ``model_name`` (``name_flag`` is the option that gives it, for the message).
     """
     path = Path(checkpoint)
     meta = run_metadata(path)
-    sidecar = path.with_suffix('.json')
     name = model_name or meta.get('model')
     if name is None:
-        raise UsageError(f'{path} has no {sidecar.name} beside it that names its model: pass the model name '
-                         f'(--model), and its non-default arguments such as num_classes (--model-kwargs)')
+        raise UsageError(f'{path} has no {path.with_suffix(".json").name} beside it that names its model: pass the '
+                         f'model name ({name_flag}), and its non-default arguments such as num_classes '
+                         f'({name_flag}-kwargs)')
     recorded = {k: v for k, v in meta.get('model_kwargs', {}).items() if k != 'pretrained'} \
         if name == meta.get('model') else {}  # `pretrained` would load weights that the checkpoint's replace
-    kwargs = dict(recorded, **(model_kwargs or {}))
-    model = leanvit.create_model(name, **kwargs)
-    leanvit.load_checkpoint(model, path, trust=trust)
-    return model, name, kwargs
+    return name, dict(recorded, **(model_kwargs or {}))
 
 
 def run_metadata(checkpoint: Path) -> dict:
@@ -173,16 +181,43 @@ def data_config(model: nn.Module, img_size: int | tuple[int, int] | None = None)
     ``img_size`` is that resolution; leanvit models know it themselves (``model.img_size``).
     """
     cfg = timm.data.resolve_data_config({}, model=model)
-    img_size = img_size or getattr(model, 'img_size', None)
+    # leanvit models know their resolution; timm's ViT, DeiT and Swin keep it in their patch embedding.
+    img_size = img_size or getattr(model, 'img_size', None) or getattr(getattr(model, 'patch_embed', None),
+                                                                      'img_size', None)
     if img_size is not None:
         cfg['input_size'] = (cfg['input_size'][0], *((img_size, img_size) if isinstance(img_size, int) else img_size))
     return cfg
 
 
+def load_for_inference(checkpoint: str | os.PathLike, model_name: str | None = None, model_kwargs: dict | None = None,
+                       trust: bool = False) -> tuple:
+    """(model, name, kwargs, data config, class count, the run's recorded config) of any file `leanvit eval` and
+    `leanvit predict` take: an exported file, run in its runtime and described by its metadata, or a checkpoint,
+    rebuilt by `load_trained_model` at the resolution it was built for and re-parameterized for inference (the
+    folded form equals the trained one and is what a deployed model runs, so a measured speed is the deployed one).
+    """
+    if exported_format(checkpoint):
+        model, meta = load_exported(checkpoint)
+        cfg = dict(meta['data_config'], input_size=tuple(meta['data_config']['input_size']))
+        return model, meta['model'], meta['model_kwargs'], cfg, meta['num_classes'], meta['config']
+    model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs, trust=trust)
+    cfg = data_config(model, kwargs.get('img_size'))
+    recorded = run_metadata(Path(checkpoint)).get('config') or {}
+    return reparameterize_model(model.eval()), name, kwargs, cfg, model.num_classes, recorded
+
+
+def evaluation_files(checkpoint: str | os.PathLike, output: str | os.PathLike) -> tuple[Path, Path]:
+    """Where `evaluate_checkpoint` writes the metrics and the confusion matrix of ``checkpoint`` in ``output``."""
+    name = Path(checkpoint).name
+    return Path(output) / f'eval_{name}.json', Path(output) / f'confusion_matrix_{name}.png'
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, model_name: str | None = None,
                         model_kwargs: dict | None = None, data: str | None = None, batch_size: int = 64,
                         trust: bool = False) -> dict:
-    """Evaluate ``checkpoint`` on the validation split of ``data`` and write ``eval.json`` + ``confusion_matrix.png``.
+    """Evaluate ``checkpoint`` on the validation split of ``data`` and write `evaluation_files` of it: the metrics and
+    the confusion matrix, named after the file evaluated, so that evaluating a run's checkpoint and its export in one
+    folder keeps both.
 
     The model is evaluated re-parameterized for inference (``timm.utils.model.reparameterize_model``).
 
@@ -194,7 +229,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         batch_size: Images per forward pass.
 
     Returns:
-        The contents of ``eval.json``: the metrics, what was evaluated, the class names (as ``DataBundle`` shows them,
+        The contents of the JSON file: the metrics, what was evaluated, the class names (as ``DataBundle`` shows them,
         UTF-8 whatever the folder names) and the confusion matrix. It is written before the plot, so that a plot that
         fails never costs the metrics.
 
@@ -202,17 +237,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         FileNotFoundError: The checkpoint or the data is not there.
         ValueError: The model cannot be named, the weights do not fit it, or its class count is not the data's.
     """
-    if exported_format(checkpoint):  # a file `leanvit export` wrote: run in its runtime, described by its metadata
-        model, meta = load_exported(checkpoint)
-        name, kwargs, num_classes, recorded = meta['model'], meta['model_kwargs'], meta['num_classes'], meta['config']
-        cfg = dict(meta['data_config'], input_size=tuple(meta['data_config']['input_size']))
-    else:
-        model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs, trust=trust)
-        cfg, num_classes = data_config(model), model.num_classes
-        recorded = run_metadata(Path(checkpoint)).get('config') or {}
-        # The inference form (folded norms, fused branches, fast kernels), which equals the trained one: what a
-        # deployed model runs, so the measured images/s is the deployed speed.
-        model = reparameterize_model(model.eval())
+    model, name, kwargs, cfg, num_classes, recorded = load_for_inference(checkpoint, model_name, model_kwargs, trust)
     split = {}
     if data is not None:
         source = 'given'
@@ -235,6 +260,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
                   data=bundle.description, data_source=source, images=result.images, batch_size=batch_size,
                   **result.metrics(), images_per_s=result.images_per_s, class_names=bundle.class_names,
                   confusion_matrix=result.confusion.tolist())
-    write_json(output / 'eval.json', report)
-    plot_confusion_matrix(result.confusion, bundle.class_names, output / 'confusion_matrix.png')
+    report_file, plot_file = evaluation_files(checkpoint, output)
+    write_json(report_file, report)
+    plot_confusion_matrix(result.confusion, bundle.class_names, plot_file)
     return report
