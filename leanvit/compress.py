@@ -281,7 +281,7 @@ def compress(config, share: int = 2, init: str | int = 'first', attn_transform: 
     """
     from leanvit.train import train
     from leanvit.train.checkpoints import RunLock
-    from leanvit.train.evaluation import trained_model_spec
+    from leanvit.train.evaluation import run_metadata, trained_model_spec
 
     if not (config.teacher or config.teacher_checkpoint):
         raise UsageError('compress needs a teacher: --teacher-checkpoint FILE (a run\'s checkpoint names its model), '
@@ -289,6 +289,14 @@ def compress(config, share: int = 2, init: str | int = 'first', attn_transform: 
     if not config.teacher:  # the teacher run's sidecar names it
         config = dataclasses.replace(config, teacher=trained_model_spec(config.teacher_checkpoint,
                                                                         name_flag='--teacher')[0])
+    recorded = run_metadata(Path(config.teacher_checkpoint)).get('config') or {} if config.teacher_checkpoint else {}
+    if config.data is None and recorded.get('data') is not None:
+        # The student learns the teacher's task: without --data, the teacher run's data and split.
+        config = dataclasses.replace(config, data=recorded['data'],
+                                     val_split=config.val_split if config.val_split is not None
+                                     else recorded.get('val_split'))
+        print(f'data       the teacher run\'s: {config.data}' + (f', val_split {config.val_split}'
+                                                                  if config.val_split is not None else ''), flush=True)
     if config.model_kwargs or config.init_checkpoint:
         raise UsageError('compress builds the student from the teacher: give no model_kwargs or init_checkpoint')
     output = Path(config.output)

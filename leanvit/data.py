@@ -18,8 +18,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from timm.data import create_dataset, create_transform, resolve_data_config
 import torch
 from torch.utils.data import Dataset
@@ -224,6 +222,8 @@ def _hold_out(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
     train, val = bundle.train, bundle.val
     if not isinstance(train, LabelledImages) or not isinstance(val, LabelledImages):
         raise UsageError('holdout applies to the digits and to image folders, not to torch/ datasets')
+    from sklearn.model_selection import train_test_split  # scikit-learn takes a second to import: on use only
+
     try:
         keep, held = train_test_split(np.arange(len(train.labels)), test_size=fraction, stratify=train.labels,
                                       random_state=seed)
@@ -238,6 +238,9 @@ def _hold_out(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
     """The fixed digits split as (train, val) indices into ``load_digits()``: 1,437 and 360, stratified by class."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     labels = load_digits().target
     return train_test_split(np.arange(len(labels)), stratify=labels, **DIGITS_SPLIT)
 
@@ -255,6 +258,8 @@ def _transforms(model_cfg: dict, auto_augment: str | None, re_prob: float, **tra
 
 
 def _digits_datasets(train_tf: Callable, val_tf: Callable) -> DataBundle:
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     # Values are 0..16; timm's transforms want 8-bit RGB PIL images.
     images = [Image.fromarray(np.round(x * (255 / 16)).astype(np.uint8)).convert('RGB') for x in digits.images]
@@ -410,6 +415,8 @@ def _list_images(class_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
 
 def _stratified_split(samples: list[tuple[str, int]], val_split: float, seed: int, root: str):
     try:
+        from sklearn.model_selection import train_test_split
+
         return train_test_split(samples, test_size=val_split, stratify=[label for _, label in samples],
                                 random_state=seed)
     except ValueError as e:  # too few images in a class for a stratified split

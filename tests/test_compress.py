@@ -1,11 +1,13 @@
 """`leanvit.compress.multiplex`: MiniViT students built from pre-trained timm DeiT/ViT and Swin teachers."""
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 
 import leanvit
 from leanvit.compress import agreement, multiplex
@@ -196,3 +198,28 @@ def test_compress_reads_the_teacher_run_and_offers_the_from_scratch_baseline(tra
         code = main(['compress', '--output', str(tmp_path / 'x'), *argv])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count('\n') == 1, err
+
+
+def test_compress_learns_the_teacher_runs_data_unless_told_otherwise(trained_teacher, tmp_path, capsys):
+    from leanvit.cli import main
+
+    # The teacher run, as if it had trained on a folder of 2 classes (its head is cut to 2 classes to match).
+    folder = tmp_path / 'photos'
+    for label in ('a', 'b'):
+        (folder / label).mkdir(parents=True)
+        for i in range(10):
+            Image.new('L', (30, 30), 40 * i + (100 if label == 'b' else 0)).save(folder / label / f'{i}.png')
+    weights = leanvit.read_checkpoint(trained_teacher)
+    weights['head.weight'], weights['head.bias'] = weights['head.weight'][:2], weights['head.bias'][:2]
+    from safetensors.torch import save_file
+    save_file(weights, tmp_path / 'teacher.safetensors')
+    meta = json.loads(Path(trained_teacher).with_suffix('.json').read_text())
+    meta['model_kwargs']['num_classes'] = 2
+    meta['config'].update(data=str(folder), val_split=0.5)
+    (tmp_path / 'teacher.json').write_text(json.dumps(meta))
+    assert main(['compress', '--teacher-checkpoint', str(tmp_path / 'teacher.safetensors'), '--epochs', '1',
+                 '--batch-size', '4', '--no-progress', '--output', str(tmp_path / 'mini')]) == 0
+    out = capsys.readouterr().out
+    assert f"data       the teacher run's: {folder}, val_split 0.5" in out
+    assert 'untrained student vs teacher on 10 validation images' in out
+    assert yaml.safe_load((tmp_path / 'mini' / 'config.yaml').read_text())['data'] == str(folder)

@@ -124,7 +124,7 @@ CASES = {
                                             '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
     'unknown command': (USAGE, ['trian'], ["invalid choice: 'trian'", 'leanvit --help']),
     'compress without a teacher': (USAGE, ['compress', '--output', '{tmp}/compress_none'],
-                                   ['compress needs a teacher (--teacher NAME']),
+                                   ['compress needs a teacher: --teacher-checkpoint FILE']),
     'compress share 0': (USAGE, ['compress', '--teacher', 'vit_tiny_patch16_224', '--share', '0'],
                          ['--share', 'must be an integer >= 1, got 0']),
     'compress a CNN': (USAGE, ['compress', '--teacher', 'resnet18', '--output', '{tmp}/compress_cnn'],

@@ -244,7 +244,8 @@ def _check_budget(budget: Budget, cost: CostModel, supernet: GLiTSupernet, space
     (macs_low, params_low), (macs_high, params_high) = cost_range(cost, supernet.space, depth, num_heads)
     size = 'x'.join(map(str, supernet.img_size))
     print(f'space      {space_name} at {size} ({tokens} tokens): {macs_low / 1e9:.4g}-{macs_high / 1e9:.4g} GMACs, '
-          f'{params_low / 1e6:.4g}-{params_high / 1e6:.4g} M params per architecture; budget {budget}', flush=True)
+          f'{params_low / 1e6:.4g}-{params_high / 1e6:.4g} M params per architecture; '
+          + (f'budget {budget}' if budget != Budget() else 'no budget (--budget-macs, --budget-params)'), flush=True)
     widest = max(supernet.space.kernel_sizes)
     if widest > tokens:
         print(f'note       the local modules\' 1-D kernels ({min(supernet.space.kernel_sizes)}-{widest}) are wider '
