@@ -289,7 +289,7 @@ def compress(config, share: int = 2, init: str | int = 'first', attn_transform: 
     if not config.teacher:  # the teacher run's sidecar names it
         config = dataclasses.replace(config, teacher=trained_model_spec(config.teacher_checkpoint,
                                                                         name_flag='--teacher')[0])
-    recorded = run_metadata(Path(config.teacher_checkpoint)).get('config') or {} if config.teacher_checkpoint else {}
+    recorded = (run_metadata(Path(config.teacher_checkpoint)).get('config') or {}) if config.teacher_checkpoint else {}
     if config.data is None and recorded.get('data') is not None:
         # The student learns the teacher's task: without --data, the teacher run's data and split.
         config = dataclasses.replace(config, data=recorded['data'],
