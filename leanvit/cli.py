@@ -100,6 +100,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import torch
     from timm.utils.model import reparameterize_model
 
+    from leanvit.export import exported_format
     from leanvit.threads import choose_threads
     from leanvit.train.engine import read_architecture_file
     from leanvit.train.evaluation import data_config, trained_model_spec
@@ -110,6 +111,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         kwargs['arch'] = read_architecture_file(args.arch)
     if args.img_size:
         kwargs['img_size'] = args.img_size
+    if args.checkpoint and exported_format(args.checkpoint):
+        raise UsageError(f'{args.checkpoint} is an exported file: profile measures a PyTorch model, so give the '
+                         f'checkpoint it was exported from (`leanvit eval --checkpoint {args.checkpoint}` times the file)')
     if args.checkpoint:  # a run's checkpoint rebuilds its model as the run built it (name, size, arguments)
         name, kwargs = trained_model_spec(args.checkpoint, args.model, kwargs)
     elif args.model:
@@ -149,6 +153,13 @@ def train_config(args: argparse.Namespace, **defaults) -> TrainConfig:
                          + HIDDEN_WHY.get((args.command, given[0]), ''))
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    fields = TrainConfig.__dataclass_fields__
+    from_recipe = [name for name in getattr(args, 'hidden_config_flags', ())
+                   if getattr(config, name) != (fields[name].default if fields[name].default is not dataclasses.MISSING
+                                                else fields[name].default_factory())]
+    if from_recipe:
+        raise UsageError(f'recipe {args.config}: {from_recipe[0]} does not apply to leanvit {args.command}'
+                         + HIDDEN_WHY.get((args.command, from_recipe[0]), ''))
     # A default applies where neither a flag nor the recipe chose a value, i.e. where TrainConfig's own default stands.
     unset = {name: value for name, value in defaults.items()
              if name not in overrides and getattr(config, name) == TrainConfig.__dataclass_fields__[name].default}
@@ -267,6 +278,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
     logging.getLogger('onnxscript').setLevel(logging.ERROR)
     choose_threads(args.threads)
+    # leanvit eval and predict tell an ONNX file by its extension, so the name and the format must agree.
+    suffix = Path(args.out).suffix.lower()
+    fmt = args.format or {'.onnx': 'onnx', '.pt': 'torchscript', '.pth': 'torchscript'}.get(suffix)
+    if fmt is None:
+        raise UsageError(f'--out {args.out}: name the file .onnx (ONNX) or .pt (TorchScript), or pass --format')
+    if (fmt == 'onnx') != (suffix == '.onnx'):
+        raise UsageError(f'--out {args.out} does not fit --format {fmt}: an ONNX file is named .onnx, and only an '
+                         f'ONNX file is')
     model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
                                              trust=args.trust_checkpoint)
     cfg = data_config(model, args.img_size or kwargs.get('img_size'))
@@ -276,7 +295,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     recorded = run_metadata(Path(args.checkpoint)).get('config') or {}
     metadata = dict(model=name, model_kwargs=kwargs, num_classes=model.num_classes, data_config=cfg,
                     config={key: recorded[key] for key in ('data', 'val_split', 'seed') if key in recorded})
-    report = export_model(model, args.out, args.format, input_size, batch_size=args.batch_size,
+    report = export_model(model, args.out, fmt, input_size, batch_size=args.batch_size,
                           dynamic_batch=not args.static_batch, opset=args.opset, atol=args.atol, reparam=args.reparam,
                           metadata=metadata)
     print(f'model      {name} ({"x".join(map(str, input_size))}) from {args.checkpoint}')
@@ -637,8 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
                     'script, and a trace records one path through the code, so it is verified like the ONNX file; '
                     'torch deprecates TorchScript, prefer ONNX. ONNX export needs pip install "leanvit[export]".')
     _add_checkpoint_args(export)
-    export.add_argument('--format', choices=FORMATS, default='onnx',
-                        help='onnx (dynamic batch axis, verified in ONNX Runtime) or torchscript (torch.jit.trace)')
+    export.add_argument('--format', choices=FORMATS, default=None,
+                        help='onnx (dynamic batch axis, verified in ONNX Runtime) or torchscript (torch.jit.trace) '
+                             '(default: from --out: .onnx, or .pt for TorchScript)')
     export.add_argument('--out', required=True, help='output file; replaced only once the new one passes')
     export.add_argument('--reparam', action=argparse.BooleanOptionalAction, default=True,
                         help='re-parameterize for inference first (timm.utils.model.reparameterize_model: each '

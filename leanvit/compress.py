@@ -312,7 +312,8 @@ def compress(config, share: int = 2, init: str | int = 'first', attn_transform: 
                                           from_scratch)
     # The engine gives the model the data's classes. `pretrained` would only load weights that the multiplexed start
     # (or the random one of a baseline) replaces.
-    kwargs = {k: v for k, v in report['model_kwargs'].items() if k not in ('num_classes', 'pretrained')}
+    kwargs = {k: v for k, v in report['model_kwargs'].items()
+              if k not in ('num_classes', 'pretrained', 'checkpoint_path')}
     if from_scratch:
         student_config = dataclasses.replace(config, model=report['model'], model_kwargs=kwargs, teacher=None,
                                              teacher_checkpoint=None, teacher_kwargs={}, objectives={})

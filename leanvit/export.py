@@ -225,7 +225,7 @@ def _require(*modules: str) -> None:
 def exported_format(path: str | os.PathLike) -> str | None:
     """``'onnx'`` or ``'torchscript'`` for a file ``export_model`` writes, None for anything else (a checkpoint)."""
     path = Path(path)
-    if path.suffix == '.onnx':
+    if path.suffix.lower() == '.onnx':
         return 'onnx'
     if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:  # torch.jit.save writes code/ beside the pickled constants

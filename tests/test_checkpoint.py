@@ -260,6 +260,6 @@ def test_pretrained_weights_that_carry_code_are_one_error_naming_the_file(tmp_pa
     with pytest.raises(UnsafeCheckpointError) as error:
         leanvit.create_model('test_sret', pretrained=True, pretrained_cfg_overlay={'file': str(tmp_path / 'evil.pth')})
     message = str(error.value)
-    assert f'refused to load the pretrained weights of test_sret ({tmp_path / "evil.pth"}' in message
+    assert f'refused to load the weights of test_sret ({tmp_path / "evil.pth"}' in message
     assert 'Remove pretrained' in message and 'trust=True' in message and '\n' not in message
     assert not marker.exists()

@@ -223,3 +223,21 @@ def test_compress_learns_the_teacher_runs_data_unless_told_otherwise(trained_tea
     assert f"data       the teacher run's: {folder}, val_split 0.5" in out
     assert 'untrained student vs teacher on 10 validation images' in out
     assert yaml.safe_load((tmp_path / 'mini' / 'config.yaml').read_text())['data'] == str(folder)
+
+
+@pytest.mark.parametrize('kwargs, message', [({'img_size': [32]}, 'cannot build model mini_deit_tiny_patch16_224'),
+                                             ({'embed_dim': 10 ** 30}, 'cannot build model mini_deit_tiny_patch16_224')])
+def test_a_crafted_student_record_is_one_line(trained_teacher, tmp_path, capsys, kwargs, message):
+    from leanvit.cli import main
+    command = ['compress', '--teacher-checkpoint', trained_teacher, '--epochs', '1', '--no-progress', '--output',
+               str(tmp_path)]
+    with pytest.MonkeyPatch.context() as patch:  # only the record is needed: no training
+        patch.setattr('leanvit.train.train', lambda config, resume_anyway=False: {})
+        assert main(command) == 0
+    record = json.loads((tmp_path / 'compress.json').read_text())
+    record['report']['model_kwargs'].update(kwargs)
+    (tmp_path / 'compress.json').write_text(json.dumps(record))
+    capsys.readouterr()
+    code = main(command)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and 'Traceback' not in err and err.count('\n') == 1, err

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 import leanvit
 from leanvit.cli import main
 from leanvit.data import build_datasets
-from leanvit.train.evaluation import evaluation_files
+from leanvit.train.evaluation import data_config, evaluation_files
 
 KWARGS = dict(img_size=32, num_classes=10)
 DIGITS_VAL_IMAGES = 360
@@ -185,8 +185,9 @@ def test_train_says_when_the_images_are_far_smaller_than_the_input(tmp_path, cap
     model = leanvit.create_model('test_sret')
     cfg = {'input_size': (3, 224, 224)}
     notes = input_size_notes(model, cfg, (28, 28), None)
-    assert notes == ['the images are about 28x28 pixels but the model runs at 224x224 (its default), 64x the pixels '
-                     'per image: --img-size 32 suits them']
+    assert notes == ['the images are about 28x28 pixels but the model runs at 224x224, 64x the pixels per image: '
+                     '--img-size 32 suits them']
+    assert input_size_notes(model, {'input_size': (3, 32, 32)}, (8, 8), None) == []  # already the size suggested
     assert input_size_notes(model, cfg, (28, 28), 224) == []  # the user chose the size
     assert input_size_notes(model, cfg, (200, 180), None) == []
 
@@ -202,3 +203,17 @@ def test_eval_chooses_threads_as_train_does(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv('OMP_NUM_THREADS')
     code, out, err = run_eval(capsys, '--checkpoint', checkpoint)
     assert code == 0 and re.search(r'\d+ threads: \d+ usable CPUs, [\d.]+ busy with other processes', out)
+
+
+@pytest.mark.parametrize('name, kwargs, note', [
+    ('gfnet_ti', dict(img_size=32), 'the 16-pixel patches make a 2x2 grid of tokens'),
+    ('deit_tiny_patch16_224', dict(img_size=8, patch_size=4), 'the model argument patch_size 1'),
+    ('deit_tiny_patch16_224', dict(img_size=32, patch_size=4), None),
+    ('sret_t', dict(img_size=32), None),
+])
+def test_the_patch_grid_note_covers_every_patch_embedding(name, kwargs, note):
+    from leanvit.train.engine import input_size_notes
+    model = leanvit.create_model(name, **kwargs)
+    notes = input_size_notes(model, data_config(model, kwargs['img_size']), None, kwargs['img_size'])
+    assert [n for n in notes if 'grid of tokens' in n] == ([] if note is None else [notes[0]])
+    assert note is None or note in notes[0]

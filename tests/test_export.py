@@ -282,3 +282,27 @@ def test_altered_export_metadata_is_named_by_field(run, tmp_path, capsys, change
     assert code == 1 and 'Traceback' not in err and err.count('\n') == 1
     assert f'{tmp_path / "m.pt"}: {message}' in err
 
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--out', 'm.pt', '--format', 'onnx'], '--out {tmp}/m.pt does not fit --format onnx'),
+    (['--out', 'm.onnx', '--format', 'torchscript'], '--out {tmp}/m.onnx does not fit --format torchscript'),
+    (['--out', 'model'], '--out {tmp}/model: name the file .onnx (ONNX) or .pt (TorchScript), or pass --format'),
+])
+def test_the_output_name_and_the_format_agree(run, tmp_path, capsys, argv, message):
+    _, checkpoint = run
+    argv = [str(tmp_path / a) if a.startswith(('m.', 'model')) else a for a in argv]
+    code, _, err = run_export(capsys, '--checkpoint', checkpoint, *argv)
+    assert code == 2 and message.format(tmp=tmp_path) in err and err.count('\n') == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_format_follows_the_output_name(run, tmp_path, capsys):
+    _, checkpoint = run
+    code, out, err = run_export(capsys, '--checkpoint', checkpoint, '--out', tmp_path / 'm.pt')
+    assert code == 0, err
+    assert 'format     torchscript' in out
+    code, _, err = run_export(capsys, '--checkpoint', tmp_path / 'm.pt', '--out', tmp_path / 'x.onnx')
+    assert code == 1 and 'is an exported torchscript model, not a checkpoint' in err
+    code = main(['profile', '--checkpoint', str(tmp_path / 'm.pt')])
+    assert code == 2 and 'is an exported file: profile measures a PyTorch model' in capsys.readouterr().err

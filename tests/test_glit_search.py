@@ -331,6 +331,8 @@ def test_a_log_cut_short_by_a_kill_stays_resumable_for_every_later_run(tmp_path,
     ('score', 'high', 'field "score" must be a finite number or null'),
     ('macs', -1, 'field "macs" must be a finite number >= 0'),
     ('params', 1.5, 'field "params" must be an integer >= 0'),
+    ('params', 10 ** 400, 'field "params" must be an integer >= 0'),
+    ('arch', [{'global_heads': 1, 'mlp_ratio': 10 ** 400}], 'arch block 0: mlp_ratio must be a number'),
     ('generation', True, 'field "generation" must be an integer >= 0'),
     ('stage', 'middle', "field \"stage\" must be one of ['high', 'low', 'flat']"),
 ])
@@ -439,3 +441,20 @@ def test_search_help_shows_only_what_applies(capsys):
     assert {'--budget-macs', '--epochs', '--img-size', '--holdout', '--threads'} <= options
     assert not options & {'--teacher', '--kd', '--kd-alpha', '--arch', '--init-from-teacher', '--model'}
     assert 'epochs of supernet training' in out
+
+
+def test_a_record_nested_past_the_parser_is_named(tmp_path):
+    path = tmp_path / 'log.jsonl'
+    path.write_text('[' * 100_000 + ']' * 100_000 + '\n{}\n')
+    with pytest.raises(RunDirectoryError, match='line 1 nests deeper than a candidate record'):
+        CandidateLog(path)
+
+
+def test_a_recipe_cannot_set_what_search_sets_itself(tmp_path, capsys):
+    from leanvit.cli import main
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('teacher: deit_tiny_patch16_224\nepochs: 1\n')
+    code = main(['search', '--config', str(recipe), '--output', str(tmp_path / 's')])
+    err = capsys.readouterr().err
+    assert code == 2 and f'recipe {recipe}: teacher does not apply to leanvit search' in err
+    assert not (tmp_path / 's').exists()

@@ -340,6 +340,7 @@ def test_resuming_after_the_architecture_file_changed_names_the_architecture(tmp
 
 
 @pytest.mark.parametrize('part, value, message', [('rng', {'torch': 'x'}, 'field "rng" cannot be restored'),
+                                                  ('optimizer', {}, 'field "optimizer" cannot be restored'),
                                                   ('objectives', [1], 'field "objectives" must be a dict'),
                                                   ('scheduler', 7, 'field "scheduler" cannot be restored')])
 def test_a_damaged_part_of_the_resume_state_is_named(finished_run, tmp_path, capsys, part, value, message):
@@ -351,3 +352,34 @@ def test_a_damaged_part_of_the_resume_state_is_named(finished_run, tmp_path, cap
     code, err = train_cli(capsys, run)
     assert code == 1
     assert_one_line_naming(err, f'{run / f"{tag}.resume.pt"}: {message}')
+
+
+def test_optimizer_state_of_the_wrong_shape_is_named_before_training(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / 'run')
+    tag = json.loads((run / 'latest.json').read_text())['tag']
+    state = torch.load(run / f'{tag}.resume.pt', weights_only=True)
+    first = next(iter(state['optimizer']['state'].values()))
+    first['exp_avg'] = torch.zeros(1)
+    torch.save(state, run / f'{tag}.resume.pt')
+    code, err = train_cli(capsys, run)
+    assert code == 1
+    assert_one_line_naming(err, f'{run / f"{tag}.resume.pt"}: field "optimizer" holds state \'exp_avg\' of shape (1,)')
+
+
+def test_a_run_records_its_data_folder_so_it_is_found_from_anywhere(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    for label in ('a', 'b'):
+        (tmp_path / 'photos' / label).mkdir(parents=True)
+        for i in range(8):
+            Image.new('L', (16, 16), 30 * i + (20 if label == 'b' else 0)).save(tmp_path / 'photos' / label / f'{i}.png')
+    monkeypatch.chdir(tmp_path)
+    command = ['train', '--model', 'test_sret', '--img-size', 32, '--data', 'photos', '--val-split', 0.5,
+               '--batch-size', 4, '--epochs', 1, '--no-progress', '--output', 'run']
+    code, err = run_cli(capsys, *command)
+    assert code == 0, err
+    assert json.loads((tmp_path / 'run' / 'best.json').read_text())['config']['data'] == str(tmp_path / 'photos')
+    code, err = run_cli(capsys, *command)  # the same relative --data resumes the same run
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path / 'photos')
+    code, err = run_cli(capsys, 'eval', '--checkpoint', tmp_path / 'run' / 'best.safetensors')
+    assert code == 0, err

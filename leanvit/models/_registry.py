@@ -44,21 +44,28 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
         raise UsageError(f'unknown pretrained tag in {model_name!r}; known: {", ".join(tags) or "none"}')
     try:
         return timm.create_model(model_name, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:  # timm's constructors check arguments with asserts too
-        raise UsageError(f'cannot build model {model_name} with arguments {kwargs}: {e}') from e
+    except (TypeError, ValueError, AssertionError, IndexError, OverflowError) as e:  # timm checks with asserts too
+        raise UsageError(f'cannot build model {model_name} with arguments {kwargs}: {_first_line(e)}') from e
     except RuntimeError as e:
         if not isinstance(e.__cause__, pickle.UnpicklingError):
-            raise
+            # torch refusing a tensor the arguments ask for (a negative or astronomical size)
+            raise UsageError(f'cannot build model {model_name} with arguments {kwargs}: {_first_line(e)}') from e
         # timm's weights-only load of pretrained=True weights refused the file (nothing ran): name it, and the way
         # to load a file one trusts, instead of timm's traceback.
         overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        source = overlay.get('file') if isinstance(overlay, dict) else None
+        source = kwargs.get('checkpoint_path') or (overlay.get('file') if isinstance(overlay, dict) else None)
+        asked = 'checkpoint_path' if kwargs.get('checkpoint_path') else 'pretrained=True'
         raise UnsafeCheckpointError(
-            f'refused to load the pretrained weights of {model_name} ({source or "its pretrained file"}, asked for by '
-            f'pretrained=True): the file holds Python objects other than tensors, so unpickling it could run code. '
-            f'Remove pretrained from the model arguments; to start from a file you trust, convert it once '
+            f'refused to load the weights of {model_name} ({source or "its pretrained file"}, asked for by '
+            f'{asked}): the file holds Python objects other than tensors, so unpickling it could run code. '
+            f'Remove {asked.split("=")[0]} from the model arguments; to start from a file you trust, convert it once '
             f'(leanvit.load_checkpoint(model, FILE, trust=True), then leanvit.save_weights) and train from the '
             f'.safetensors with --init-checkpoint') from None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of ``error``'s message: torch appends C++ stack frames to the reason."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def list_models(filter: str = '', include_test: bool = True) -> list[str]:

@@ -66,11 +66,12 @@ class BlockArch:
             raise ValueError(f'{where} must be a mapping with global_heads and any of '
                              f'{sorted(set(fields) - {"global_heads"})}, got {record!r}')
         for name, value in record.items():
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            # Bounded, so that no later arithmetic on a crafted value overflows a float.
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e12
             if fields[name] == 'int' and not (number and isinstance(value, int)):
-                raise ValueError(f'{where}: {name} must be an integer, got {value!r} ({type(value).__name__})')
+                raise ValueError(f'{where}: {name} must be an integer, got {value!r:.40} ({type(value).__name__})')
             if fields[name] == 'float' and not (number and math.isfinite(value)):
-                raise ValueError(f'{where}: {name} must be a number, got {value!r} ({type(value).__name__})')
+                raise ValueError(f'{where}: {name} must be a number, got {value!r:.40} ({type(value).__name__})')
         return cls(**record)
 
 

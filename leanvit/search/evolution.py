@@ -110,12 +110,14 @@ class Candidate:
             value = record[name]
             if value is None and name == 'score':
                 continue
-            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            # Bounded (1e30 is far above any model's MACs), so that a crafted integer never overflows a float.
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e30 \
+                and math.isfinite(value)
             if not number or (kind is int and not isinstance(value, int)) or (low is not None and value < low):
                 expected = ('an integer' if kind is int else 'a finite number') + (f' >= {low}' if low is not None
                                                                                   else '')
                 raise ValueError(f'{where}: field "{name}" must be {expected}' + (' or null' if name == 'score' else '')
-                                 + f', got {value!r}')
+                                 + f', got {value!r:.40}')
         if record['stage'] not in STAGES:
             raise ValueError(f'{where}: field "stage" must be one of {list(STAGES)}, got {record["stage"]!r}')
         return cls(**dict(record, arch=blocks))
@@ -149,6 +151,12 @@ class CandidateLog:
             where = f'{self.path} line {i + 1}'
             try:
                 candidate = Candidate.from_json(json.loads(line), where)
+            except RecursionError:  # JSON nested deeper than Python's parser goes: no record of leanvit's is
+                e = ValueError(f'{where} nests deeper than a candidate record')
+                if i == len(lines) - 1 and not text.endswith('\n'):
+                    kept = i
+                    break
+                raise RunDirectoryError(f'{e}; the file is corrupt or was not written by leanvit') from None
             except ValueError as e:
                 if i == len(lines) - 1 and not text.endswith('\n'):
                     kept = i  # the write a kill interrupted: every record ends with a newline

@@ -160,6 +160,9 @@ def read_sidecar(path: Path) -> dict:
         data = json.loads(path.read_text(), parse_constant=refuse)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirectoryError(f'{path} is not valid JSON ({e}); it is corrupt or was not written by leanvit')
+    except RecursionError:
+        raise RunDirectoryError(f'{path} nests deeper than any file leanvit writes; it is corrupt or was not written '
+                                f'by leanvit') from None
     if not isinstance(data, dict):
         raise RunDirectoryError(f'{path} must hold a JSON object, got a {type(data).__name__}')
     return data

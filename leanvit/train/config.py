@@ -8,6 +8,7 @@ argument errors answer without loading them.
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -169,8 +170,11 @@ class TrainConfig:
 
     def differences(self, recorded: dict) -> list[str]:
         """``'name: recorded -> now'`` for each setting that differs from ``recorded`` (the config a checkpoint was
-        saved with), except those a resumed run may change (``RESUMABLE``)."""
-        return [f'{name}: {recorded[name]!r} -> {value!r}' for name, value in dataclasses.asdict(self).items()
+        saved with), except those a resumed run may change (``RESUMABLE``). Data paths compare as absolute paths."""
+        recorded = dict(recorded, **({'data': absolute_data(recorded['data'])}
+                                     if isinstance(recorded.get('data'), str) else {}))
+        return [f'{name}: {recorded[name]!r} -> {value!r}'
+                for name, value in dataclasses.asdict(dataclasses.replace(self, data=absolute_data(self.data))).items()
                 if name in recorded and name not in RESUMABLE and recorded[name] != as_recorded(value)]
 
     @classmethod
@@ -196,6 +200,17 @@ class TrainConfig:
             return cls(**{**values, **overrides})
         except UsageError as e:
             raise UsageError(f'recipe {path}: {e}') from None
+
+
+def absolute_data(data: str | None) -> str | None:
+    """``data`` with its folder made absolute (an image folder, or the ROOT of ``torch/NAME:ROOT``), so that a run
+    records where its images are, not where they were from the folder it was started in."""
+    if data is None or data == 'digits' or '://' in data:
+        return data
+    if data.startswith('torch/'):
+        name, colon, root = data.partition(':')
+        return f'{name}:{os.path.abspath(root)}' if root else data
+    return os.path.abspath(data)
 
 
 def flag(name: str) -> str:

@@ -37,7 +37,7 @@ from leanvit.distill.teacher_init import init_from_checkpoint, init_from_teacher
 from leanvit.errors import RunDirectoryError, TrainingDivergedError, UsageError
 from leanvit.threads import choose_threads
 from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state, write_json
-from leanvit.train.config import TrainConfig, as_recorded
+from leanvit.train.config import TrainConfig, absolute_data, as_recorded
 from leanvit.train.evaluation import data_config, evaluate_model, trained_model_spec
 from leanvit.train.objectives import build_objectives, check_objective_names
 
@@ -108,6 +108,8 @@ def check_choices(config: TrainConfig) -> None:
 
 
 def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool) -> dict:
+    # The run records where its images are, so that eval, predict and compress find them from any folder.
+    config = dataclasses.replace(config, data=absolute_data(config.data))
     # Processes: one, or one per device under torchrun (gloo on CPU, NCCL on CUDA); rank 0 logs and saves.
     device = torch.device(config.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and world_size > 1:
@@ -245,6 +247,10 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             raise UsageError(f'{output / f"{tag}.resume.pt"} holds optimizer state for other trainable parameters '
                              f'than this run\'s model and objectives ({e}): resume it with the objectives it was '
                              f'saved with') from None
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            raise RunDirectoryError(f'{output / f"{tag}.resume.pt"}: field "optimizer" cannot be restored '
+                                    f'({type(e).__name__}: {e}); the file is corrupt or was not written by leanvit')
+        check_optimizer_state(optimizer, output / f'{tag}.resume.pt')
         resume_file = output / f'{tag}.resume.pt'
         saved_objectives = state.get('objectives', {})
         if not isinstance(saved_objectives, dict):
@@ -462,18 +468,36 @@ def input_size_notes(model: nn.Module, cfg: dict, image_size: tuple[int, int] | 
     if image_size is not None and not img_size:
         side = max(image_size)
         ratio = height * width / (image_size[0] * image_size[1])
-        if ratio >= 4 or ratio <= 1 / 4:
-            suggested = max(32, -(-side // 16) * 16)
+        suggested = max(32, -(-side // 16) * 16)
+        if (ratio >= 4 or ratio <= 1 / 4) and suggested != width:
             notes.append(f'the images are about {image_size[0]}x{image_size[1]} pixels but the model runs at '
-                         f'{width}x{height} (its default), {ratio:.3g}x the pixels per image: --img-size {suggested} '
-                         f'suits them')
+                         f'{width}x{height}, {ratio:.3g}x the pixels per image: --img-size {suggested} suits them')
+    # The patch embedding of timm's ViTs and leanvit's isotropic models: its patch size, or its conv's stride.
     patch_embed = getattr(model, 'patch_embed', None)
-    grid, patch = getattr(patch_embed, 'grid_size', None), getattr(patch_embed, 'patch_size', None)
-    if grid is not None and patch is not None and min(grid) < 4:
-        notes.append(f'at {width}x{height} the {patch[0]}-pixel patches make a {grid[0]}x{grid[1]} grid of tokens: for '
-                     f'small images pass a smaller patch size, e.g. --model-kwargs \'{{"patch_size": 4}}\' '
-                     f'(docs/across-families.md, "Small images")')
+    proj = getattr(patch_embed, 'proj', None)
+    patch = getattr(patch_embed, 'patch_size', None) or (proj.stride if isinstance(proj, nn.Conv2d) else None)
+    if patch is not None:
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        grid = (height // patch[0], width // patch[1])
+        smaller = max(1, min(height, width) // 8)  # an 8 x 8 grid
+        if min(grid) < 4 and smaller < patch[0]:
+            notes.append(f'at {width}x{height} the {patch[0]}-pixel patches make a {grid[0]}x{grid[1]} grid of '
+                         f'tokens: small images want smaller patches, e.g. the model argument patch_size {smaller} '
+                         f'(--model-kwargs \'{{"patch_size": {smaller}}}\'; docs/across-families.md, "Small images")')
     return notes
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, source: Path) -> None:
+    """Raise a RunDirectoryError unless every per-parameter tensor of the restored optimizer state (Adam's moments,
+    SGD's momentum) has its parameter's shape: torch checks the groups' sizes, not the tensors, and a damaged file
+    would otherwise fail at the first step, after the run's header."""
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise RunDirectoryError(f'{source}: field "optimizer" holds state {key!r} of shape '
+                                            f'{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}; the '
+                                            f'file is corrupt or was not written by leanvit')
 
 
 def teacher_spec(config: TrainConfig) -> tuple[str, dict]:

@@ -145,14 +145,18 @@ def trained_model_spec(checkpoint: str | os.PathLike, model_name: str | None = N
     needs ``model_name`` (``name_flag`` is the option that gives it, for the message).
     """
     path = Path(checkpoint)
+    if kind := exported_format(path):
+        raise CheckpointError(f'{path} is an exported {kind} model, not a checkpoint: `leanvit eval` and `predict` run '
+                              f'it as it is; other commands need the checkpoint it was exported from (.safetensors)')
     meta = run_metadata(path)
     name = model_name or meta.get('model')
     if name is None:
         raise UsageError(f'{path} has no {path.with_suffix(".json").name} beside it that names its model: pass the '
                          f'model name ({name_flag}), and its non-default arguments such as num_classes '
                          f'({name_flag}-kwargs)')
-    recorded = {k: v for k, v in meta.get('model_kwargs', {}).items() if k != 'pretrained'} \
-        if name == meta.get('model') else {}  # `pretrained` would load weights that the checkpoint's replace
+    # `pretrained` and `checkpoint_path` would load weights that the checkpoint's replace.
+    recorded = {k: v for k, v in meta.get('model_kwargs', {}).items() if k not in ('pretrained', 'checkpoint_path')} \
+        if name == meta.get('model') else {}
     return name, dict(recorded, **(model_kwargs or {}))
 
 
