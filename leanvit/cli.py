@@ -113,7 +113,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         kwargs['img_size'] = args.img_size
     if args.checkpoint and exported_format(args.checkpoint):
         raise UsageError(f'{args.checkpoint} is an exported file: profile measures a PyTorch model, so give the '
-                         f'checkpoint it was exported from (`leanvit eval --checkpoint {args.checkpoint}` times the file)')
+                         f'checkpoint it was exported from (`leanvit eval --checkpoint {args.checkpoint}` times the '
+                         f'file)')
     if args.checkpoint:  # a run's checkpoint rebuilds its model as the run built it (name, size, arguments)
         name, kwargs = trained_model_spec(args.checkpoint, args.model, kwargs)
     elif args.model:

@@ -225,9 +225,9 @@ def test_compress_learns_the_teacher_runs_data_unless_told_otherwise(trained_tea
     assert yaml.safe_load((tmp_path / 'mini' / 'config.yaml').read_text())['data'] == str(folder)
 
 
-@pytest.mark.parametrize('kwargs, message', [({'img_size': [32]}, 'cannot build model mini_deit_tiny_patch16_224'),
-                                             ({'embed_dim': 10 ** 30}, 'cannot build model mini_deit_tiny_patch16_224')])
-def test_a_crafted_student_record_is_one_line(trained_teacher, tmp_path, capsys, kwargs, message):
+@pytest.mark.parametrize('kwargs', [{'img_size': [32]}, {'embed_dim': 10 ** 30}])
+def test_a_crafted_student_record_is_one_line(trained_teacher, tmp_path, capsys, kwargs):
+    message = 'cannot build model mini_deit_tiny_patch16_224'
     from leanvit.cli import main
     command = ['compress', '--teacher-checkpoint', trained_teacher, '--epochs', '1', '--no-progress', '--output',
                str(tmp_path)]

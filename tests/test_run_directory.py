@@ -371,7 +371,8 @@ def test_a_run_records_its_data_folder_so_it_is_found_from_anywhere(tmp_path, ca
     for label in ('a', 'b'):
         (tmp_path / 'photos' / label).mkdir(parents=True)
         for i in range(8):
-            Image.new('L', (16, 16), 30 * i + (20 if label == 'b' else 0)).save(tmp_path / 'photos' / label / f'{i}.png')
+            image = Image.new('L', (16, 16), 30 * i + (20 if label == 'b' else 0))
+            image.save(tmp_path / 'photos' / label / f'{i}.png')
     monkeypatch.chdir(tmp_path)
     command = ['train', '--model', 'test_sret', '--img-size', 32, '--data', 'photos', '--val-split', 0.5,
                '--batch-size', 4, '--epochs', 1, '--no-progress', '--output', 'run']
