@@ -102,7 +102,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from leanvit.export import exported_format
     from leanvit.threads import choose_threads
-    from leanvit.train.engine import read_architecture_file
+    from leanvit.train.config import read_architecture_file
     from leanvit.train.evaluation import data_config, trained_model_spec
 
     threads, why = choose_threads(args.threads)

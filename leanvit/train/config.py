@@ -7,6 +7,7 @@ argument errors answer without loading them.
 """
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -200,6 +201,19 @@ class TrainConfig:
             return cls(**{**values, **overrides})
         except UsageError as e:
             raise UsageError(f'recipe {path}: {e}') from None
+
+
+def read_architecture_file(path: str) -> object:
+    """The data in an architecture file (``--arch``): JSON, or YAML for .yaml / .yml."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f'arch (--arch): cannot read {path}: {e.strerror}') from None
+    try:
+        return yaml.safe_load(text) if path.endswith(('.yaml', '.yml')) else json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise UsageError(f'arch (--arch): {path} is not valid {"YAML" if path.endswith(("yaml", "yml")) else "JSON"}: '
+                         f'{" ".join(str(e).split())}') from None
 
 
 def absolute_data(data: str | None) -> str | None:

@@ -9,7 +9,6 @@ granularity, with the RNG state, and the data order of an epoch depends only on 
 import contextlib
 import csv
 import dataclasses
-import json
 import os
 import time
 from functools import partial
@@ -37,7 +36,7 @@ from leanvit.distill.teacher_init import init_from_checkpoint, init_from_teacher
 from leanvit.errors import RunDirectoryError, TrainingDivergedError, UsageError
 from leanvit.threads import choose_threads
 from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state, write_json
-from leanvit.train.config import TrainConfig, absolute_data, as_recorded
+from leanvit.train.config import TrainConfig, absolute_data, as_recorded, read_architecture_file
 from leanvit.train.evaluation import data_config, evaluate_model, trained_model_spec
 from leanvit.train.objectives import build_objectives, check_objective_names
 
@@ -443,19 +442,6 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     if world_size > 1:
         dist.barrier()
     return final
-
-
-def read_architecture_file(path: str) -> object:
-    """The data in an architecture file (``--arch``): JSON, or YAML for .yaml / .yml."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UsageError(f'arch (--arch): cannot read {path}: {e.strerror}') from None
-    try:
-        return yaml.safe_load(text) if path.endswith(('.yaml', '.yml')) else json.loads(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise UsageError(f'arch (--arch): {path} is not valid {"YAML" if path.endswith(("yaml", "yml")) else "JSON"}: '
-                         f'{" ".join(str(e).split())}') from None
 
 
 def input_size_notes(model: nn.Module, cfg: dict, image_size: tuple[int, int] | None,
