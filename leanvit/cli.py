@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import leanvit
@@ -735,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # torch warns on every TorchScript load and save that it is deprecated; export's --help says so once.
+    warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\.jit')
     try:
         return args.func(args)
     except UsageError as e:

@@ -131,8 +131,9 @@ class CheckpointManager:
             raise RunDirectoryError(f'checkpoint tag must look like step-0000120, got {tag!r}')
         missing = [f'{tag}{suffix}' for suffix in CHECKPOINT_SUFFIXES if not (directory / f'{tag}{suffix}').is_file()]
         if missing:
+            verb = 'is' if len(missing) == 1 else 'are'
             raise RunDirectoryError(f'{directory / "latest.json"} names checkpoint {tag}, but {", ".join(missing)} '
-                                    f'is missing from {directory}; move the run directory aside to start over')
+                                    f'{verb} missing from {directory}; move the run directory aside to start over')
         weights = read_checkpoint(directory / f'{tag}.safetensors')
         metadata = _check_metadata(directory / f'{tag}.json')
         state = read_checkpoint(directory / f'{tag}.resume.pt')
