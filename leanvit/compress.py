@@ -48,8 +48,8 @@ def _layer_source(strategy: str | int, share: int) -> str | int:
         return strategy
     if isinstance(strategy, int) and not isinstance(strategy, bool) and 0 <= strategy < share:
         return strategy
-    raise UsageError(f"init must be one of {', '.join(STRATEGIES)} or the index of a layer within each group of "
-                     f"{share} (0..{share - 1}), got {strategy!r}")
+    raise UsageError(f"init (--shared-init) must be one of {', '.join(STRATEGIES)} or the index of a layer within "
+                     f"each group of {share} (0..{share - 1}), got {strategy!r}")
 
 
 @torch.no_grad()

@@ -79,7 +79,8 @@ def test_compressed_swin_is_close_to_its_teacher():
 @pytest.mark.parametrize('kwargs, message', [
     (dict(share=3), "share=3 does not divide the teacher's 4 layers"),
     (dict(share=0), 'share must be a positive number'),
-    (dict(init='last'), "init must be one of first, mean or the index of a layer within each group of 2"),
+    (dict(init='last'), r"init \(--shared-init\) must be one of first, mean or the index of a layer within each group "
+                        r"of 2"),
     (dict(init=2), 'got 2'),
 ])
 def test_bad_options_are_named(kwargs, message):

@@ -133,7 +133,8 @@ CASES = {
                                              '{"patch_size": 8, "depth": 4, "embed_dim": 24, "num_heads": 3}',
                                              '--img-size', '32', '--shared-init', 'last',
                                              '--output', '{tmp}/compress_init'],
-                                     ["init must be one of first, mean or the index of a layer", "got 'last'"]),
+                                     ["init (--shared-init) must be one of first, mean or the index of a layer",
+                                      "got 'last'"]),
 }
 
 
