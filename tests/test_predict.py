@@ -25,14 +25,6 @@ KWARGS = dict(img_size=32, num_classes=10)
 CLASS_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """``leanvit predict --threads`` sets torch's threads for the whole process; later tests get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def word_data(tmp_path_factory):
     """An image folder (train/ + val/) of ten classes named by ``CLASS_WORDS``: the data the run records."""
