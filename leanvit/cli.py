@@ -149,19 +149,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def train_config(args: argparse.Namespace, **defaults) -> TrainConfig:
     """The TrainConfig of a command: its flags over its recipe (--config) over ``defaults`` (the command's own
     defaults, where they differ from TrainConfig's). A flag that does not apply to the command is an error."""
-    given = [name for name in getattr(args, 'hidden_config_flags', ()) if hasattr(args, name)]
-    if given:
-        raise UsageError(f'--{flag(given[0])} does not apply to leanvit {args.command}'
-                         + HIDDEN_WHY.get((args.command, given[0]), ''))
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
-    fields = TrainConfig.__dataclass_fields__
-    from_recipe = [name for name in getattr(args, 'hidden_config_flags', ())
-                   if getattr(config, name) != (fields[name].default if fields[name].default is not dataclasses.MISSING
-                                                else fields[name].default_factory())]
-    if from_recipe:
-        raise UsageError(f'recipe {args.config}: {from_recipe[0]} does not apply to leanvit {args.command}'
-                         + HIDDEN_WHY.get((args.command, from_recipe[0]), ''))
+    # What the command sets itself, given by a flag or by the recipe, is refused rather than silently replaced.
+    stock = TrainConfig()
+    for name in getattr(args, 'hidden_config_flags', ()):
+        if hasattr(args, name) or getattr(config, name) != getattr(stock, name):
+            where = f'--{flag(name)}' if hasattr(args, name) else f'recipe {args.config}: {name}'
+            raise UsageError(f'{where} does not apply to leanvit {args.command}'
+                             + HIDDEN_WHY.get((args.command, name), ''))
     # A default applies where neither a flag nor the recipe chose a value, i.e. where TrainConfig's own default stands.
     unset = {name: value for name, value in defaults.items()
              if name not in overrides and getattr(config, name) == TrainConfig.__dataclass_fields__[name].default}
@@ -406,8 +402,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] =
 
     Types come from the field annotations; ranges are checked by ``TrainConfig`` itself, so a recipe value and a flag
     are held to the same rules. ``hidden`` fields do not apply to the command: their flags stay out of its --help,
-    and `refuse_hidden` names one that is given. ``meaning`` replaces a field's help line where the command gives
-    it another meaning (search's --epochs train the supernet).
+    and `train_config` refuses one given by a flag or a recipe. ``meaning`` replaces a field's help line where the
+    command gives it another meaning (search's --epochs train the supernet).
     """
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     parser.set_defaults(hidden_config_flags=hidden)

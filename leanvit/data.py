@@ -280,15 +280,13 @@ def typical_image_size(dataset: Dataset, samples: int = 64) -> tuple[int, int] |
         return None
     sizes = []
     for image in images[::max(1, len(images) // samples)][:samples]:
-        if isinstance(image, str):
-            try:
+        try:
+            if isinstance(image, str):
                 with Image.open(image) as opened:
                     image = opened
-                    sizes.append(image.size)
-            except Exception:  # noqa: BLE001 - an unreadable file is the loader's to report, not this estimate's
-                continue
-        else:
             sizes.append(image.size)
+        except Exception:  # noqa: BLE001 - an unreadable file is the loader's to report, not this estimate's
+            continue
     if not sizes:
         return None
     return int(np.median([w for w, _ in sizes])), int(np.median([h for _, h in sizes]))
