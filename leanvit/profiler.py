@@ -6,12 +6,10 @@ count as zero; we register one (QK^T and AV: 2 * B * heads * Nq * Nk * head_dim 
 product it also leaves out.
 FFTs (GFNet's global filters) count as their authors count them, see ``_fft_flops``.
 
-A re-parameterized model (``timm.utils.model.reparameterize_model``) counts as the architecture it computes: its CPU
-inference modules (zero-padded MLP widths, folded norms, ...) are counted as the canonical layers they stand for
-(`canonical_form`). RIFormer's deploy form is an architecture of its own, with the paper's deploy parameter count.
+A re-parameterized model (``timm.utils.model.reparameterize_model``) counts as the architecture it is: a norm folded
+into its conv no longer has parameters, and RIFormer's deploy form has the paper's deploy parameter count.
 """
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -64,38 +62,17 @@ _EXTRA_FORMULAS = {
 }
 
 
-def canonical_form(model: nn.Module) -> nn.Module:
-    """``model`` with every inference module that has a ``canonical()`` method replaced by the layer it returns.
-
-    Such modules are what the ``reparameterize()`` methods of leanvit's layers install (`leanvit.layers.PaddedLinear`
-    and the like); each computes what its canonical layer does, faster. ``model`` itself is returned when it has
-    none, else a converted copy: ``model`` is not changed.
-    """
-    if not any(hasattr(m, 'canonical') for m in model.modules()):
-        return model
-    if hasattr(model, 'canonical'):
-        return model.canonical()
-    model = copy.deepcopy(model)
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if hasattr(child, 'canonical'):
-                setattr(module, name, child.canonical())
-    return model
-
-
 def count_params(model: nn.Module) -> int:
-    """Parameters over unique tensors (a block applied several times counts once), of the canonical form."""
-    return sum(p.numel() for p in canonical_form(model).parameters())
+    """Parameters over unique tensors (a block applied several times counts once)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
 def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Profile:
     """Count ``model``'s parameters and the MACs of one eval forward on a (1, *input_size) input.
 
-    The forward runs on the model's device; a model moved to the 'meta' device is counted without computing. A
-    re-parameterized model is counted in its canonical form (`canonical_form`), so padding and folding change nothing.
+    The forward runs on the model's device; a model moved to the 'meta' device is counted without computing.
     """
-    model = canonical_form(model)
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)

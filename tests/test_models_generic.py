@@ -3,7 +3,8 @@
 The checks follow timm's own tests/test_models.py (forward, backward, default cfg, features, intermediates, FX),
 plus what leanvit promises on top: deterministic evaluation, safetensors checkpoints without aliased weights, an
 ordinary forward (every layer is called as a module: hooks fire, wrapped layers take effect, nothing a hook saw is
-overwritten later) and speed only through ``timm.utils.model.reparameterize_model``, which keeps the outputs.
+overwritten later), before and after ``timm.utils.model.reparameterize_model``, which folds exactly (same outputs,
+a state_dict that loads into a freshly folded model).
 Every model is parametrized from ``leanvit.list_models()``, so a new family is tested as soon as it registers.
 Architectures are full size, but built at a small resolution (the cfg's ``test_input_size``, else at most
 64 x 64) so that the module runs in a few minutes on a CPU.
@@ -22,6 +23,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import leanvit
+from leanvit.models.sret import FoldedResidual
 
 SMALL_SIZE = 64
 BATCH_SIZE = 2
@@ -313,11 +315,11 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @over_models
-@pytest.mark.parametrize('mode', ['eval', 'train'])
+@pytest.mark.parametrize('mode', ['eval', 'train', 'folded'])
 def test_forward_hook_fires_on_every_leaf_module(model, x, mode):
-    """Every leaf module is called by the forward, in both modes: identities (drop_path 0) and dropouts of rate 0
-    included, so a hook on any of them sees the tensors it names."""
-    model.train(mode == 'train')
+    """Every leaf module is called by the forward, in both modes and folded for inference: identities (drop_path
+    0) and dropouts of rate 0 included, so a hook on any of them sees the tensors it names."""
+    model = reparameterize_model(model) if mode == 'folded' else model.train(mode == 'train')
     leaves = leaf_modules(model)
     fired = set()
     for name, module in leaves.items():
@@ -367,12 +369,15 @@ def test_every_linear_and_conv_output_reaches_the_model_output(model, x):
 
 
 @over_models
+@pytest.mark.parametrize('form', ['training', 'folded'])
 @pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
-def test_tensors_seen_by_hooks_are_not_overwritten(model, x, context):
+def test_tensors_seen_by_hooks_are_not_overwritten(model, x, context, form):
     """A hook that keeps an input or output (feature taps, imitation losses) needs no clone: nothing the model
     computes later writes into a tensor a module received or returned."""
     seen = {}
 
+    if form == 'folded':
+        model = reparameterize_model(model)
     def keep(module, args, output, name):
         for value in (*args, output):
             if isinstance(value, torch.Tensor) and id(value) not in seen:
@@ -393,7 +398,7 @@ def randomise_folded_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.running_mean.normal_(generator=generator)
                 module.running_var.uniform_(0.5, 2., generator=generator)
                 module.weight.normal_(generator=generator)
@@ -407,17 +412,32 @@ def randomise_folded_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @over_models
-def test_reparameterize_model_keeps_outputs(model, x):
+def test_reparameterize_model_keeps_outputs(name, model, x):
     randomise_folded_statistics(model)
     with torch.no_grad():
         expected = model(x)
+    original_types = [type(m) for m in model.modules()]
     fast = reparameterize_model(model)
-    assert not any(hasattr(m, 'canonical') for m in model.modules()), 'reparameterize_model changed the original'
+    assert [type(m) for m in model.modules()] == original_types, 'reparameterize_model changed the original'
     for context in (torch.no_grad, torch.inference_mode):
         with context():
             torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
     with torch.inference_mode():
         torch.testing.assert_close(torch.fx.symbolic_trace(fast)(x), expected, rtol=1e-4, atol=1e-5)
+    # The folded model is made of the layers a model is built from: nothing installed only for inference.
+    training_types = {type(m) for m in create_small(name).modules()} | {nn.Sequential, nn.Identity}
+    assert {type(m) for m in fast.modules()} <= training_types | {FoldedResidual}
+
+
+@over_models
+@torch.no_grad()
+def test_folded_state_dict_loads_into_a_freshly_folded_model(name, model, x):
+    """The folded architecture depends on the architecture only: its state_dict loads, key for key and shape for
+    shape, into another model of the same name folded the same way, which then computes the same outputs."""
+    folded = reparameterize_model(randomise_folded_statistics(model))
+    fresh = reparameterize_model(create_small(name, seed=1).eval())
+    fresh.load_state_dict(folded.state_dict())  # strict: same keys, same shapes
+    torch.testing.assert_close(fresh(x), folded(x), rtol=0, atol=0)
 
 
 @over_models

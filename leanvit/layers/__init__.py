@@ -8,9 +8,9 @@ the models must not need its names yet. timm is imported first for the same reas
 import timm  # noqa: F401  (registers leanvit's models before the names below exist; see above)
 
 from leanvit.layers.attention import GroupAttention
-from leanvit.layers.conv import DepthwiseMultiplierConv, FoldedConvNormAct, depthwise_multiplier, fold_batchnorm
+from leanvit.layers.conv import fold_batchnorm, fold_conv_norm_act, folded_conv
 from leanvit.layers.input_checks import check_input_size
-from leanvit.layers.mlp import ConvMlp, InplaceGELU, Mlp, PaddedLinear, PointwiseLinear, inplace_activation
+from leanvit.layers.mlp import ConvMlp, Mlp
 from leanvit.layers.shared import SharedWeightStage
 from leanvit.layers.token_mixers import (
     AffineTokenMixer,
@@ -19,7 +19,6 @@ from leanvit.layers.token_mixers import (
 )
 
 __all__ = [
-    'AffineTokenMixer', 'ConvMlp', 'DepthwiseMultiplierConv', 'FoldedConvNormAct', 'GroupAttention', 'InplaceGELU',
-    'Mlp', 'PaddedLinear', 'PointwiseLinear', 'PoolingTokenMixer', 'SharedWeightStage', 'check_input_size',
-    'depthwise_multiplier', 'fold_affine_into_norm', 'fold_batchnorm', 'inplace_activation',
+    'AffineTokenMixer', 'ConvMlp', 'GroupAttention', 'Mlp', 'PoolingTokenMixer', 'SharedWeightStage',
+    'check_input_size', 'fold_affine_into_norm', 'fold_batchnorm', 'fold_conv_norm_act', 'folded_conv',
 ]

@@ -34,7 +34,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from leanvit.checkpoint import unwrap_state_dict
-from leanvit.layers.conv import fold_batchnorm
+from leanvit.layers.conv import folded_conv
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import linear_drop_path_rates
@@ -206,9 +206,8 @@ class ConvModule(nn.Module):
     pointwise conv to ``2 * expansion * dim`` -> GLU -> depthwise conv (``kernel_size``, same padding) ->
     BatchNorm -> Swish -> pointwise conv back to ``dim``. Every conv has a bias, as officially.
 
-    The depthwise conv pads its input explicitly rather than through ``padding=``: oneDNN's padded depthwise 1-D
-    kernel took 2.5-5.5x as long as zero-padding first and running the unpadded one (batch 16, 197 tokens, 384-768
-    channels, kernels 31 and 45, 2 threads), and the depthwise convs are most of GLiT-Tiny's local time.
+    The depthwise conv pads its input explicitly rather than through ``padding=``: the same function, and oneDNN's
+    depthwise 1-D kernel is several times slower with padding of its own.
     """
 
     def __init__(self, dim: int, expansion: int, kernel_size: int, act_layer: Callable[[], nn.Module] = nn.SiLU):
@@ -227,57 +226,10 @@ class ConvModule(nn.Module):
         x = self.dw(F.pad(x, (self.dw.kernel_size[0] // 2,) * 2))
         return self.pw2(self.act(self.norm(x))).transpose(1, 2)
 
-
-class TokenMajorConvModule(nn.Module):
-    """Inference form of `ConvModule` that stays in the (B, N, C) token layout: the pointwise convs as linear layers
-    over the channels, the depthwise conv (BatchNorm folded in) as a (1, K) depthwise conv2d on the channels-last
-    (B, C, 1, N) view of the tokens, Swish in place. No transpose is ever materialised.
-
-    Why: the canonical module transposes to (B, C, N) and back and runs its 1 x 1 convs through oneDNN's blocked
-    layout; one GEMM over B * N rows is up to 2x faster for the 192 -> 1536 pointwise conv, and (B, N, C) tokens are
-    already channels-last for the depthwise kernel. oneDNN runs the depthwise conv along the width of a one-row map,
-    padding included, 1.5-2x faster than along the height of a one-column map (padded first or not). Measured on
-    GLiT-Tiny (batch 16, 2 threads, interleaved rounds): see docs/glit.md, "Speed". ``canonical()`` gives the
-    `ConvModule` it computes (BatchNorm at the identity).
-    """
-
-    def __init__(self, module: ConvModule):
-        super().__init__()
-        weight, bias = (fold_batchnorm(module.dw, module.norm) if isinstance(module.norm, nn.BatchNorm1d)
-                        else (module.dw.weight, module.dw.bias))
-        self.kernel_size = module.dw.kernel_size[0]
-        self.act_type = type(module.act)
-        self.pw1 = nn.Linear(module.pw1.in_channels, module.pw1.out_channels)
-        self.pw2 = nn.Linear(module.pw2.in_channels, module.pw2.out_channels)
-        with torch.no_grad():
-            self.pw1.weight.copy_(module.pw1.weight[..., 0])
-            self.pw1.bias.copy_(module.pw1.bias)
-            self.pw2.weight.copy_(module.pw2.weight[..., 0])
-            self.pw2.bias.copy_(module.pw2.bias)
-        self.dw_weight = nn.Parameter(weight.detach().unsqueeze(-2).clone())  # (C, 1, 1, K)
-        self.dw_bias = nn.Parameter(bias.detach().clone())
-        self.act = nn.SiLU(inplace=True) if self.act_type is nn.SiLU else module.act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.glu(self.pw1(x), dim=-1)
-        B, N, C = x.shape
-        x = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, C, 1, N), channels-last
-        x = F.conv2d(x, self.dw_weight, self.dw_bias, padding=(0, self.kernel_size // 2), groups=C)
-        x = x.permute(0, 2, 3, 1).reshape(B, N, C)
-        return self.pw2(self.act(x))
-
-    @torch.no_grad()
-    def canonical(self) -> ConvModule:
-        hidden = self.dw_bias.numel()
-        module = ConvModule(self.pw1.in_features, hidden // self.pw1.in_features, self.kernel_size, self.act_type)
-        module.pw1.weight.copy_(self.pw1.weight.unsqueeze(-1))
-        module.pw1.bias.copy_(self.pw1.bias)
-        module.dw.weight.copy_(self.dw_weight.squeeze(-2))
-        module.dw.bias.copy_(self.dw_bias)
-        module.norm.running_var.fill_(1 - module.norm.eps)  # weight 1, bias 0, mean 0: the identity
-        module.pw2.weight.copy_(self.pw2.weight.unsqueeze(-1))
-        module.pw2.bias.copy_(self.pw2.bias)
-        return module.to(self.dw_bias.device).eval()
+    def reparameterize(self):
+        """Inference form, in place: the BatchNorm folded into the depthwise conv (`folded_conv`)."""
+        if isinstance(self.norm, nn.BatchNorm1d):
+            self.dw, self.norm = folded_conv(self.dw, self.norm), nn.Identity()
 
 
 class GLMixer(nn.Module):
@@ -293,13 +245,6 @@ class GLMixer(nn.Module):
             if self.global_dim else None
         self.local = ConvModule(self.local_dim, arch.expansion, arch.kernel_size, conv_act_layer) \
             if self.local_dim else None
-
-    @torch.no_grad()
-    def reparameterize(self):
-        """Switch to the CPU inference form, in place: the local module in the token layout
-        (`TokenMajorConvModule`, BatchNorm folded)."""
-        if type(self.local) is ConvModule:
-            self.local = TokenMajorConvModule(self.local)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.local is None:

@@ -221,8 +221,7 @@ class RIFormer(StagedClassifier):
         ``fold_layer_scale`` folds ``ls1`` too (one multiply less per block; the state_dict then lacks
         ``layer_scale1``, so the deploy parameter count drops). PoolFormer (``token_mixer='pooling'``) has nothing to
         fold and is returned unchanged. The result is the paper's deploy model, with the deploy state_dict layout.
-        ``timm.utils.model.reparameterize_model`` folds the same way (on a copy, ``ls1`` kept) and also switches the
-        MLPs to their CPU inference form (`leanvit.layers.ConvMlp.reparameterize`), which keeps the state_dict too.
+        ``timm.utils.model.reparameterize_model`` folds the same way, on a copy, ``ls1`` kept.
         """
         for stage in self.stages:
             for block in stage.blocks:

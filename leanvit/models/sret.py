@@ -40,7 +40,7 @@ from timm.models._features import feature_take_indices
 
 from leanvit.checkpoint import unwrap_state_dict
 from leanvit.layers.attention import GroupAttention
-from leanvit.layers.conv import DepthwiseMultiplierConv, FoldedConvNormAct, depthwise_multiplier
+from leanvit.layers.conv import fold_conv_norm_act
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import SharedWeightStage
@@ -67,41 +67,27 @@ class LearnableResidual(nn.Module):
         return torch.addcmul(branch * self.branch_scale, x, self.shortcut_scale)
 
 
-class InplaceLearnableResidual(nn.Module):
-    """Inference form of `LearnableResidual`: ``branch + shortcut_scale * x`` in one pass, written into ``branch``'s
-    buffer, the branch scale folded into the layer that computes the branch (`fold_residual`).
-
-    Why: SReT applies many small layers to large token maps, so elementwise passes are a large share of its time on
-    CPU, and every fresh allocation of a map costs page faults. Timed on SReT-T (batch 16, 224 x 224, 2 threads,
-    interleaved rounds), the re-parameterized model ran 1-3 % slower with the out-of-place sum and about 5 % slower
-    with the branch scale applied as a separate pass. ``branch`` is the fresh output of the block's own attention
-    or MLP, which nothing else reads; a hook on those sees it overwritten. An inference form: training uses
-    `LearnableResidual`.
-    """
+class FoldedResidual(nn.Module):
+    """`LearnableResidual` for inference: ``shortcut_scale * x + branch``, its branch scale folded into the layer that
+    computes the branch (`fold_residual`)."""
 
     def __init__(self, shortcut_scale: nn.Parameter):
         super().__init__()
         self.shortcut_scale = shortcut_scale
 
     def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        return branch.addcmul_(x, self.shortcut_scale)
-
-    def canonical(self) -> LearnableResidual:
-        """A `LearnableResidual` with branch scale 1 (the scale is in the branch's layer): same function, same count."""
-        residual = LearnableResidual().to(self.shortcut_scale.device, self.shortcut_scale.dtype)
-        residual.shortcut_scale = self.shortcut_scale
-        return residual
+        return torch.addcmul(branch, x, self.shortcut_scale)
 
 
 @torch.no_grad()
 def fold_residual(residual: nn.Module, branch_layer: nn.Linear) -> nn.Module:
-    """`InplaceLearnableResidual` for ``residual``, its branch scale multiplied into ``branch_layer`` (in place), the
-    last layer of the branch: dropout and drop-path between them are linear too, so the fold is exact."""
+    """`FoldedResidual` for ``residual``, its branch scale multiplied into ``branch_layer`` (in place), the last layer
+    of the branch: dropout and drop-path between them are linear too, so the fold is exact."""
     if type(residual) is not LearnableResidual:
         return residual
     branch_layer.weight.mul_(residual.branch_scale)
     branch_layer.bias.mul_(residual.branch_scale)
-    return InplaceLearnableResidual(residual.shortcut_scale)
+    return FoldedResidual(residual.shortcut_scale)
 
 
 class SharedBlock(nn.Module):
@@ -133,8 +119,7 @@ class SharedBlock(nn.Module):
         return self.mlp_residual(x, self.drop_path(self.mlp(self.norm2(x))))
 
     def reparameterize(self):
-        """Inference form, in place: one-pass residual sums into the branch's buffer, the branch scales folded into
-        ``attn.proj`` and ``mlp.fc2`` (`InplaceLearnableResidual`)."""
+        """Inference form, in place: the branch scales folded into ``attn.proj`` and ``mlp.fc2`` (`FoldedResidual`)."""
         self.attn_residual = fold_residual(self.attn_residual, self.attn.proj)
         self.mlp_residual = fold_residual(self.mlp_residual, self.mlp.fc2)
 
@@ -153,8 +138,7 @@ class NonLinearProjection(nn.Module):
         return self.residual(x, self.mlp(self.norm(x)))
 
     def reparameterize(self):
-        """Inference form, in place: a one-pass residual sum into the MLP output's buffer, the branch scale folded
-        into ``mlp.fc2`` (`InplaceLearnableResidual`)."""
+        """Inference form, in place: the branch scale folded into ``mlp.fc2`` (`FoldedResidual`)."""
         self.residual = fold_residual(self.residual, self.mlp.fc2)
 
 
@@ -256,11 +240,6 @@ class RecursiveStage(SharedWeightStage):
             return int(torch.randint(1, self.recursion + 1, ()))
         return self.recursion
 
-    def reparameterize(self):
-        """Inference form, in place: the downsampling conv as a fast depthwise conv (`DepthwiseMultiplierConv`)."""
-        if depthwise_multiplier(self.downsample) > 1:
-            self.downsample = DepthwiseMultiplierConv(self.downsample)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         B, C, H, W = x.shape
@@ -271,8 +250,7 @@ class RecursiveStage(SharedWeightStage):
 class ConvStem(nn.Sequential):
     """DSOD-style stem: three 3x3 stride-2 conv + BN + ReLU, channels in_chans -> dim/2 -> dim -> dim.
 
-    ``reparameterize()`` folds each norm into its conv and runs the convs channels-last (`FoldedConvNormAct` says
-    why, and by how much); the (B, C, H, W) output is then already laid out as the (B, H*W, C) token sequence.
+    ``reparameterize()`` folds each norm into its conv (`fold_conv_norm_act`).
     """
 
     def __init__(self, in_chans: int, dim: int):
@@ -284,7 +262,7 @@ class ConvStem(nn.Sequential):
     def reparameterize(self):
         for i, layer in enumerate(self):
             if isinstance(layer, ConvNormAct):
-                self[i] = FoldedConvNormAct(layer)
+                self[i] = fold_conv_norm_act(layer)
 
 
 class SReT(StagedClassifier):
