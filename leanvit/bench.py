@@ -11,9 +11,11 @@ round, and the figures are medians over rounds. A ratio to the baseline is the m
 within a round, where both ran seconds apart on the same machine; it carries over to another CPU far better than
 images/s does, though a gain measured on one CPU is still a hypothesis on the next.
 
-torch, timm and matplotlib are imported inside the functions: the command line builds its parser from this module,
-and ``leanvit --help`` must answer without loading them.
+torch, timm, matplotlib and the modules that load them are imported inside the functions: the command line builds its
+parser from this module, and ``leanvit --help`` must answer without loading them.
 """
+
+from __future__ import annotations
 
 import argparse
 import contextlib
@@ -30,17 +32,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import leanvit
-from leanvit.checkpoint import atomic_write, save_weights
-from leanvit.errors import LeanvitError, UsageError
+from leanvit.errors import UsageError
 
-try:
-    from tqdm import tqdm
-except ImportError:  # optional: without it the bench runs the same, with no progress bar
-    tqdm = None
+if TYPE_CHECKING:
+    from torch import nn
 
 BACKENDS = ('eager', 'folded', 'onnx', 'onnx-int8', 'compile')
 ONNX_BACKENDS = ('onnx', 'onnx-int8')
@@ -70,7 +70,7 @@ class BenchModel:
         macs: Multiply-accumulates of one image's forward (`leanvit.profile`).
     """
     label: str
-    model: object
+    model: nn.Module
     input_size: tuple[int, int, int]
     macs: int
 
@@ -98,10 +98,6 @@ class Runner:
     @property
     def file_bytes(self) -> int | None:
         return self.file.stat().st_size if self.file else None
-
-    @property
-    def name(self) -> str:
-        return f'{self.model.label} ({self.backend})'
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -206,13 +202,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def check_backends_available(backends: list[str]) -> None:
-    """Refuse, in one line and before any model is built, backends whose packages or functions are missing."""
+    """Refuse, in one line and before any model is built, ONNX backends whose packages are missing."""
     from leanvit import export
 
     if any(backend in ONNX_BACKENDS for backend in backends):
-        export._require('onnx', 'onnxruntime', 'onnxscript')
-    if 'onnx-int8' in backends and not hasattr(export, 'quantize_onnx'):
-        raise LeanvitError('the onnx-int8 backend needs leanvit.export.quantize_onnx, which this leanvit lacks')
+        export._require('onnx', 'onnxruntime', 'onnxscript', 'onnx_ir')  # what export_model requires
 
 
 @contextlib.contextmanager
@@ -247,7 +241,7 @@ def benchmark(names: list[str], backends: list[str], batch_sizes: list[int], *, 
         Rows with the keys of `CSV_COLUMNS` up to ``file``.
     """
     models = load_models(names, baseline, checkpoint, img_size)
-    runners = build_runners(models, backends, baseline, folder)
+    runners = build_runners(runner_jobs(models, backends, baseline, baseline in names), folder)
     inputs = sample_inputs(models, batch_sizes)
     runners = warm_up(runners, inputs, batch_sizes)
     calls = time_rounds(runners, inputs, batch_sizes, rounds, iters)
@@ -267,7 +261,7 @@ def load_models(names: list[str], baseline: str, checkpoint: str | None, img_siz
         img_size = height if height == width else (height, width)
     for name in dict.fromkeys([*names, baseline]):
         model = leanvit.create_model(name, **({'img_size': img_size} if img_size else {})).eval()
-        models.append(measured(name, model, data_config(model, img_size)['input_size']))
+        models.append(bench_model(name, model, data_config(model, img_size)['input_size']))
     return models
 
 
@@ -281,24 +275,34 @@ def load_run_model(checkpoint: str) -> BenchModel:
                          f'takes a leanvit run\'s checkpoint, such as RUN/best.safetensors')
     model, name, kwargs = load_trained_model(path)
     model.eval()
-    return measured(f'{name} ({path})', model, data_config(model, kwargs.get('img_size'))['input_size'])
+    return bench_model(f'{name} ({path})', model, data_config(model, kwargs.get('img_size'))['input_size'])
 
 
-def measured(label: str, model, input_size) -> BenchModel:
+def bench_model(label: str, model: nn.Module, input_size: tuple[int, ...]) -> BenchModel:
+    """``model`` with its MACs counted once, for every backend that runs it."""
     return BenchModel(label, model, tuple(input_size), leanvit.profile(model, input_size).macs)
 
 
-def build_runners(models: list[BenchModel], backends: list[str], baseline: str, folder: Path) -> list[Runner]:
-    """Every model in every backend (the baseline also in eager). ``compile`` is left out, with one printed line,
-    where no C++ compiler is found."""
-    missing_compiler = compiler_missing() if 'compile' in backends else None
-    if missing_compiler:
+def runner_jobs(models: list[BenchModel], backends: list[str], baseline: str,
+                baseline_requested: bool) -> list[tuple[BenchModel, str]]:
+    """(model, backend) of every runner: each model in each backend, and the baseline in eager (only in eager where
+    it was not requested). ``compile`` is left out, with one printed line, where no C++ compiler is found."""
+    if 'compile' in backends and (missing_compiler := compiler_missing()):
         print(f'compile    skipped: {missing_compiler}')
         backends = [backend for backend in backends if backend != 'compile']
     jobs = []
     for model in models:
-        extra = [BASELINE_BACKEND] if model.label == baseline and BASELINE_BACKEND not in backends else []
-        jobs += [(model, backend) for backend in extra + backends]
+        if model.label != baseline:
+            jobs += [(model, backend) for backend in backends]
+        elif baseline_requested:
+            jobs += [(model, backend) for backend in dict.fromkeys([BASELINE_BACKEND, *backends])]
+        else:
+            jobs.append((model, BASELINE_BACKEND))
+    return jobs
+
+
+def build_runners(jobs: list[tuple[BenchModel, str]], folder: Path) -> list[Runner]:
+    """A runner for each (model, backend), its files written to ``folder``; each model is exported to ONNX once."""
     runners, onnx_files = [], {}
     for model, backend in progress(jobs, 'building'):
         if backend in ONNX_BACKENDS and model.label not in onnx_files:
@@ -328,7 +332,7 @@ def build_runner(model: BenchModel, backend: str, folder: Path, onnx_file: Path 
     raise UsageError(f'unknown backend {backend!r}; choose from {", ".join(BACKENDS)}')
 
 
-def eager(model) -> Callable:
+def eager(model: nn.Module) -> Callable:
     import torch
 
     def run(images):
@@ -337,8 +341,10 @@ def eager(model) -> Callable:
     return run
 
 
-def weights_file(model, path: Path) -> Path:
+def weights_file(model: nn.Module, path: Path) -> Path:
     """The model's state_dict as .safetensors at ``path``: what deploying it in PyTorch ships."""
+    from leanvit.checkpoint import save_weights
+
     save_weights(model, path)
     return path
 
@@ -353,13 +359,16 @@ def export_onnx(model: BenchModel, folder: Path) -> Path:
 
 
 def quantize(onnx_file: Path, input_size: tuple[int, int, int], path: Path) -> Path:
-    """``onnx_file`` quantized to int8 at ``path``, calibrated on seeded random batches."""
-    from leanvit.export import quantize_onnx
+    """``onnx_file`` quantized to int8 at ``path`` by `leanvit.quantize.quantize_onnx`, calibrated on seeded random
+    batches; a fall-back to dynamic (weights-only) quantization is printed, since it runs other kernels."""
+    from leanvit.quantize import quantize_onnx
 
     generator = np.random.default_rng(0)
     calibration = [generator.standard_normal((CALIBRATION_BATCH_SIZE, *input_size), dtype=np.float32)
                    for _ in range(CALIBRATION_BATCHES)]
-    quantize_onnx(onnx_file, path, calibration)
+    method, why_dynamic = quantize_onnx(onnx_file, path, calibration)
+    if method != 'static':
+        print(f'onnx-int8  {path.name}: {method} quantization ({why_dynamic})')
     return path
 
 
@@ -465,7 +474,9 @@ def first_line(error: Exception) -> str:
 
 def progress(items, desc: str):
     """``items`` with a progress bar on stderr where tqdm is installed and stderr is a terminal."""
-    if tqdm is None:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # optional: without it the bench runs the same, with no progress bar
         return items
     return tqdm(items, desc=desc, leave=False, disable=None)
 
@@ -495,10 +506,14 @@ def machine_facts(threads: int) -> dict:
                 onnxruntime=ort_version, date=datetime.datetime.now().astimezone().isoformat(timespec='minutes'))
 
 
+def threads_text(threads: int) -> str:
+    return f'{threads} thread' + ('s' if threads != 1 else '')
+
+
 def markdown(rows: list[dict], facts: dict, batch_sizes: list[int], rounds: int, iters: int, baseline: str) -> str:
     """The results as a Markdown table, under a line that names the CPU and what the figures depend on."""
     lines = [
-        f'Eval throughput on {facts["cpu"]}, {facts["threads"]} threads; batch sizes '
+        f'Eval throughput on {facts["cpu"]}, {threads_text(facts["threads"])}; batch sizes '
         f'{", ".join(map(str, batch_sizes))}; medians of {rounds} interleaved rounds of {iters} calls; torch '
         f'{facts["torch"]}, timm {facts["timm"]}, onnxruntime {facts["onnxruntime"]}; {facts["date"]}.',
         '',
@@ -518,13 +533,22 @@ def markdown(rows: list[dict], facts: dict, batch_sizes: list[int], rounds: int,
 
 def write_results(output: Path, rows: list[dict], table: str, facts: dict) -> None:
     """bench.csv, bench.md and bench.png in ``output``, each replaced atomically."""
+    from leanvit.checkpoint import atomic_write
+
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, lineterminator='\n')
     writer.writeheader()
-    writer.writerows({k: '' if row[k] is None else row[k] for k in CSV_COLUMNS} for row in rows)
+    writer.writerows({k: csv_cell(row[k]) for k in CSV_COLUMNS} for row in rows)
     atomic_write(output / 'bench.csv', lambda tmp: Path(tmp).write_text(text.getvalue()))
     atomic_write(output / 'bench.md', lambda tmp: Path(tmp).write_text(table + '\n'))
     plot(rows, output / 'bench.png', facts)
+
+
+def csv_cell(value) -> str:
+    """Six significant digits for a measured figure: more would be noise, in a file people read too."""
+    if value is None:
+        return ''
+    return f'{value:.6g}' if isinstance(value, float) else str(value)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -541,6 +565,9 @@ def plot(rows: list[dict], path: Path, facts: dict) -> None:
     # A bare Figure on an Agg canvas: pyplot's global backend stays as the caller (a notebook) set it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    from leanvit.checkpoint import atomic_write
 
     batch = max(row['batch_size'] for row in rows)
     rows = [row for row in rows if row['batch_size'] == batch]
@@ -556,10 +583,13 @@ def plot(rows: list[dict], path: Path, facts: dict) -> None:
                     textcoords='offset points', xytext=(4, 4))
     front = pareto_front([(row['params'] / 1e6, row['images_per_s']) for row in rows])
     ax.plot(*zip(*front), 'k--', linewidth=1, label='Pareto front', zorder=2)
-    ax.set_xscale('log')
+    params = [row['params'] for row in rows]
+    if max(params) > 10 * max(min(params), 1):  # an order of magnitude apart: a linear axis crowds the small models
+        ax.set_xscale('log')
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f'{value:g}'))
     ax.set_xlabel('parameters (M)')
     ax.set_ylabel(f'images/s at batch {batch}')
-    ax.set_title(f'{facts["cpu"]}, {facts["threads"]} threads', fontsize=9)
+    ax.set_title(f'{facts["cpu"]}, {threads_text(facts["threads"])}', fontsize=9)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -12,7 +12,6 @@ import dataclasses
 import fnmatch
 import io
 import json
-import logging
 import math
 import os
 import sys
@@ -21,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import leanvit
+from leanvit import bench
 from leanvit.errors import LeanvitError, UsageError
 from leanvit.export import DEFAULT_ATOL, FORMATS
 from leanvit.train.config import GROUPS, TrainConfig, flag, value_types
@@ -273,8 +273,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from leanvit.threads import choose_threads
     from leanvit.train.evaluation import data_config, load_trained_model, run_metadata
 
-    # onnxscript's optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
-    logging.getLogger('onnxscript').setLevel(logging.ERROR)
     choose_threads(args.threads)
     # leanvit eval and predict tell an ONNX file by its extension, so the name and the format must agree.
     suffix = Path(args.out).suffix.lower()
@@ -284,6 +282,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if (fmt == 'onnx') != (suffix == '.onnx'):
         raise UsageError(f'--out {args.out} does not fit --format {fmt}: an ONNX file is named .onnx, and only an '
                          f'ONNX file is')
+    if args.quantize and fmt != 'onnx':
+        raise UsageError('--quantize int8 quantizes an ONNX file: name --out .onnx')
     model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
                                              trust=args.trust_checkpoint)
     cfg = data_config(model, args.img_size or kwargs.get('img_size'))
@@ -306,7 +306,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f'verified   max abs diff vs PyTorch {report.max_diff:.3g} (tolerance {report.atol:g}, batch sizes '
           f'{", ".join(map(str, report.batch_sizes))})')
     print(f'wrote      {report.path} ({report.path.stat().st_size / 2 ** 20:.1f} MiB)')
+    if args.quantize:
+        quantize_run_export(args, report.path, name, model.num_classes, cfg, recorded)
     return 0
+
+
+def quantize_run_export(args: argparse.Namespace, float_path: Path, name: str, num_classes: int, cfg: dict,
+                        recorded: dict) -> None:
+    """``export --quantize int8``: the INT8 file beside the float one, calibrated on the run's training images and
+    written only if its top-1 on the run's validation images is within --max-drop of the float file's."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from leanvit.quantize import quantize_export
+    from leanvit.train.evaluation import run_datasets
+
+    int8_path = float_path.with_name(float_path.stem + '.int8.onnx')
+    # The training split through the evaluation transform: calibration must see what inference will see.
+    bundle, source = run_datasets(args.checkpoint, name, num_classes, cfg, recorded, args.data, augment='none')
+    # A file exported with --static-batch runs its batch size only.
+    batch_size = args.batch_size if args.static_batch else args.calib_batch_size
+    calibration = DataLoader(bundle.train, batch_size=batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(0))
+    report = quantize_export(float_path, int8_path, calibration, DataLoader(bundle.val, batch_size=64),
+                             args.calib_batches, args.max_drop)
+    how = f'static QDQ, calibrated on {report.calibration_images} training images' if report.method == 'static' \
+        else f'dynamic (weights only): {report.why_dynamic}'
+    print(f'int8       {how}')
+    print(f'data       {bundle.description} ({source})')
+    change = report.int8_top1 - report.float_top1 + 0.  # + 0. prints no change as +0.00, not -0.00
+    print(f'top-1      float {report.float_top1:.2f}%, int8 {report.int8_top1:.2f}% ({change:+.2f} points; '
+          f'--max-drop {args.max_drop:g}), same prediction on {report.agreement:.2f}% of {report.images} images')
+    print(f'wrote      {report.path} ({report.int8_bytes / 2 ** 20:.1f} MiB, '
+          f'{report.int8_bytes / report.float_bytes:.2f}x the float file)')
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -671,7 +703,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument('--opset', type=positive_int, default=None, help="ONNX opset (default: torch's exporter's)")
     export.add_argument('--atol', type=non_negative_float, default=DEFAULT_ATOL,
                         help='largest absolute output difference allowed (default: %(default)g)')
+    export.add_argument('--quantize', choices=['int8'], default=None,
+                        help='also write an INT8 file beside --out (NAME.int8.onnx), quantized by ONNX Runtime '
+                             '(static QDQ calibrated on the run\'s training images; dynamic where static cannot '
+                             'apply), and evaluate both on the run\'s validation split')
+    export.add_argument('--calib-batches', type=positive_int, default=8,
+                        help='training batches to calibrate INT8 activation ranges on (default: %(default)s)')
+    export.add_argument('--calib-batch-size', type=positive_int, default=32,
+                        help='images per calibration batch (default: %(default)s)')
+    export.add_argument('--max-drop', type=non_negative_float, default=1.0,
+                        help='refuse to write the INT8 file if its top-1 is more than this many points below the '
+                             'float file\'s (default: %(default)s)')
+    export.add_argument('--data', default=None,
+                        help='images for --quantize (default: the data the run trained on, as its sidecar records)')
     export.set_defaults(func=cmd_export)
+
+    bench.add_parser(sub)
 
     analyze = sub.add_parser('analyze', help="MiniViT's diagnostics: per-block gradient norms in training, layer CKA "
                                              'between two models')

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import zipfile
 import os
@@ -110,7 +111,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
     if not atol >= 0:  # also refuses NaN
         raise UsageError(f'atol must be a number >= 0, got {atol}')
     if format == 'onnx':
-        _require('onnx', 'onnxruntime', 'onnxscript')
+        _require('onnx', 'onnxruntime', 'onnxscript', 'onnx_ir')
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
     generator = torch.Generator().manual_seed(seed)
@@ -157,20 +158,47 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = 'onnx'
 def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynamic_batch: bool,
                  opset: int | None, metadata: dict) -> list[np.ndarray]:
     """Write ``model`` as ONNX to ``path``, traced on ``inputs[0]``; return ONNX Runtime's outputs for ``inputs``."""
-    import onnx
+    import onnx_ir
     import onnxruntime
     import torch
 
     dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
     # One self-contained file (no external-data sidecar): leanvit's models are far below protobuf's 2 GB limit.
-    torch.onnx.export(model, (inputs[0],), path, dynamo=True, external_data=False, verbose=False,
-                      input_names=['input'], output_names=['output'], opset_version=opset,
-                      dynamic_shapes=dynamic_shapes)
-    exported = onnx.load(path)
-    exported.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata, allow_nan=False))
-    onnx.save(exported, path)
+    program = torch.onnx.export(model, (inputs[0],), dynamo=True, external_data=False, verbose=False,
+                                input_names=['input'], output_names=['output'], opset_version=opset,
+                                dynamic_shapes=dynamic_shapes)
+    exported = program.model
+    clean_graph(exported)
+    exported.metadata_props[METADATA_KEY] = json.dumps(metadata, allow_nan=False)
+    onnx_ir.save(exported, path)
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     return [session.run(None, {'input': x.cpu().numpy()})[0] for x in inputs]
+
+
+def clean_graph(model) -> None:
+    """Give every weight to the node that uses it in the layout it uses, store each distinct tensor once, and drop
+    the exporter's per-node debugging records.
+
+    The exporter writes ``x @ W.T`` as a Transpose of the stored ``W`` before the MatMul: ONNX Runtime's INT8
+    quantizer then finds no constant weight to quantize. Folding every constant subexpression (the transposes, a
+    scale times a table) makes the weights MatMul's own initializers. A weight shared by several layers (SReT's
+    recursion, MiniViT's multiplexing), or a buffer each layer holds a copy of, then appears once per use:
+    deduplicating identical initializers stores it once again, so the file keeps what sharing saved. The exporter
+    also records each node's PyTorch module path and source line (about 10 % of SReT-T's file), which a deployed
+    file does not need. ``model`` is an ``onnx_ir.Model``, changed in place.
+    """
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, DeduplicateInitializersPass,
+                                       RemoveUnusedNodesPass)
+
+    # The optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
+    logging.getLogger('onnxscript').setLevel(logging.ERROR)
+
+    unlimited = 1 << 40  # fold and deduplicate tensors of any size: the file's weights are the point
+    onnxscript.optimizer.optimize(model, input_size_limit=unlimited, output_size_limit=unlimited)
+    DeduplicateInitializersPass(size_limit=unlimited)(model)
+    RemoveUnusedNodesPass()(model)
+    ClearMetadataAndDocStringPass()(model)
 
 
 def _export_torchscript(model: nn.Module, path: str, inputs: list[torch.Tensor], device: torch.device,
@@ -249,11 +277,9 @@ def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         if kind == 'onnx':
             _require('onnx', 'onnxruntime')
             import onnx
-            import onnxruntime
 
             props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-            runner = _OnnxModule(session)
+            runner = onnx_module(path)
             stored = props.get(METADATA_KEY)
         elif kind == 'torchscript':
             files = {f'{METADATA_KEY}.json': ''}
@@ -308,6 +334,13 @@ def _checked_metadata(path: Path, stored: str) -> dict:
     if not isinstance(cfg.get('interpolation'), str):
         refuse('data_config.interpolation', 'a string such as "bicubic"', cfg.get('interpolation'))
     return meta
+
+
+def onnx_module(path: str | os.PathLike) -> _OnnxModule:
+    """The ONNX file at ``path`` (any name) in an ONNX Runtime CPU session, called like a module."""
+    import onnxruntime
+
+    return _OnnxModule(onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider']))
 
 
 class _OnnxModule:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import leanvit
 from leanvit.checkpoint import atomic_write
-from leanvit.data import build_datasets, display_name
+from leanvit.data import DataBundle, build_datasets, display_name
 from leanvit.errors import CheckpointError, DataError, TrainingDivergedError, UsageError
 from leanvit.export import exported_format, load_exported
 from leanvit.train.checkpoints import read_sidecar, write_json
@@ -210,6 +210,34 @@ def load_for_inference(checkpoint: str | os.PathLike, model_name: str | None = N
     return reparameterize_model(model.eval()), name, kwargs, cfg, model.num_classes, recorded
 
 
+def run_datasets(checkpoint: str | os.PathLike, name: str, num_classes: int, cfg: dict, recorded: dict,
+                 data: str | None = None, **options) -> tuple[DataBundle, str]:
+    """The datasets a trained model is evaluated on, and where they come from in words: ``data`` if given, else the
+    data and split the run trained on (``recorded``, its sidecar's config), else the bundled digits. ``options`` go
+    to `build_datasets` (e.g. ``augment='none'`` for a training split through the evaluation transform).
+
+    Raises:
+        DataError: The model's class count is not the data's.
+    """
+    split = {}
+    if data is not None:
+        source = 'given'
+    elif recorded:
+        # The run's own data and split; TrainConfig checks the recorded values like any recipe's.
+        try:
+            run = TrainConfig(**{key: recorded[key] for key in ('data', 'val_split', 'seed') if key in recorded})
+        except UsageError as e:
+            raise CheckpointError(f'{Path(checkpoint).with_suffix(".json")}: field "config": {e}') from None
+        data, split, source = run.data, dict(val_split=run.val_split, seed=run.seed), 'the data the run trained on'
+    else:
+        source = 'the bundled digits: no --data, and the checkpoint records no run'
+    bundle = build_datasets(data, cfg, **split, **options)
+    if num_classes != bundle.num_classes:
+        raise DataError(f'class count mismatch: checkpoint {checkpoint} ({name}) has {num_classes} classes, '
+                         f'the data has {bundle.num_classes} ({bundle.description})')
+    return bundle, source
+
+
 def evaluation_files(checkpoint: str | os.PathLike, output: str | os.PathLike) -> tuple[Path, Path]:
     """Where `evaluate_checkpoint` writes the metrics and the confusion matrix of ``checkpoint`` in ``output``."""
     name = Path(checkpoint).name
@@ -242,22 +270,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         ValueError: The model cannot be named, the weights do not fit it, or its class count is not the data's.
     """
     model, name, kwargs, cfg, num_classes, recorded = load_for_inference(checkpoint, model_name, model_kwargs, trust)
-    split = {}
-    if data is not None:
-        source = 'given'
-    elif recorded:
-        # The run's own data and split; TrainConfig checks the recorded values like any recipe's.
-        try:
-            run = TrainConfig(**{key: recorded[key] for key in ('data', 'val_split', 'seed') if key in recorded})
-        except UsageError as e:
-            raise CheckpointError(f'{Path(checkpoint).with_suffix(".json")}: field "config": {e}') from None
-        data, split, source = run.data, dict(val_split=run.val_split, seed=run.seed), 'the data the run trained on'
-    else:
-        source = 'the bundled digits: no --data, and the checkpoint records no run'
-    bundle = build_datasets(data, cfg, **split)
-    if num_classes != bundle.num_classes:
-        raise DataError(f'class count mismatch: checkpoint {checkpoint} ({name}) has {num_classes} classes, '
-                         f'the data has {bundle.num_classes} ({bundle.description})')
+    bundle, source = run_datasets(checkpoint, name, num_classes, cfg, recorded, data)
     result = evaluate_model(model, DataLoader(bundle.val, batch_size))
     output = Path(output)
     report = dict(checkpoint=str(checkpoint), model=name, model_kwargs=kwargs, input_size=list(cfg['input_size']),
