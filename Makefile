@@ -29,17 +29,18 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -n 2 -q
 
+# Every model family at 224 in every runtime on this CPU (one process, interleaved rounds), into benchmarks/bench/
+# and the README's Speed section. MINIVIT=path/to/Cream/MiniViT and GLIT=path/to/GLiT add the comparisons with the
+# official implementations (benchmarks/throughput.py), which need their code.
+BENCH_MODELS := sret_t,glit_tiny_patch16_224,mini_deit_tiny_patch16_224,mini_swin_tiny_patch4_window7_224,riformer_s12,gfnet_h_ti
 bench: $(INSTALLED)
-	$(BIN)/python benchmarks/throughput.py --suite sret --markdown benchmarks/results.md
-	$(BIN)/python scripts/update_readme.py benchmark < benchmarks/results.md
-	$(BIN)/python benchmarks/throughput.py --suite riformer --markdown benchmarks/riformer_results.md
-	$(BIN)/python scripts/update_readme.py riformer-benchmark < benchmarks/riformer_results.md
-	$(BIN)/python benchmarks/throughput.py --suite minivit $(if $(MINIVIT),--official-minivit $(MINIVIT)) \
-		--markdown benchmarks/minivit_results.md
-	$(BIN)/python scripts/update_readme.py minivit-benchmark < benchmarks/minivit_results.md
-	$(BIN)/python benchmarks/throughput.py --suite glit $(if $(GLIT),--official-glit $(GLIT)) \
-		--markdown benchmarks/glit_results.md
-	$(BIN)/python scripts/update_readme.py glit-benchmark < benchmarks/glit_results.md
+	$(BIN)/leanvit bench --models $(BENCH_MODELS) --backends eager,folded,onnx,onnx-int8,onnx-plain,compile \
+		--batch-sizes 1,16 --rounds 5 --iters 1 --output benchmarks/bench
+	$(BIN)/python scripts/update_readme.py bench < benchmarks/bench/bench.md
+	$(if $(MINIVIT),$(BIN)/python benchmarks/throughput.py --suite minivit --official-minivit $(MINIVIT) \
+		--markdown benchmarks/minivit_official.md)
+	$(if $(GLIT),$(BIN)/python benchmarks/throughput.py --suite glit --official-glit $(GLIT) \
+		--markdown benchmarks/glit_official.md)
 
 ladder: $(INSTALLED)
 	$(BIN)/python benchmarks/riformer_ladder.py --seeds 0 1 2 3 4 --markdown benchmarks/riformer_ladder.md

@@ -42,8 +42,8 @@ from leanvit.errors import UsageError
 if TYPE_CHECKING:
     from torch import nn
 
-BACKENDS = ('eager', 'folded', 'onnx', 'onnx-int8', 'compile')
-ONNX_BACKENDS = ('onnx', 'onnx-int8')
+BACKENDS = ('eager', 'folded', 'onnx', 'onnx-int8', 'onnx-plain', 'compile')
+ONNX_BACKENDS = ('onnx', 'onnx-int8', 'onnx-plain')
 DEFAULT_BASELINE = 'deit_tiny_patch16_224'
 BASELINE_BACKEND = 'eager'
 # Calibration for onnx-int8: bench measures speed and size, not accuracy, so seeded noise stands in for images.
@@ -53,7 +53,7 @@ CALIBRATION_BATCHES, CALIBRATION_BATCH_SIZE = 4, 8
 WARMUP_PASSES = 2
 # Compilers torch's inductor looks for when its config names none (the config's default is (None, $CXX or g++)).
 FALLBACK_COMPILERS = ('g++', 'clang++')
-MARKERS = {'eager': 'o', 'folded': 's', 'onnx': '^', 'onnx-int8': 'v', 'compile': 'D'}
+MARKERS = {'eager': 'o', 'folded': 's', 'onnx': '^', 'onnx-int8': 'v', 'onnx-plain': 'x', 'compile': 'D'}
 CSV_COLUMNS = ('model', 'backend', 'batch_size', 'input_size', 'images_per_s', 'ratio_to_baseline', 'latency_p50_ms',
                'latency_p90_ms', 'params', 'macs', 'file_bytes', 'file', 'baseline', 'cpu', 'threads', 'rounds',
                'iters', 'torch', 'timm', 'onnxruntime', 'date')
@@ -305,7 +305,7 @@ def build_runners(jobs: list[tuple[BenchModel, str]], folder: Path) -> list[Runn
     """A runner for each (model, backend), its files written to ``folder``; each model is exported to ONNX once."""
     runners, onnx_files = [], {}
     for model, backend in progress(jobs, 'building'):
-        if backend in ONNX_BACKENDS and model.label not in onnx_files:
+        if backend in ('onnx', 'onnx-int8') and model.label not in onnx_files:
             onnx_files[model.label] = export_onnx(model, folder)
         runners.append(build_runner(model, backend, folder, onnx_files.get(model.label)))
     return runners
@@ -326,6 +326,9 @@ def build_runner(model: BenchModel, backend: str, folder: Path, onnx_file: Path 
     if backend == 'onnx-int8':
         int8_file = quantize(onnx_file, model.input_size, folder / f'{model.file_stem}.int8.onnx')
         return Runner(model, backend, onnxruntime_session(int8_file), leanvit.count_params(model.folded), int8_file)
+    if backend == 'onnx-plain':
+        plain_file = export_plain_onnx(model, folder / f'{model.file_stem}.plain.onnx')
+        return Runner(model, backend, onnxruntime_session(plain_file), leanvit.count_params(model.model), plain_file)
     if backend == 'compile':
         # Compiling happens at the first call, in `warm_up`, which drops the runner if it fails.
         return Runner(model, backend, eager(torch.compile(model.model)), leanvit.count_params(model.model))
@@ -358,17 +361,27 @@ def export_onnx(model: BenchModel, folder: Path) -> Path:
     return path
 
 
+def export_plain_onnx(model: BenchModel, path: Path) -> Path:
+    """torch's exporter on the model as created, nothing of leanvit's (no fold, no graph clean-up): the reference a
+    deployment file must not be slower than."""
+    import torch
+
+    sample = torch.randn(2, *model.input_size)
+    torch.onnx.export(model.model, (sample,), str(path), dynamo=True, external_data=False, verbose=False,
+                      input_names=['input'], dynamic_shapes=({0: torch.export.Dim('batch')},))
+    return path
+
+
 def quantize(onnx_file: Path, input_size: tuple[int, int, int], path: Path) -> Path:
     """``onnx_file`` quantized to int8 at ``path`` by `leanvit.quantize.quantize_onnx`, calibrated on seeded random
-    batches; a fall-back to dynamic (weights-only) quantization is printed, since it runs other kernels."""
+    batches; the method it chose (static or dynamic, the faster here) is printed, since they run other kernels."""
     from leanvit.quantize import quantize_onnx
 
     generator = np.random.default_rng(0)
     calibration = [generator.standard_normal((CALIBRATION_BATCH_SIZE, *input_size), dtype=np.float32)
                    for _ in range(CALIBRATION_BATCHES)]
-    method, why_dynamic = quantize_onnx(onnx_file, path, calibration)
-    if method != 'static':
-        print(f'onnx-int8  {path.name}: {method} quantization ({why_dynamic})')
+    method, why = quantize_onnx(onnx_file, path, calibration)
+    print(f'onnx-int8  {path.name}: {method} quantization ({why})')
     return path
 
 

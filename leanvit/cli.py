@@ -329,10 +329,10 @@ def quantize_run_export(args: argparse.Namespace, float_path: Path, name: str, n
     calibration = DataLoader(bundle.train, batch_size=batch_size, shuffle=True,
                              generator=torch.Generator().manual_seed(0))
     report = quantize_export(float_path, int8_path, calibration, DataLoader(bundle.val, batch_size=64),
-                             args.calib_batches, args.max_drop)
+                             args.calib_batches, args.max_drop, args.int8_method)
     how = f'static QDQ, calibrated on {report.calibration_images} training images' if report.method == 'static' \
-        else f'dynamic (weights only): {report.why_dynamic}'
-    print(f'int8       {how}')
+        else 'dynamic (MatMul weights; activations quantized per batch)'
+    print(f'int8       {how}: {report.why}')
     print(f'data       {bundle.description} ({source})')
     change = report.int8_top1 - report.float_top1 + 0.  # + 0. prints no change as +0.00, not -0.00
     print(f'top-1      float {report.float_top1:.2f}%, int8 {report.int8_top1:.2f}% ({change:+.2f} points; '
@@ -705,8 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='largest absolute output difference allowed (default: %(default)g)')
     export.add_argument('--quantize', choices=['int8'], default=None,
                         help='also write an INT8 file beside --out (NAME.int8.onnx), quantized by ONNX Runtime '
-                             '(static QDQ calibrated on the run\'s training images; dynamic where static cannot '
-                             'apply), and evaluate both on the run\'s validation split')
+                             '(see --int8-method), and evaluate both on the run\'s validation split')
+    export.add_argument('--int8-method', choices=['auto', 'static', 'dynamic'], default='auto',
+                        help='static (activation ranges calibrated on training images), dynamic (activations '
+                             'quantized per batch), or auto: both, timed on this CPU, the faster kept (default: auto)')
     export.add_argument('--calib-batches', type=positive_int, default=8,
                         help='training batches to calibrate INT8 activation ranges on (default: %(default)s)')
     export.add_argument('--calib-batch-size', type=positive_int, default=32,

@@ -162,6 +162,8 @@ def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynami
     import onnxruntime
     import torch
 
+    # The exporter's optimizer logs a warning for each constant it cannot fold: noise, the file is verified anyway.
+    logging.getLogger('onnxscript').setLevel(logging.ERROR)
     dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
     # One self-contained file (no external-data sidecar): leanvit's models are far below protobuf's 2 GB limit.
     program = torch.onnx.export(model, (inputs[0],), dynamo=True, external_data=False, verbose=False,
@@ -190,9 +192,6 @@ def clean_graph(model) -> None:
     import onnxscript.optimizer
     from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, DeduplicateInitializersPass,
                                        RemoveUnusedNodesPass)
-
-    # The optimizer logs a warning for each constant it cannot fold: noise here, the file is verified anyway.
-    logging.getLogger('onnxscript').setLevel(logging.ERROR)
 
     unlimited = 1 << 40  # fold and deduplicate tensors of any size: the file's weights are the point
     onnxscript.optimizer.optimize(model, input_size_limit=unlimited, output_size_limit=unlimited)

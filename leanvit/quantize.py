@@ -1,10 +1,14 @@
 """INT8 deployment files: an exported ONNX model quantized by ONNX Runtime, and checked on the run's own images.
 
-`quantize_onnx` quantizes with ONNX Runtime's static QDQ quantizer: 8-bit weights, and 8-bit activations whose ranges
-come from calibration batches (images the model was trained on, through its evaluation transform). ONNX Runtime fuses
-the quantize / dequantize pairs around MatMul, Conv, Add and the like into integer kernels. Where static
-quantization cannot apply (no calibration data, or the quantizer fails on the graph) the weights alone are quantized
-(dynamic quantization: activations quantized on the fly, per batch), and the report says so.
+`quantize_onnx` quantizes with ONNX Runtime's quantizers, two ways:
+- static (QDQ): 8-bit weights, and 8-bit activations whose ranges come from calibration batches (images the model was
+  trained on, through its evaluation transform); ONNX Runtime fuses the quantize / dequantize pairs around MatMul,
+  Conv, Add and the like into integer kernels;
+- dynamic: 8-bit MatMul weights, activations quantized per batch as they come; no calibration, convolutions in float.
+Which is faster depends on the model and the CPU: static wins where convolutions dominate (RIFormer), dynamic where
+many small token-wise operations would each pay for a quantize / dequantize pair (SReT). So by default both are made
+and timed on this CPU, and the faster is kept; where static cannot apply (no calibration data, or the quantizer fails
+on the graph) dynamic is used, and the report says why.
 
 `quantize_export` is what ``leanvit export --quantize int8`` runs: quantize, then evaluate the float and the INT8 file
 on the run's validation split, and write the INT8 file only if its top-1 falls by at most ``max_drop`` points.
@@ -16,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from leanvit.errors import LeanvitError
 
@@ -38,8 +45,8 @@ class QuantizationReport:
 
     Attributes:
         path: The INT8 file.
-        method: ``'static'`` (calibrated activations) or ``'dynamic'`` (weights only).
-        why_dynamic: Why static quantization did not apply (None when it did).
+        method: ``'static'`` (calibrated activations) or ``'dynamic'`` (activations quantized per batch).
+        why: Why that method, in words (its measured speed against the other's, or why static did not apply).
         calibration_images: Images the activation ranges were calibrated on (0 for dynamic).
         images: Validation images both files were evaluated on.
         float_top1, int8_top1: Top-1 (%) of the float and the INT8 file on them.
@@ -48,7 +55,7 @@ class QuantizationReport:
     """
     path: Path
     method: str
-    why_dynamic: str | None
+    why: str
     calibration_images: int
     images: int
     float_top1: float
@@ -63,29 +70,24 @@ class QuantizationReport:
 
 
 def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
-                  calibration: Iterable[np.ndarray] | None = None) -> tuple[str, str | None]:
+                  calibration: Sequence[np.ndarray] | None = None, method: str = 'auto') -> tuple[str, str]:
     """Quantize the ONNX file ``source`` to INT8 at ``target`` (written directly; callers wanting an atomic file
     give a temporary path). The file's metadata (``leanvit.export.METADATA_KEY``) is kept.
 
     Args:
-        calibration: Float32 input batches (N, C, H, W) for static quantization; None: dynamic quantization.
+        calibration: Float32 input batches (N, C, H, W): the activation ranges of static quantization, and the
+            batch ``'auto'`` times the two files on. None: dynamic quantization.
+        method: ``'static'``, ``'dynamic'`` or ``'auto'``: both where calibration batches are given, timed in ONNX
+            Runtime on this CPU on the first batch, the faster kept. Static quantization that fails falls back to
+            dynamic.
 
     Returns:
-        The method used (``'static'`` or ``'dynamic'``) and, for dynamic, why static did not apply.
+        The method used (``'static'`` or ``'dynamic'``) and why, in words.
     """
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Batches(CalibrationDataReader):
-        def __init__(self, batches):
-            self.batches = iter(batches)
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {'input': np.ascontiguousarray(batch, dtype=np.float32)}
-
+    if method not in ('auto', *METHODS):
+        raise ValueError(f'method must be auto, static or dynamic, got {method!r}')
     # ONNX Runtime's quantizer logs every tensor it leaves in float: noise here, the report gives the outcome.
     logging.getLogger('onnxruntime').setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as scratch:
@@ -93,18 +95,102 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
         # Shapes inferred and the graph optimized first, as ONNX Runtime's quantization guide recommends: the
         # quantizer needs tensor shapes, and folds into the kernels ORT will run.
         quant_pre_process(str(source), prepared, skip_symbolic_shape=True)
-        why_dynamic = None if calibration is not None else 'no calibration images'
-        if why_dynamic is None:
+        _unshare_elementwise_constants(prepared)
+        files, why = {}, 'asked for'
+        if method in ('auto', 'dynamic') or not calibration:
+            files['dynamic'] = _quantize_dynamic(prepared, os.path.join(scratch, 'dynamic.onnx'))
+        if method in ('auto', 'static') and calibration:
             try:
-                # Unsigned activations and signed weights: ONNX Runtime's choice for x86 CPUs (VNNI or not).
-                quantize_static(prepared, str(target), Batches(calibration), quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            except Exception as e:  # the quantizer's own errors have no common type; the fallback says what failed
-                why_dynamic = f'static quantization failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
-        if why_dynamic is not None:
-            quantize_dynamic(prepared, str(target), weight_type=QuantType.QInt8)
+                files['static'] = _quantize_static(prepared, os.path.join(scratch, 'static.onnx'), calibration)
+            except Exception as e:  # the quantizer's errors have no common type; the fallback says what failed
+                why = f'static quantization failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
+                files.setdefault('dynamic', _quantize_dynamic(prepared, os.path.join(scratch, 'dynamic.onnx')))
+        if not calibration:
+            why = 'no calibration images'
+        if len(files) == 2:
+            speed = {name: _batches_per_second(path, calibration[0]) for name, path in files.items()}
+            chosen = max(speed, key=speed.get)
+            why = f'{speed[chosen] / min(speed.values()):.2f}x the {min(speed, key=speed.get)} file\'s speed here'
+        else:
+            chosen = next(iter(files))
+        os.replace(files[chosen], target)
         _copy_metadata(onnx.load(str(source), load_external_data=False), str(target))
-    return ('static' if why_dynamic is None else 'dynamic'), why_dynamic
+    return chosen, why
+
+
+def _quantize_static(prepared: str, target: str, calibration: Sequence[np.ndarray]) -> str:
+    """8-bit weights, and 8-bit activations whose ranges come from ``calibration``: Q/DQ pairs ORT fuses into integer
+    kernels for every operator it has one for (MatMul, Conv, Add, ...)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {'input': np.ascontiguousarray(batch, dtype=np.float32)}
+
+    # Unsigned activations and signed weights: ONNX Runtime's choice for x86 CPUs (VNNI or not).
+    quantize_static(prepared, target, Batches(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return target
+
+
+def _quantize_dynamic(prepared: str, target: str) -> str:
+    """8-bit MatMul and Gemm weights; activations quantized per batch as they come. Convolutions stay in float:
+    ONNX Runtime's dynamic integer convolution is slower than its float one."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, op_types_to_quantize=['MatMul', 'Gemm'])
+    return target
+
+
+def _batches_per_second(path: str, batch: np.ndarray, rounds: int = 3) -> float:
+    """ONNX Runtime's speed on ``batch`` for the file at ``path``: the best of ``rounds`` runs after a warm-up."""
+    import onnxruntime
+    import torch
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as chosen for this command (`leanvit.threads`)
+    session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    feed = {'input': np.ascontiguousarray(batch, dtype=np.float32)}
+    session.run(None, feed)
+    best = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        session.run(None, feed)
+        best = min(best, time.perf_counter() - start)
+    return 1 / best
+
+
+def _unshare_elementwise_constants(path: str) -> None:
+    """Give each elementwise node (Mul, Add, ...) its own copy of a constant it shares with other nodes.
+
+    `leanvit.export.clean_graph` stores equal tensors once, which also merges equal norm weights or layer scales of
+    different layers (all at their init in an untrained model). ONNX Runtime's static quantizer refuses an
+    initializer feeding several nodes it quantizes separately ("shared mode is not supported for weight"), except as
+    the weight of MatMul, Gemm and Conv, which keep sharing theirs: those copies are the small per-channel tensors.
+    """
+    import onnx
+
+    model = onnx.load(path)
+    initializers = {init.name: init for init in model.graph.initializer}
+    seen = set()
+    for node in model.graph.node:
+        if node.op_type in ('MatMul', 'Gemm', 'Conv'):
+            continue
+        for i, name in enumerate(node.input):
+            if name not in initializers:
+                continue
+            if name in seen:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(initializers[name])
+                copy.name = f'{name}__{node.name or len(model.graph.initializer)}_{i}'
+                model.graph.initializer.append(copy)
+                node.input[i] = copy.name
+            seen.add(name)
+    onnx.save(model, path)
 
 
 def _copy_metadata(source, target: str) -> None:
@@ -119,7 +205,7 @@ def _copy_metadata(source, target: str) -> None:
 
 
 def quantize_export(float_path: str | os.PathLike, int8_path: str | os.PathLike, calibration_loader,
-                    validation_loader, calib_batches: int, max_drop: float) -> QuantizationReport:
+                    validation_loader, calib_batches: int, max_drop: float, method: str = 'auto') -> QuantizationReport:
     """Quantize the exported float file ``float_path`` to ``int8_path``, calibrated on the first ``calib_batches``
     batches of ``calibration_loader``; evaluate both files on ``validation_loader``; replace ``int8_path`` only if
     the INT8 top-1 is at most ``max_drop`` points below the float one.
@@ -140,7 +226,7 @@ def quantize_export(float_path: str | os.PathLike, int8_path: str | os.PathLike,
     measured = {}
 
     def write_and_check(tmp: str) -> None:
-        measured['method'], measured['why_dynamic'] = quantize_onnx(float_path, tmp, calibration or None)
+        measured['method'], measured['why'] = quantize_onnx(float_path, tmp, calibration or None, method)
         int8_eval = evaluate_model(onnx_module(tmp), validation_loader)
         measured['int8_top1'] = int8_eval.top1
         measured['agreement'] = 100 * (int8_eval.predictions == float_eval.predictions).double().mean().item()
@@ -153,7 +239,7 @@ def quantize_export(float_path: str | os.PathLike, int8_path: str | os.PathLike,
 
     atomic_write(int8_path, write_and_check)
     return QuantizationReport(
-        path=Path(int8_path), method=measured['method'], why_dynamic=measured['why_dynamic'],
+        path=Path(int8_path), method=measured['method'], why=measured['why'],
         calibration_images=sum(len(b) for b in calibration) if measured['method'] == 'static' else 0,
         images=float_eval.images, float_top1=float_eval.top1, int8_top1=measured['int8_top1'],
         agreement=measured['agreement'], float_bytes=os.path.getsize(float_path),

@@ -2,6 +2,7 @@
 directly; ``export --quantize int8`` writes an INT8 file only when it keeps its top-1, and eval runs it."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -81,13 +82,16 @@ def test_quantize_int8_writes_a_smaller_file_that_eval_runs(digits_run, tmp_path
     stdout, err = capsys.readouterr()
     assert code == 0, err
     int8 = tmp_path / 'model.int8.onnx'
-    assert 'int8       static QDQ, calibrated on 64 training images' in stdout
+    # Both methods made and timed on this CPU, the faster kept and named with its measured margin.
+    assert re.search(r"int8       (static QDQ, calibrated on 64 training images|dynamic \(MatMul weights; activations "
+                     r"quantized per batch\)): \d+\.\d\dx the (static|dynamic) file's speed here", stdout), stdout
     assert f'wrote      {int8}' in stdout and 'same prediction on' in stdout and 'of 360 images' in stdout
-    # Weights in 8 bits, each once: about a quarter of the float bytes (a tiny model's graph itself outweighs its
-    # weights, so the file sizes compare only for real ones; `leanvit bench` measures those).
-    assert initializer_bytes(int8) < 0.35 * initializer_bytes(out)
+    # Weights in 8 bits, each once: a quarter of the float bytes, more where dynamic quantization keeps this tiny
+    # model's stem convs in float (a tiny model's graph outweighs its weights, so file sizes compare only for real
+    # models; `leanvit bench` measures those).
+    assert initializer_bytes(int8) < 0.5 * initializer_bytes(out)
     ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
-    assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
+    assert {'QuantizeLinear', 'DequantizeLinear'} <= ops or {'DynamicQuantizeLinear', 'MatMulInteger'} <= ops
     props = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
     assert json.loads(props[METADATA_KEY])['model'] == 'test_sret'
     assert main(['eval', '--checkpoint', str(int8), '--output', str(tmp_path)]) == 0
@@ -111,7 +115,8 @@ def test_quantize_refuses_a_drop_beyond_the_limit_and_writes_nothing(digits_run,
     # A drop is never below -100 points, so this limit refuses whatever the quantizer does.
     with pytest.raises(QuantizationDropError, match=r'points below the float file.* more than --max-drop -100 '
                                                     r'\(static quantization\); .*model.int8.onnx was not written'):
-        quantize_export(float_path, int8_path, DataLoader(bundle.train, 16), DataLoader(bundle.val, 64), 1, -100)
+        quantize_export(float_path, int8_path, DataLoader(bundle.train, 16), DataLoader(bundle.val, 64), 1, -100,
+                        method='static')
     assert int8_path.read_bytes() == b'kept'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['model.int8.onnx', 'model.onnx']  # no temporary left
 
@@ -136,3 +141,19 @@ def test_quantize_needs_an_onnx_output(digits_run, tmp_path, capsys):
     assert code == 2
     assert capsys.readouterr().err.strip().endswith('--quantize int8 quantizes an ONNX file: name --out .onnx')
     assert not (tmp_path / 'model.pt').exists()
+
+
+@pytest.mark.parametrize('name', ['test_sret', 'test_riformer'])
+def test_static_quantization_applies_where_equal_weights_were_stored_once(name, tmp_path):
+    """An untrained RIFormer's norm weights and layer scales are all equal, so the export stores each value once and
+    many elementwise nodes share it: static quantization must still apply (the quantizer refuses shared weights)."""
+    from leanvit.quantize import quantize_onnx
+
+    model = leanvit.create_model(name, num_classes=5, img_size=32)
+    size = (3, 32, 32)
+    export_model(model, tmp_path / 'model.onnx', input_size=size, reparam=True, metadata={'model': name})
+    calibration = [np.random.default_rng(0).standard_normal((4, *size)).astype(np.float32)]
+    assert quantize_onnx(tmp_path / 'model.onnx', tmp_path / 'model.int8.onnx', calibration, 'static') == \
+        ('static', 'asked for')
+    ops = {n.op_type for n in onnx.load(str(tmp_path / 'model.int8.onnx')).graph.node}
+    assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
