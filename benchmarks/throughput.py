@@ -146,8 +146,8 @@ def main() -> None:
                   flush=True)
 
     lines = [f'Eval throughput on {cpu_name()} ({platform.machine()}), batch {args.batch_size}, 224 x 224, '
-             f'{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.rounds} interleaved rounds '
-             f'of {args.iters} batches.', '', '| model | images/s (median) |', '|---|---|']
+             f'{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.rounds} interleaved '
+             f'rounds of {args.iters} batches.', '', '| model | images/s (median) |', '|---|---|']
     lines += [f'| {n} | {statistics.median(speeds[n]):.1f} |' for n in names]
     lines += ['', '| ratio | throughput ratio (median of per-round ratios) |', '|---|---|']
     lines += [f'| {a} / {b} | {statistics.median(x / y for x, y in zip(speeds[a], speeds[b])):.3f} |'
