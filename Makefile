@@ -37,6 +37,8 @@ bench: $(INSTALLED)
 	$(BIN)/leanvit bench --models $(BENCH_MODELS) --backends eager,folded,onnx,onnx-int8,onnx-plain,compile \
 		--batch-sizes 1,16 --rounds 5 --iters 1 --output benchmarks/bench
 	$(BIN)/python scripts/update_readme.py bench < benchmarks/bench/bench.md
+	$(BIN)/leanvit bench --models $(BENCH_MODELS) --backends folded,onnx,onnx-int8,onnx-plain --threads 1 \
+		--batch-sizes 1,16 --rounds 3 --iters 1 --output benchmarks/bench-1-thread
 	$(if $(MINIVIT),$(BIN)/python benchmarks/throughput.py --suite minivit --official-minivit $(MINIVIT) \
 		--markdown benchmarks/minivit_official.md)
 	$(if $(GLIT),$(BIN)/python benchmarks/throughput.py --suite glit --official-glit $(GLIT) \

@@ -156,6 +156,28 @@ def test_global_filter_is_a_global_circular_convolution():
         torch.testing.assert_close(layer(x), x)
 
 
+@pytest.mark.parametrize('grid', [(7, 7), (6, 9), (5, 8)])  # odd and even widths: the Nyquist bin counts once
+def test_filter_as_dft_products_equals_the_ffts(grid):
+    torch.manual_seed(0)
+    layer = GlobalFilter(12, grid)
+    x = torch.randn(3, *grid, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.forward_as_products(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_records_products_not_dfts(tmp_path):
+    """ONNX Runtime's DFT kernel is not a fast one: the exported filter is GEMMs, and still the same function."""
+    import onnx
+
+    from leanvit.export import export_model
+
+    model = leanvit.create_model('gfnet_h_ti', img_size=64, num_classes=5)
+    report = export_model(model, tmp_path / 'gfnet.onnx', input_size=(3, 64, 64))
+    ops = {node.op_type for node in onnx.load(str(report.path)).graph.node}
+    assert 'DFT' not in ops and 'MatMul' in ops
+    assert report.max_diff < 1e-4
+
+
 def test_runs_in_bfloat16():
     model = golden_hierarchical().to(torch.bfloat16)
     x = golden_io()['x'].to(torch.bfloat16)

@@ -67,10 +67,50 @@ class GlobalFilter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
+        if torch.onnx.is_in_onnx_export():
+            return self.forward_as_products(x)
         dtype = x.dtype
         spectrum = torch.fft.rfft2(x.float(), dim=(1, 2), norm='ortho')
         spectrum = spectrum * torch.view_as_complex(self.complex_weight.float())
         return torch.fft.irfft2(spectrum, s=self.grid_size, dim=(1, 2), norm='ortho').to(dtype)
+
+    def forward_as_products(self, x: torch.Tensor) -> torch.Tensor:
+        """The same filter with each transform written as products with the DFT matrices of the fixed grid.
+
+        What an ONNX export records: ONNX Runtime's DFT kernel is a direct O(n^2) transform outside its GEMM
+        library, and GFNet's grids (56, 28, 14, 7) are not powers of two, so the file ran at a tenth of eager
+        PyTorch; as matrix products (a few more MACs than an FFT, all in GEMMs) it runs at eager speed or better.
+        The matrices are constants of the graph. Real and imaginary parts are kept as separate real tensors.
+        """
+        height, width = self.grid_size
+        cos_h, sin_h = _dft_matrices(height, height)  # (H, H): full transform along the rows
+        cos_w, sin_w = _dft_matrices(width // 2 + 1, width)  # (K, W): the non-negative frequencies of the columns
+        # irfft along the columns: bins 1 .. K-1 stand for their conjugates too (all but the Nyquist bin of an even
+        # width), and both ortho norms together divide by H * W.
+        twice = torch.full((width // 2 + 1, 1), 2., dtype=torch.float64)
+        twice[0] = 1.
+        if width % 2 == 0:
+            twice[-1] = 1.
+        inverse_real, inverse_imag = twice * cos_w / (height * width), -twice * sin_w / (height * width)
+        cos_h, sin_h, cos_w, sin_w, inverse_real, inverse_imag = (
+            m.to(x.device, torch.float32) for m in (cos_h, sin_h, cos_w, sin_w, inverse_real, inverse_imag))
+        dtype = x.dtype
+        x = x.float().permute(0, 3, 1, 2)  # (B, C, H, W)
+        real, imag = x @ cos_w.t(), -(x @ sin_w.t())  # rfft along W: (B, C, H, K)
+        real, imag = cos_h @ real + sin_h @ imag, cos_h @ imag - sin_h @ real  # fft along H
+        weight = self.complex_weight.float().permute(2, 0, 1, 3)  # (C, H, K, 2)
+        weight_real, weight_imag = weight[..., 0], weight[..., 1]
+        real, imag = real * weight_real - imag * weight_imag, real * weight_imag + imag * weight_real
+        real, imag = cos_h @ real - sin_h @ imag, cos_h @ imag + sin_h @ real  # inverse fft along H
+        x = real @ inverse_real + imag @ inverse_imag  # inverse rfft along W: (B, C, H, W)
+        return x.permute(0, 2, 3, 1).to(dtype)
+
+
+def _dft_matrices(frequencies: int, points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of 2 pi k n / points for k < frequencies, n < points, in float64: (frequencies, points)."""
+    angle = 2 * math.pi * torch.outer(torch.arange(frequencies, dtype=torch.float64),
+                                      torch.arange(points, dtype=torch.float64)) / points
+    return torch.cos(angle), torch.sin(angle)
 
 
 class GlobalFilterBlock(nn.Module):
