@@ -35,7 +35,7 @@ test: $(INSTALLED)
 BENCH_MODELS := sret_t,glit_tiny_patch16_224,mini_deit_tiny_patch16_224,mini_swin_tiny_patch4_window7_224,riformer_s12,gfnet_h_ti
 bench: $(INSTALLED)
 	$(BIN)/leanvit bench --models $(BENCH_MODELS) --backends eager,folded,onnx,onnx-int8,onnx-plain,compile \
-		--batch-sizes 1,16 --rounds 5 --iters 1 --output benchmarks/bench
+		--batch-sizes 1,16 --rounds 5 --iters 1 --threads $$(nproc) --output benchmarks/bench
 	$(BIN)/python scripts/update_readme.py bench < benchmarks/bench/bench.md
 	$(BIN)/leanvit bench --models $(BENCH_MODELS) --backends folded,onnx,onnx-int8,onnx-plain --threads 1 \
 		--batch-sizes 1,16 --rounds 3 --iters 1 --output benchmarks/bench-1-thread

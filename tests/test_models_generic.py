@@ -369,11 +369,11 @@ def test_every_linear_and_conv_output_reaches_the_model_output(model, x):
 
 
 @over_models
-@pytest.mark.parametrize('form', ['training', 'folded'])
-@pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize('form, context', [('training', torch.no_grad), ('training', torch.inference_mode),
+                                           ('folded', torch.inference_mode)])  # inference: where a fold would act
 def test_tensors_seen_by_hooks_are_not_overwritten(model, x, context, form):
     """A hook that keeps an input or output (feature taps, imitation losses) needs no clone: nothing the model
-    computes later writes into a tensor a module received or returned."""
+    computes later writes into a tensor a module received or returned, before or after folding."""
     seen = {}
 
     if form == 'folded':
