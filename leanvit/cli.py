@@ -271,7 +271,7 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from leanvit.export import export_model
     from leanvit.threads import choose_threads
-    from leanvit.train.evaluation import data_config, load_trained_model, run_metadata
+    from leanvit.train.evaluation import data_config, load_trained_model, run_datasets, run_metadata
 
     choose_threads(args.threads)
     # leanvit eval and predict tell an ONNX file by its extension, so the name and the format must agree.
@@ -293,6 +293,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     recorded = run_metadata(Path(args.checkpoint)).get('config') or {}
     metadata = dict(model=name, model_kwargs=kwargs, num_classes=model.num_classes, data_config=cfg,
                     config={key: recorded[key] for key in ('data', 'val_split', 'seed') if key in recorded})
+    # The images INT8 is calibrated and checked on, found (or refused) before minutes of export: the training split
+    # through the evaluation transform, since calibration must see what inference will see.
+    datasets = run_datasets(args.checkpoint, name, model.num_classes, cfg, recorded, args.data, augment='none') \
+        if args.quantize else None
     report = export_model(model, args.out, fmt, input_size, batch_size=args.batch_size,
                           dynamic_batch=not args.static_batch, opset=args.opset, atol=args.atol, reparam=args.reparam,
                           metadata=metadata)
@@ -307,23 +311,19 @@ def cmd_export(args: argparse.Namespace) -> int:
           f'{", ".join(map(str, report.batch_sizes))})')
     print(f'wrote      {report.path} ({report.path.stat().st_size / 2 ** 20:.1f} MiB)')
     if args.quantize:
-        quantize_run_export(args, report.path, name, model.num_classes, cfg, recorded)
+        quantize_run_export(args, report.path, *datasets)
     return 0
 
 
-def quantize_run_export(args: argparse.Namespace, float_path: Path, name: str, num_classes: int, cfg: dict,
-                        recorded: dict) -> None:
+def quantize_run_export(args: argparse.Namespace, float_path: Path, bundle, source: str) -> None:
     """``export --quantize int8``: the INT8 file beside the float one, calibrated on the run's training images and
     written only if its top-1 on the run's validation images is within --max-drop of the float file's."""
     import torch
     from torch.utils.data import DataLoader
 
     from leanvit.quantize import quantize_export
-    from leanvit.train.evaluation import run_datasets
 
     int8_path = float_path.with_name(float_path.stem + '.int8.onnx')
-    # The training split through the evaluation transform: calibration must see what inference will see.
-    bundle, source = run_datasets(args.checkpoint, name, num_classes, cfg, recorded, args.data, augment='none')
     # A file exported with --static-batch runs its batch size only.
     batch_size = args.batch_size if args.static_batch else args.calib_batch_size
     calibration = DataLoader(bundle.train, batch_size=batch_size, shuffle=True,

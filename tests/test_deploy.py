@@ -157,3 +157,12 @@ def test_static_quantization_applies_where_equal_weights_were_stored_once(name, 
         ('static', 'asked for')
     ops = {n.op_type for n in onnx.load(str(tmp_path / 'model.int8.onnx')).graph.node}
     assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
+
+
+def test_quantize_finds_its_images_before_exporting(digits_run, tmp_path, capsys):
+    out = tmp_path / 'model.onnx'
+    code = main(['export', '--checkpoint', str(digits_run), '--out', str(out), '--quantize', 'int8',
+                 '--data', str(tmp_path / 'no such folder')])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and 'no such folder' in err
+    assert not out.exists() and not (tmp_path / 'model.int8.onnx').exists()
