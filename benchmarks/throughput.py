@@ -31,7 +31,7 @@ from timm.utils.model import reparameterize_model
 
 import leanvit
 from leanvit.bench import cpu_name
-from leanvit.export import export_model
+from leanvit.export import export_model, onnx_session
 
 
 def eager(model: torch.nn.Module):
@@ -45,12 +45,8 @@ def eager(model: torch.nn.Module):
 
 def onnxruntime_runner(model: torch.nn.Module, path: Path):
     """leanvit's deployment file of ``model`` (folded, exported, verified) in ONNX Runtime, on torch's threads."""
-    import onnxruntime
-
     export_model(model, path, 'onnx', reparam=True)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    session = onnx_session(path, torch.get_num_threads())  # the threads chosen for this command
     return lambda images: session.run(None, {'input': images.numpy()})
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import leanvit
+from leanvit.argtypes import positive_int, positive_ints
 from leanvit.errors import UsageError
 
 if TYPE_CHECKING:
@@ -140,28 +141,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help='keep the benched files (.safetensors, .onnx) in OUTPUT/files, not in a temporary folder')
     bench.set_defaults(func=cmd_bench)
     return bench
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1. (cli's own cannot be imported here: cli imports this module.)"""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {value}')
-    return value
-
-
-def positive_ints(text: str) -> list[int]:
-    """An argparse type: comma-separated integers >= 1, each once, in the order given."""
-    try:
-        values = [int(item) for item in text.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated integers such as 1,16, got {text!r}') from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f'batch sizes must be >= 1, got {text}')
-    return list(dict.fromkeys(values))
-
-
-positive_int.__name__, positive_ints.__name__ = 'positive integer', 'list of positive integers'
 
 
 def parse_backends(text: str) -> list[str]:
@@ -387,12 +366,11 @@ def quantize(onnx_file: Path, input_size: tuple[int, int, int], path: Path) -> P
 
 def onnxruntime_session(path: Path) -> Callable:
     """ONNX Runtime running ``path`` on the CPU, on as many threads as torch (`leanvit.threads` chose them)."""
-    import onnxruntime
     import torch
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    from leanvit.export import onnx_session
+
+    session = onnx_session(path, torch.get_num_threads())  # the threads chosen for this command
     input_name = session.get_inputs()[0].name
     return lambda images: session.run(None, {input_name: images.numpy()})
 

@@ -22,9 +22,9 @@ import importlib.util
 import json
 import logging
 import math
-import zipfile
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,7 +159,6 @@ def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynami
                  opset: int | None, metadata: dict) -> list[np.ndarray]:
     """Write ``model`` as ONNX to ``path``, traced on ``inputs[0]``; return ONNX Runtime's outputs for ``inputs``."""
     import onnx_ir
-    import onnxruntime
     import torch
 
     # The exporter's optimizer logs a warning for each constant it cannot fold: noise, the file is verified anyway.
@@ -173,7 +172,7 @@ def _export_onnx(model: nn.Module, path: str, inputs: list[torch.Tensor], dynami
     clean_graph(exported)
     exported.metadata_props[METADATA_KEY] = json.dumps(metadata, allow_nan=False)
     onnx_ir.save(exported, path)
-    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    session = onnx_session(path)
     return [session.run(None, {'input': x.cpu().numpy()})[0] for x in inputs]
 
 
@@ -190,8 +189,7 @@ def clean_graph(model) -> None:
     file does not need. ``model`` is an ``onnx_ir.Model``, changed in place.
     """
     import onnxscript.optimizer
-    from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, DeduplicateInitializersPass,
-                                       RemoveUnusedNodesPass)
+    from onnx_ir.passes.common import ClearMetadataAndDocStringPass, DeduplicateInitializersPass, RemoveUnusedNodesPass
 
     unlimited = 1 << 40  # fold and deduplicate tensors of any size: the file's weights are the point
     onnxscript.optimizer.optimize(model, input_size_limit=unlimited, output_size_limit=unlimited)
@@ -335,11 +333,19 @@ def _checked_metadata(path: Path, stored: str) -> dict:
     return meta
 
 
-def onnx_module(path: str | os.PathLike) -> _OnnxModule:
-    """The ONNX file at ``path`` (any name) in an ONNX Runtime CPU session, called like a module."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session of the file at ``path`` (any name) on ``threads`` threads (None: ORT's default)."""
     import onnxruntime
 
-    return _OnnxModule(onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider']))
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+
+
+def onnx_module(path: str | os.PathLike) -> _OnnxModule:
+    """The ONNX file at ``path`` (any name) in an ONNX Runtime CPU session, called like a module."""
+    return _OnnxModule(onnx_session(path))
 
 
 class _OnnxModule:

@@ -97,16 +97,15 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
         quant_pre_process(str(source), prepared, skip_symbolic_shape=True)
         _unshare_elementwise_constants(prepared)
         files, why = {}, 'asked for'
-        if method in ('auto', 'dynamic') or not calibration:
-            files['dynamic'] = _quantize_dynamic(prepared, os.path.join(scratch, 'dynamic.onnx'))
-        if method in ('auto', 'static') and calibration:
+        if calibration and method != 'dynamic':
             try:
                 files['static'] = _quantize_static(prepared, os.path.join(scratch, 'static.onnx'), calibration)
             except Exception as e:  # the quantizer's errors have no common type; the fallback says what failed
                 why = f'static quantization failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}'
-                files.setdefault('dynamic', _quantize_dynamic(prepared, os.path.join(scratch, 'dynamic.onnx')))
-        if not calibration:
+        elif method != 'dynamic':
             why = 'no calibration images'
+        if method != 'static' or 'static' not in files:
+            files['dynamic'] = _quantize_dynamic(prepared, os.path.join(scratch, 'dynamic.onnx'))
         if len(files) == 2:
             speed = {name: _batches_per_second(path, calibration[0]) for name, path in files.items()}
             chosen = max(speed, key=speed.get)
@@ -148,12 +147,11 @@ def _quantize_dynamic(prepared: str, target: str) -> str:
 
 def _batches_per_second(path: str, batch: np.ndarray, rounds: int = 3) -> float:
     """ONNX Runtime's speed on ``batch`` for the file at ``path``: the best of ``rounds`` runs after a warm-up."""
-    import onnxruntime
     import torch
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # as chosen for this command (`leanvit.threads`)
-    session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    from leanvit.export import onnx_session
+
+    session = onnx_session(path, torch.get_num_threads())  # the threads chosen for this command
     feed = {'input': np.ascontiguousarray(batch, dtype=np.float32)}
     session.run(None, feed)
     best = math.inf

@@ -1,0 +1,69 @@
+"""argparse types of the command line: each turns one argument into its value or names what was expected."""
+
+import argparse
+import json
+import math
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {value}')
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {value}')
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f'must be a finite number >= 0, got {text}')
+    return value
+
+
+def metric_amount(text: str) -> float:
+    """A count with an optional SI suffix: '1.5G', '600M', '25k' or a plain number."""
+    scale = {'k': 1e3, 'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number with an optional k/M/G suffix, such as 1.5G, got '
+                                         f'{text!r}') from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'must be a positive finite number, got {text}')
+    return value
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object (keyword arguments), e.g. '{"num_classes": 10}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'is not valid JSON ({e}): {text}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"num_classes\": 10}}', got {text}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1, each once, in the order given."""
+    try:
+        values = [int(item) for item in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers such as 1,16, got {text!r}') from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f'batch sizes must be >= 1, got {text}')
+    return list(dict.fromkeys(values))
+
+
+# argparse names a type function in its "invalid ... value" message; these read as what was expected.
+positive_int.__name__, non_negative_float.__name__, json_object.__name__ = 'positive integer', 'number', 'JSON object'
+positive_ints.__name__ = 'list of positive integers'
