@@ -166,6 +166,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     threads, why = choose_threads(args.threads)
     print(f'threads    {threads} ({why})')
     output = Path(args.output)
+    if output.exists() and not output.is_dir():  # found now, not after minutes of measuring
+        raise UsageError(f'--output {output} is a file; give a folder for bench.csv, bench.md and bench.png')
     with files_folder(output, args.keep_files) as folder:
         rows = benchmark(names, backends, args.batch_sizes, baseline=args.baseline, checkpoint=args.checkpoint,
                          img_size=args.img_size, rounds=args.rounds, iters=args.iters, folder=folder)

@@ -194,3 +194,15 @@ def test_importing_bench_loads_neither_torch_nor_matplotlib():
     script = 'import sys, leanvit.bench\nprint(sorted(m for m in ("torch", "timm", "matplotlib") if m in sys.modules))'
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == '[]'
+
+
+def test_the_command_line_runs_bench_and_refuses_a_file_as_output_before_measuring(tmp_path, capsys):
+    from leanvit.cli import main
+
+    target = tmp_path / 'taken'
+    target.write_text('mine')
+    assert main(['bench', '--models', 'test_sret', '--backends', 'eager', '--output', str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f'leanvit bench: error: --output {target} is a file; give a folder for bench.csv, bench.md and '
+                   f'bench.png')
+    assert target.read_text() == 'mine'
