@@ -20,7 +20,7 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 
 import leanvit
-from leanvit.data import build_datasets
+from leanvit.io.data import build_datasets
 from leanvit.train import TrainConfig, train
 from leanvit.train.evaluation import data_config
 

@@ -19,9 +19,9 @@ import torch
 from scipy.stats import kendalltau
 
 import leanvit
+from leanvit.methods.glit.evolution import Budget, EvolutionSettings
+from leanvit.methods.glit.search import CostModel, SupernetScorer, random_architectures, search
 from leanvit.models.glit import BlockArch
-from leanvit.search.evolution import Budget, EvolutionSettings
-from leanvit.search.glit_search import CostModel, SupernetScorer, random_architectures, search
 from leanvit.train import TrainConfig, train
 
 WIDTH = dict(patch_size=4, embed_dim=48, num_heads=3)
@@ -63,7 +63,7 @@ def main() -> None:
         archs[f'random {i}'] = arch
 
     # The supernet's held-out score of every retrained architecture (the ranking it would have given them).
-    from leanvit.data import build_datasets
+    from leanvit.io.data import build_datasets
     from leanvit.train.evaluation import data_config
     supernet = leanvit.create_model('glit_supernet', num_classes=10, img_size=32, depth=DEPTH, **WIDTH)
     run = output / 'search' / 'supernet'

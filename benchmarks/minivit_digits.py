@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from leanvit.compress import compress
+from leanvit.methods.minivit.multiplex import compress
 from leanvit.train import TrainConfig, train
 
 TEACHER = 'vit_tiny_patch16_224'

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import leanvit
-from leanvit.data import build_datasets
+from leanvit.io.data import build_datasets
 from leanvit.train import TrainConfig, train
 from leanvit.train.evaluation import data_config, evaluate_model
 

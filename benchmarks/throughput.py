@@ -30,8 +30,9 @@ import torch
 from timm.utils.model import reparameterize_model
 
 import leanvit
-from leanvit.bench import cpu_name
-from leanvit.export import export_model, onnx_session
+from leanvit.deploy.bench import cpu_name
+from leanvit.deploy.export import export_model
+from leanvit.io.exported import onnx_session
 
 
 def eager(model: torch.nn.Module):

@@ -1,7 +1,6 @@
 """The ``leanvit`` command line.
 
-Parsing imports neither torch nor timm (``leanvit --help`` and argument errors answer at once); each command
-imports what it needs. Problems with the user's input are one line on stderr, never a traceback: exit status 2 for
+Problems with the user's input are one line on stderr, never a traceback: exit status 2 for
 a usage error (an argument or recipe value), 1 for any other input (a file, a folder, a checkpoint); a traceback
 means a bug in leanvit.
 """
@@ -18,12 +17,37 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+from timm.models import get_arch_pretrained_cfgs
+from timm.utils.model import reparameterize_model
+from torch.utils.data import DataLoader
+
 import leanvit
-from leanvit import bench
 from leanvit.argtypes import json_object, metric_amount, non_negative_float, non_negative_int, positive_int
+from leanvit.deploy import bench
+from leanvit.deploy.export import DEFAULT_ATOL, FORMATS, export_model
+from leanvit.deploy.predict import format_predictions, predict, write_predictions_csv
+from leanvit.deploy.quantize import quantize_export
 from leanvit.errors import LeanvitError, UsageError
-from leanvit.export import DEFAULT_ATOL, FORMATS
-from leanvit.train.config import GROUPS, TrainConfig, flag, value_types
+from leanvit.io.data import build_datasets
+from leanvit.io.exported import exported_format
+from leanvit.methods.glit.evolution import Budget, EvolutionSettings
+from leanvit.methods.glit.search import search
+from leanvit.methods.minivit.diagnostics import BLOCK_PATTERN, analyze_cka, analyze_gradient_norms
+from leanvit.methods.minivit.multiplex import compress
+from leanvit.threads import choose_threads
+from leanvit.train import train
+from leanvit.train.config import GROUPS, TrainConfig, flag, read_architecture_file, value_types
+from leanvit.train.evaluation import (
+    data_config,
+    evaluate_checkpoint,
+    evaluation_files,
+    load_trained_model,
+    run_datasets,
+    run_metadata,
+    trained_model_spec,
+)
+from leanvit.train.teacher_logits import compute_teacher_logits, save_teacher_logits
 
 EXIT_USAGE = 2
 EXIT_INPUT = 1
@@ -39,7 +63,6 @@ def model_rows(pattern: str = '', include_test: bool = False) -> list[dict]:
     A configuration is ``architecture.tag`` (timm's pretrained tag, e.g. ``sret_t.distill_in1k``), or the bare
     architecture where it has no tag (the test models); ``pattern`` matches either the tagged or the bare name.
     """
-    from timm.models import get_arch_pretrained_cfgs
 
     rows = []
     for arch in leanvit.list_models(include_test=include_test):
@@ -98,13 +121,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    import torch
-    from timm.utils.model import reparameterize_model
 
-    from leanvit.export import exported_format
-    from leanvit.threads import choose_threads
-    from leanvit.train.config import read_architecture_file
-    from leanvit.train.evaluation import data_config, trained_model_spec
 
     threads, why = choose_threads(args.threads)
     kwargs = dict(args.model_kwargs or {})
@@ -176,7 +193,6 @@ HIDDEN_WHY = {('search', 'model'): ': it trains the GLiT supernet (retrain the s
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = train_config(args)
-    from leanvit.train import train  # torch and timm load only once the configuration is known to be valid
 
     final = train(config, resume_anyway=args.resume_anyway)
     print(json.dumps(final, indent=2))
@@ -185,7 +201,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     config = train_config(args)
-    from leanvit.compress import compress
 
     init = int(args.shared_init) if args.shared_init.isdigit() else args.shared_init
     final = compress(config, share=args.share, init=init, attn_transform=args.attn_transform,
@@ -197,8 +212,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     config = train_config(args, output='runs/search')
-    from leanvit.search.evolution import Budget, EvolutionSettings
-    from leanvit.search.glit_search import search
 
     try:
         settings = EvolutionSettings(population=args.population, parents=args.parents,
@@ -214,8 +227,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from leanvit.threads import choose_threads
-    from leanvit.train.evaluation import evaluate_checkpoint, evaluation_files
 
     threads, why = choose_threads(args.threads)
     output = args.output or os.path.dirname(args.checkpoint) or '.'
@@ -235,8 +246,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from leanvit.predict import format_predictions, predict, write_predictions_csv
-    from leanvit.threads import choose_threads
 
     choose_threads(args.threads)
     predictions = predict(args.checkpoint, args.images, args.top_k, model_name=args.model,
@@ -249,10 +258,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_logits(args: argparse.Namespace) -> int:
-    from leanvit.data import build_datasets
-    from leanvit.distill import compute_teacher_logits, save_teacher_logits
-    from leanvit.threads import choose_threads
-    from leanvit.train.evaluation import data_config, load_trained_model
 
     choose_threads(args.threads)
     teacher, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
@@ -269,9 +274,6 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from leanvit.export import export_model
-    from leanvit.threads import choose_threads
-    from leanvit.train.evaluation import data_config, load_trained_model, run_datasets, run_metadata
 
     choose_threads(args.threads)
     # leanvit eval and predict tell an ONNX file by its extension, so the name and the format must agree.
@@ -318,10 +320,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def quantize_run_export(args: argparse.Namespace, float_path: Path, bundle, source: str) -> None:
     """``export --quantize int8``: the INT8 file beside the float one, calibrated on the run's training images and
     written only if its top-1 on the run's validation images is within --max-drop of the float file's."""
-    import torch
-    from torch.utils.data import DataLoader
 
-    from leanvit.quantize import quantize_export
 
     int8_path = float_path.with_name(float_path.stem + '.int8.onnx')
     # A file exported with --static-batch runs its batch size only.
@@ -342,7 +341,6 @@ def quantize_run_export(args: argparse.Namespace, float_path: Path, bundle, sour
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from leanvit.analyze import BLOCK_PATTERN, analyze_cka, analyze_gradient_norms
 
     if args.analysis == 'grad-norms':
         report = analyze_gradient_norms(

@@ -9,13 +9,14 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 __all__ = ['busy_cpus', 'choose_threads', 'default_threads', 'environment_threads', 'usable_cpus']
 
 
 def choose_threads(requested: int | None = None, num_workers: int = 0, processes: int = 1) -> tuple[int, str]:
     """Set torch's compute threads and return (threads, why): ``requested`` (``--threads``), else
     ``OMP_NUM_THREADS``, else `default_threads` of the usable and busy CPUs now."""
-    import torch
 
     if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
         raise ValueError(f'threads must be an integer >= 1, got {requested!r}')

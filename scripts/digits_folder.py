@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from leanvit.data import digits_split
+from leanvit.io.data import digits_split
 
 
 def main(out: Path) -> None:

@@ -11,15 +11,22 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from test_eval_cli import save_run_checkpoint
 from torch.utils.data import DataLoader
 
 import leanvit
-from leanvit.analyze import block_modules, endless, gradient_norms, infer_layout, layer_cka, linear_cka
 from leanvit.cli import main
-from leanvit.data import build_datasets
 from leanvit.errors import UsageError
+from leanvit.io.data import build_datasets
+from leanvit.methods.minivit.diagnostics import (
+    block_modules,
+    endless,
+    gradient_norms,
+    infer_layout,
+    layer_cka,
+    linear_cka,
+)
 from leanvit.train.evaluation import data_config
-from test_eval_cli import save_run_checkpoint
 
 USAGE, INPUT = 2, 1
 SRET = dict(img_size=32, num_classes=10)
@@ -189,13 +196,6 @@ def test_a_bad_input_is_one_line_naming_it(case, tmp_path, capsys):
         assert part.replace('{tmp}', str(tmp_path)) in err, (part, err)
     assert returned == code, err
 
-
-def test_analyze_argument_errors_do_not_import_torch():
-    script = ('import sys\nfrom leanvit.cli import main\ntry:\n'
-              '    main(["analyze", "grad-norms", "--steps", "0", "--output", "x"])\nexcept SystemExit:\n    pass\n'
-              'print(sorted(m for m in ("torch", "timm") if m in sys.modules))')
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
-    assert result.stdout.strip().splitlines()[-1] == '[]'
 
 
 def test_cli_reads_the_models_of_run_checkpoints(tmp_path):

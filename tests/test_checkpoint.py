@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 import leanvit
-import leanvit.checkpoint
-from leanvit.checkpoint import check_state_dict_fits, load_checkpoint, read_checkpoint, unwrap_state_dict
-from leanvit.distill import load_teacher_logits, save_teacher_logits
+import leanvit.io.weights
 from leanvit.errors import CheckpointError, UnsafeCheckpointError
+from leanvit.io.weights import check_state_dict_fits, load_checkpoint, read_checkpoint, unwrap_state_dict
+from leanvit.train.teacher_logits import load_teacher_logits, save_teacher_logits
 
 
 class WritesAFile:
@@ -47,7 +47,7 @@ def test_torch_save_with_a_code_object_is_refused(tmp_path):
 
 
 def test_unsafe_checkpoint_error_is_the_one_of_the_error_hierarchy():
-    assert leanvit.checkpoint.UnsafeCheckpointError is UnsafeCheckpointError
+    assert leanvit.io.weights.UnsafeCheckpointError is UnsafeCheckpointError
 
 
 def test_missing_checkpoint_is_named(tmp_path):
@@ -81,7 +81,7 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, m
             f.write(b'partial')
         raise KeyboardInterrupt('killed mid-save')
 
-    monkeypatch.setattr(leanvit.checkpoint, 'save_file', crash)
+    monkeypatch.setattr(leanvit.io.weights, 'save_file', crash)
     with torch.no_grad():
         next(model.parameters()).add_(1)
     with pytest.raises(KeyboardInterrupt):

@@ -1,4 +1,4 @@
-"""`leanvit.compress.multiplex`: MiniViT students built from pre-trained timm DeiT/ViT and Swin teachers."""
+"""`leanvit.multiplex`: MiniViT students built from pre-trained timm DeiT/ViT and Swin teachers."""
 
 import json
 from pathlib import Path
@@ -10,8 +10,8 @@ import yaml
 from PIL import Image
 
 import leanvit
-from leanvit.compress import agreement, multiplex
 from leanvit.errors import CheckpointError, UsageError
+from leanvit.methods.minivit.multiplex import agreement, multiplex
 from leanvit.models.minivit import MiniDeiT, MiniSwin
 
 

@@ -4,8 +4,8 @@ import os
 import re
 import signal
 import warnings
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +14,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import leanvit
-from leanvit.data import BadImageError, LabelledImages, build_datasets, digits_split, display_name
 from leanvit.errors import LeanvitError, UsageError
+from leanvit.io.data import BadImageError, LabelledImages, build_datasets, digits_split, display_name
 from leanvit.train.evaluation import evaluate_checkpoint, plot_confusion_matrix
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
@@ -470,7 +470,7 @@ def test_digits_folder_script_writes_the_fixed_split_as_an_image_folder(tmp_path
 
 
 def test_renormalizer_maps_one_normalisation_to_another():
-    from leanvit.data import renormalizer
+    from leanvit.io.data import renormalizer
 
     imagenet = {'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}
     inception = {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)}

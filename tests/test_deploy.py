@@ -13,8 +13,9 @@ from timm.utils.model import reparameterize_model
 
 import leanvit
 from leanvit.cli import main
-from leanvit.export import METADATA_KEY, export_model
-from leanvit.quantize import QuantizationDropError, quantize_export
+from leanvit.deploy.export import export_model
+from leanvit.deploy.quantize import QuantizationDropError, quantize_export
+from leanvit.io.exported import METADATA_KEY
 
 # Small members of the families whose point is sharing: SReT's recursion, MiniViT's multiplexing.
 SHARING_MODELS = {
@@ -103,7 +104,7 @@ def test_quantize_int8_writes_a_smaller_file_that_eval_runs(digits_run, tmp_path
 def test_quantize_refuses_a_drop_beyond_the_limit_and_writes_nothing(digits_run, tmp_path):
     from torch.utils.data import DataLoader
 
-    from leanvit.data import build_datasets
+    from leanvit.io.data import build_datasets
     from leanvit.train.evaluation import data_config
 
     model = leanvit.create_model('test_sret', img_size=32, num_classes=10)
@@ -122,7 +123,7 @@ def test_quantize_refuses_a_drop_beyond_the_limit_and_writes_nothing(digits_run,
 
 
 def test_quantize_without_calibration_images_is_dynamic_and_says_why(tmp_path):
-    from leanvit.quantize import quantize_onnx
+    from leanvit.deploy.quantize import quantize_onnx
 
     model = leanvit.create_model('test_sret', img_size=32, num_classes=5)
     export_model(model, tmp_path / 'model.onnx', input_size=(3, 32, 32), reparam=True, metadata={'model': 'x'})
@@ -147,7 +148,7 @@ def test_quantize_needs_an_onnx_output(digits_run, tmp_path, capsys):
 def test_static_quantization_applies_where_equal_weights_were_stored_once(name, tmp_path):
     """An untrained RIFormer's norm weights and layer scales are all equal, so the export stores each value once and
     many elementwise nodes share it: static quantization must still apply (the quantizer refuses shared weights)."""
-    from leanvit.quantize import quantize_onnx
+    from leanvit.deploy.quantize import quantize_onnx
 
     model = leanvit.create_model(name, num_classes=5, img_size=32)
     size = (3, 32, 32)

@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leanvit.distill import KD_LOSSES, deit_hard, deit_soft, distillation_loss, kl_batchmean, soft_cross_entropy
+from leanvit.train.distillation import (
+    KD_LOSSES,
+    deit_hard,
+    deit_soft,
+    distillation_loss,
+    kl_batchmean,
+    soft_cross_entropy,
+)
 
 BATCH, CLASSES = 6, 11
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 import leanvit
 from leanvit.cli import main
-from leanvit.data import build_datasets
+from leanvit.io.data import build_datasets
 from leanvit.train.evaluation import data_config, evaluation_files
 
 KWARGS = dict(img_size=32, num_classes=10)

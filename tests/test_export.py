@@ -13,8 +13,8 @@ from torch import nn
 
 import leanvit
 from leanvit.cli import main
+from leanvit.deploy.export import ExportVerificationError, export_model
 from leanvit.errors import LeanvitError
-from leanvit.export import ExportVerificationError, export_model
 
 KWARGS = {'img_size': 32, 'num_classes': 5}
 
@@ -187,8 +187,8 @@ def test_an_inexact_fold_is_an_error_before_anything_is_written(tmp_path):
 def test_export_model_rejects_unknown_formats_and_names_missing_packages(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown export format 'tflite'; choose one of onnx, torchscript"):
         export_model(TinyNet(), tmp_path / 'x', 'tflite')
-    real_find_spec = leanvit.export.importlib.util.find_spec
-    monkeypatch.setattr(leanvit.export.importlib.util, 'find_spec',
+    real_find_spec = leanvit.io.exported.importlib.util.find_spec
+    monkeypatch.setattr(leanvit.io.exported.importlib.util, 'find_spec',
                         lambda name: None if name == 'onnxscript' else real_find_spec(name))
     with pytest.raises(LeanvitError, match=r'ONNX export needs onnxscript: pip install "leanvit\[export\]"'):
         export_model(TinyNet(), tmp_path / 'x.onnx')

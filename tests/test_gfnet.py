@@ -169,7 +169,7 @@ def test_onnx_export_records_products_not_dfts(tmp_path):
     """ONNX Runtime's DFT kernel is not a fast one: the exported filter is GEMMs, and still the same function."""
     import onnx
 
-    from leanvit.export import export_model
+    from leanvit.deploy.export import export_model
 
     model = leanvit.create_model('gfnet_h_ti', img_size=64, num_classes=5)
     report = export_model(model, tmp_path / 'gfnet.onnx', input_size=(3, 64, 64))

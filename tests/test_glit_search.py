@@ -10,15 +10,15 @@ import timm
 import torch
 
 import leanvit
-from leanvit.data import build_datasets
 from leanvit.errors import RunDirectoryError, RunLockedError, UsageError
+from leanvit.io.data import build_datasets
+from leanvit.methods.glit.evolution import Budget, CandidateLog, EvolutionSearch, EvolutionSettings
+from leanvit.methods.glit.search import CostModel, SupernetScorer, random_architectures, search
+from leanvit.methods.glit.supernet import GLiTSupernet, PathSampling, sample_architecture
 from leanvit.models.glit import BlockArch, GLiT, SearchSpace, load_architecture
-from leanvit.search.evolution import Budget, CandidateLog, EvolutionSearch, EvolutionSettings
-from leanvit.search.glit_search import CostModel, SupernetScorer, random_architectures, search
-from leanvit.search.supernet import GLiTSupernet, PathSampling, sample_architecture
 from leanvit.train import TrainConfig
-from leanvit.train.checkpoints import RunLock
 from leanvit.train.objectives import build_objectives
+from leanvit.train.run_directory import RunLock
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=48)
 SPACE = SearchSpace()
@@ -374,7 +374,7 @@ def test_ties_go_to_the_cheaper_candidate(tmp_path):
 
 
 def test_write_json_refuses_non_finite_numbers(tmp_path):
-    from leanvit.train.checkpoints import write_json
+    from leanvit.io.files import write_json
     with pytest.raises(ValueError, match=r'field metrics.1.loss is not a finite number'):
         write_json(tmp_path / 'x.json', {'metrics': [{'loss': 1.0}, {'loss': float('inf')}]})
     assert not (tmp_path / 'x.json').exists()
@@ -406,7 +406,7 @@ def test_a_search_whose_every_score_is_nan_fails_naming_a_candidate_and_writes_n
 
 
 def test_cost_range_is_the_cost_of_the_cheapest_and_dearest_architectures():
-    from leanvit.search.glit_search import cost_range
+    from leanvit.methods.glit.search import cost_range
     cost = CostModel(num_heads=3, **SMALL)
     blocks = SPACE.all_blocks(3)
     assert len(blocks) == len(set(blocks)) == 4 * 9

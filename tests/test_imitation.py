@@ -11,22 +11,19 @@ from test_riformer import FIXTURE_ARCH, FIXTURES
 from torch import nn
 
 import leanvit
-from leanvit.distill.imitation import (
+from leanvit.errors import UsageError
+from leanvit.methods.features import FeatureTaps, feature_mse, relation_matrix, relation_mse
+from leanvit.methods.riformer.imitation import (
     ImitationWeights,
     ModuleImitation,
     blocks_by_stage,
-    feature_mse,
     mixer_output_mse,
+    module_imitation,
     pair_blocks,
-    relation_matrix,
-    relation_mse,
 )
-from leanvit.distill.taps import FeatureTaps
-from leanvit.distill.teacher_init import init_from_teacher
 from leanvit.models.riformer import RIFormer
-from leanvit.errors import UsageError
 from leanvit.train import TrainConfig, train
-from leanvit.train.objectives import module_imitation
+from leanvit.train.initialization import init_from_teacher
 
 
 def student_and_teacher(seed: int = 0):

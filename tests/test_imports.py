@@ -1,4 +1,5 @@
-"""Importing leanvit is cheap, and registers its models with timm whichever leanvit module is imported first."""
+"""``import leanvit`` registers its models with timm and its objectives with the engine, with plain imports: nothing
+is added to the import system, and timm imported alone loads nothing of leanvit."""
 
 import subprocess
 import sys
@@ -6,19 +7,28 @@ import sys
 import pytest
 
 
-def test_importing_leanvit_still_registers_its_models_with_timm():
-    script = 'import leanvit, timm\nprint(timm.is_model("sret_t"), timm.is_model("riformer_s12"))'
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ['True', 'True']
-    script = 'import timm, leanvit\nprint(timm.is_model("sret_t"), type(timm.__loader__).__name__)'
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ['True', 'SourceFileLoader']
-
-
-@pytest.mark.parametrize('first', ['leanvit.layers', 'leanvit.layers.mlp', 'leanvit.data', 'leanvit.models.riformer',
-                                   'leanvit.train.engine'])
-def test_any_leanvit_module_imported_first_registers_the_models(first):
-    script = f'import {first}, timm\nprint(timm.is_model("sret_t"), timm.is_model("riformer_s12"))'
+def run(script: str) -> list[str]:
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ['True', 'True']
+    return result.stdout.split()
+
+
+def test_importing_leanvit_registers_its_models_and_objectives_without_an_import_hook():
+    script = ('import sys\nfinders = list(sys.meta_path)\nimport leanvit, timm\n'
+              'from leanvit.train.objectives import OBJECTIVES\n'
+              'print(timm.is_model("sret_t"), timm.is_model("riformer_s12"), timm.is_model("glit_supernet"),'
+              ' sorted(OBJECTIVES) == ["module_imitation", "path_sampling", "weight_distillation"],'
+              ' sys.meta_path == finders)')
+    assert run(script) == ['True'] * 5
+
+
+def test_importing_timm_alone_loads_nothing_of_leanvit():
+    script = 'import sys, timm\nprint(timm.is_model("sret_t"), [m for m in sys.modules if m.startswith("leanvit")])'
+    assert run(script) == ['False', '[]']
+
+
+@pytest.mark.parametrize('first', ['leanvit.layers.mlp', 'leanvit.io.data', 'leanvit.models.riformer',
+                                   'leanvit.train.engine', 'leanvit.methods.glit.search'])
+def test_any_leanvit_module_imported_first_registers_the_models(first):
+    script = f'import {first}, timm\nprint(timm.is_model("sret_t"), timm.is_model("glit_supernet"))'
+    assert run(script) == ['True', 'True']

@@ -109,7 +109,7 @@ def test_official_checkpoint_gives_official_outputs(family):
         torch.testing.assert_close(output, io[f'hidden.{layer}'], rtol=1e-5, atol=1e-5)
     # The converted model saves and reloads in leanvit's own layout.
     again = official_deit() if family == 'mini_deit' else official_swin()
-    again.load_state_dict(leanvit.models.converter_for(again)(model.state_dict(), again))
+    again.load_state_dict(leanvit.io.weights.converter_for(again)(model.state_dict(), again))
 
 
 def test_official_mask_quirk_is_an_option():

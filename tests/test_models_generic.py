@@ -443,12 +443,12 @@ def test_folded_state_dict_loads_into_a_freshly_folded_model(name, model, x):
 @over_models
 def test_family_registers_a_checkpoint_converter(name):
     model = timm.create_model(name)
-    convert = leanvit.models.converter_for(model)
+    convert = leanvit.io.weights.converter_for(model)
     assert convert is not None and convert.__module__ == type(model).__module__
     subclass = type('Subclass', (type(model),), {})
-    assert leanvit.models.converter_for(subclass.__new__(subclass)) is convert  # found along the MRO
+    assert leanvit.io.weights.converter_for(subclass.__new__(subclass)) is convert  # found along the MRO
     # Teacher-weight initialisation renames through the names-only converter, else the full one.
-    rename = leanvit.models.converter_for(model, names_only=True)
+    rename = leanvit.io.weights.converter_for(model, names_only=True)
     assert rename is not None and rename.__module__ == type(model).__module__
 
 
@@ -462,12 +462,12 @@ def test_a_class_has_one_converter():
     def other(state_dict, model):
         return {}
 
-    leanvit.models.register_converter(Family)(convert)
-    leanvit.models.register_converter(Family, names_only=True)(other)
-    assert leanvit.models.converter_for(Family()) is convert
-    assert leanvit.models.converter_for(Family(), names_only=True) is other
+    leanvit.io.weights.register_converter(Family)(convert)
+    leanvit.io.weights.register_converter(Family, names_only=True)(other)
+    assert leanvit.io.weights.converter_for(Family()) is convert
+    assert leanvit.io.weights.converter_for(Family(), names_only=True) is other
     with pytest.raises(ValueError, match='Family already has a checkpoint converter: .*convert'):
-        leanvit.models.register_converter(Family)(other)
+        leanvit.io.weights.register_converter(Family)(other)
 
 
 @over_models

@@ -16,8 +16,8 @@ from timm.utils.model import reparameterize_model
 from torch.utils.data import DataLoader
 
 import leanvit.cli
-from leanvit.data import build_datasets, digits_split
-from leanvit.predict import predict, recorded_class_names
+from leanvit.deploy.predict import predict, recorded_class_names
+from leanvit.io.data import build_datasets, digits_split
 from leanvit.train.evaluation import data_config, evaluate_checkpoint, evaluate_model
 
 KWARGS = dict(img_size=32, num_classes=10)

@@ -14,7 +14,7 @@ import yaml
 import leanvit
 import leanvit.train
 from leanvit.cli import main
-from leanvit.data import build_datasets
+from leanvit.io.data import build_datasets
 from leanvit.train import TrainConfig
 
 RECIPES = Path(__file__).resolve().parent.parent / 'recipes'
@@ -76,7 +76,7 @@ def test_overrides_win_over_recipe_values():
 
 def test_command_line_flags_override_the_recipe(monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(leanvit.train, 'train', lambda config, resume_anyway: seen.append(config) or {})
+    monkeypatch.setattr(leanvit.cli, 'train', lambda config, resume_anyway: seen.append(config) or {})
     recipe = RECIPES / 'digits_sret_t_kd.yaml'
     assert main(['train', '--config', str(recipe), '--lr', '0.25', '--epochs', '1', '--teacher-checkpoint',
                  '/tmp/t.safetensors', '--no-progress']) == 0

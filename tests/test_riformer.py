@@ -12,8 +12,8 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import leanvit
-from leanvit.checkpoint import unwrap_state_dict
 from leanvit.errors import CheckpointError
+from leanvit.io.weights import unwrap_state_dict
 from leanvit.layers import AffineTokenMixer, PoolingTokenMixer
 from leanvit.models.riformer import Layout, RIFormer, checkpoint_filter_fn, detect_layout
 

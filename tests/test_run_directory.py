@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from leanvit.checkpoint import atomic_write, remove_stale_temporaries
 from leanvit.cli import main
 from leanvit.errors import RunDirectoryError, RunLockedError
+from leanvit.io.files import atomic_write, remove_stale_temporaries
 from leanvit.train import TrainConfig, train
-from leanvit.train.checkpoints import CheckpointManager, RunLock
+from leanvit.train.run_directory import CheckpointManager, RunLock
 
 TINY = dict(model='test_sret', img_size=32, batch_size=64, epochs=1, lr=2e-3, progress=False)
 
@@ -132,7 +132,7 @@ def test_pruning_deletes_only_the_checkpoints_it_recorded(tmp_path):
 def test_a_second_process_on_a_run_directory_stops_at_once_naming_the_holder(tmp_path):
     run = tmp_path / 'run'
     holder = subprocess.Popen(
-        [sys.executable, '-c', 'import sys, time\nfrom leanvit.train.checkpoints import RunLock\n'
+        [sys.executable, '-c', 'import sys, time\nfrom leanvit.train.run_directory import RunLock\n'
                                'lock = RunLock(sys.argv[1]).__enter__()\nprint("locked", flush=True)\ntime.sleep(120)',
          str(run)], stdout=subprocess.PIPE, text=True)
     try:

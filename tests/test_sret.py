@@ -8,15 +8,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_models_generic import randomise_folded_statistics
 from timm.utils.model import reparameterize_model
 from torch import nn
 
-from test_models_generic import randomise_folded_statistics
-
 import leanvit
-from leanvit.layers import (
-    GroupAttention,
-)
+from leanvit.layers import GroupAttention
 from leanvit.models.sret import FoldedResidual, LearnableResidual, SReT, checkpoint_filter_fn
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')

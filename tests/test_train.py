@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 import leanvit
-from leanvit.distill.weight_distillation import WeightDistillation
 from leanvit.errors import UsageError
+from leanvit.methods.minivit.weight_distillation import WeightDistillation
 from leanvit.train import TrainConfig, train
-from leanvit.train.checkpoints import CheckpointManager
+from leanvit.train.run_directory import CheckpointManager
 
 TINY = dict(model='test_sret', img_size=32, batch_size=64, epochs=2, lr=2e-3, warmup_epochs=0, progress=False,
             num_workers=0)
@@ -165,7 +165,7 @@ def test_precomputed_teacher_logits_train_like_the_live_teacher(tmp_path):
 
 
 def test_teacher_logits_for_other_data_are_refused(tmp_path):
-    from leanvit.distill import save_teacher_logits
+    from leanvit.train.teacher_logits import save_teacher_logits
     save_teacher_logits(tmp_path / 'logits.safetensors', torch.zeros(100, 10), dict(data='elsewhere'))
     with pytest.raises(ValueError, match=r'hold \(100, 10\) .* training split has 1437 images of 10 classes.*'
                                          r'elsewhere'):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_eval_cli import KWARGS, save_run_checkpoint
 
 from leanvit.cli import main
-from test_eval_cli import KWARGS, save_run_checkpoint
 
 USAGE, INPUT = 2, 1
 
@@ -161,12 +161,3 @@ def test_a_bad_input_is_one_line_naming_it(case, files, capsys):
         assert part.replace('{tmp}', str(files)) in err, (part, err)
     assert returned == code, err
     assert not (files / 'pwned').exists()
-
-
-def test_help_and_argument_errors_do_not_import_torch():
-    script = ('import sys\nfrom leanvit.cli import main\n'
-              'assert main(["train", "--epochs", "0"]) == 2\n'
-              'try:\n    main(["train", "--help"])\nexcept SystemExit:\n    pass\n'
-              'print(sorted(m for m in ("torch", "timm", "torchvision", "PIL", "sklearn") if m in sys.modules))')
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
-    assert result.stdout.strip().splitlines()[-1] == '[]'

@@ -11,14 +11,14 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from leanvit.distill.weight_distillation import (
+from leanvit.errors import UsageError
+from leanvit.methods.minivit.weight_distillation import (
     WeightDistillation,
     attention_relation_loss,
     default_layer_pairs,
     hidden_relation_loss,
     qkv_relation_logits,
 )
-from leanvit.errors import UsageError
 from leanvit.train.objectives import build_objectives
 
 

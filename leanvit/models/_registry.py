@@ -4,7 +4,6 @@ each family's checkpoint converter."""
 import difflib
 import fnmatch
 import pickle
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm
@@ -80,44 +79,3 @@ def list_models(filter: str = '', include_test: bool = True) -> list[str]:
             continue
         names.append(name)
     return sorted(names)
-
-
-Converter = Callable[[dict, nn.Module], dict]
-_converters: dict[type, Converter] = {}
-_renamers: dict[type, Converter] = {}
-
-
-def register_converter(*model_classes: type, names_only: bool = False) -> Callable[[Converter], Converter]:
-    """Decorator: ``fn(state_dict, model) -> state_dict`` converts checkpoints of other layouts for ``model_classes``
-    (and their subclasses); `leanvit.load_checkpoint` finds it through `converter_for`.
-
-    With ``names_only``, ``fn`` only maps another layout's names onto the family's, without the checks (and value
-    conversions) that loading needs: teacher-weight initialisation copies what matches through it, e.g. a PoolFormer
-    teacher's weights into a RIFormer student, which the full converter refuses for its other token mixer.
-
-    Raises:
-        ValueError: another function already converts for one of ``model_classes``.
-    """
-    registry = _renamers if names_only else _converters
-
-    def register(fn: Converter) -> Converter:
-        for cls in model_classes:
-            known = registry.get(cls)
-            if known is not None and known.__qualname__ != fn.__qualname__:  # a module reload re-registers itself
-                raise ValueError(f'{cls.__name__} already has a checkpoint converter: {known.__qualname__}')
-            registry[cls] = fn
-        return fn
-    return register
-
-
-def converter_for(model: nn.Module, names_only: bool = False) -> Converter | None:
-    """The checkpoint converter registered for ``model``'s class, or the nearest base class along its MRO.
-
-    With ``names_only``, the names-only converter if the family registered one, else its full converter.
-    """
-    registries = (_renamers, _converters) if names_only else (_converters,)
-    for registry in registries:
-        found = next((registry[cls] for cls in type(model).__mro__ if cls in registry), None)
-        if found is not None:
-            return found
-    return None

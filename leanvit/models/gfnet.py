@@ -37,11 +37,11 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from leanvit.checkpoint import unwrap_state_dict
+from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import linear_drop_path_rates
-from leanvit.models._registry import PaperCfg, register_converter
+from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import LinearHeadClassifier
 
 __all__ = ['GFNet', 'GFNetHierarchical', 'GlobalFilter', 'GlobalFilterBlock']

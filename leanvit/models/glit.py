@@ -33,12 +33,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from leanvit.checkpoint import unwrap_state_dict
+from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.conv import folded_conv
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import linear_drop_path_rates
-from leanvit.models._registry import PaperCfg, register_converter
+from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import LinearHeadClassifier, prune_sequence
 
 __all__ = ['BlockArch', 'ConvModule', 'GLBlock', 'GLIT_TINY', 'GLMixer', 'GLiT', 'GlobalAttention', 'SearchSpace',

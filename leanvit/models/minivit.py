@@ -12,7 +12,7 @@ The idea in one screen (paper Sec. 3.2):
   share weights still compute different functions: its LayerNorms; a head mixing of the attention logits before the
   softmax and of the probabilities after it (`HeadMixing`, an H x H matrix per layer); and an MLP transformation, a
   LayerNorm then a residual depthwise 7 x 7 convolution on the token map before the MLP (`LocalConv`).
-- Weight distillation (Sec. 3.3) is a training objective, not part of the model (`leanvit.distill`).
+- Weight distillation (Sec. 3.3) is a training objective, not part of the model (`leanvit.train.distillation`).
 
 Each part is an option, so the paper's ablation is one flag each: ``share`` (layers per distinct block; 12 shares one
 block across all of DeiT's layers), ``separate_norms``, ``attn_transform``, ``local_conv``. The official Mini-DeiT has
@@ -35,11 +35,11 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 from torch import nn
 
-from leanvit.checkpoint import unwrap_state_dict
+from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import SharedWeightStage, linear_drop_path_rates
-from leanvit.models._registry import PaperCfg, register_converter
+from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import LinearHeadClassifier, StagedClassifier, prune_sequence
 
 __all__ = ['HeadMixing', 'ImageRPE', 'LayerTransforms', 'LocalConv', 'MiniDeiT', 'MiniSwin', 'MultiplexedBlock',

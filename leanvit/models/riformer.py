@@ -14,7 +14,7 @@ The idea in one screen (paper Sec. 3):
   `RIFormer.reparameterize` folds the mixer into GN1 exactly (`fold_affine_into_norm`) and the deploy block is
   ``x + ls1 * GN1'(x)``: no token mixer at all. Optionally the layer scale folds in as well.
 - The accuracy comes from the training method, not from this file: soft-label distillation from a teacher with a
-  token mixer, module imitation and teacher-weight initialisation (`leanvit.distill.imitation`).
+  token mixer, module imitation and teacher-weight initialisation (`leanvit.methods.riformer.imitation`).
 
 The same class builds the teacher: ``token_mixer='pooling'`` is PoolFormer exactly as its authors release it (norm on
 the map before pooling, unlike timm's ``poolformer_*``, which pools first), so official PoolFormer checkpoints load
@@ -32,11 +32,11 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from leanvit.checkpoint import unwrap_state_dict
+from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import ConvMlp
 from leanvit.layers.token_mixers import AffineTokenMixer, PoolingTokenMixer, fold_affine_into_norm
-from leanvit.models._registry import PaperCfg, register_converter
+from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import StagedClassifier, prune_sequence
 
 __all__ = ['Layout', 'RIFormer', 'RIFormerBlock', 'detect_layout']
@@ -353,7 +353,7 @@ def checkpoint_filter_fn(state_dict: dict, model: RIFormer) -> dict:
     if layout is Layout.POOLFORMER_OFFICIAL and not pooling:
         raise ValueError(f'{layout.value} checkpoint has a pooling token mixer; load it into a model created with '
                          "token_mixer='pooling', or start a RIFormer from it with "
-                         'leanvit.distill.teacher_init.init_from_teacher')
+                         'leanvit.train.initialization.init_from_teacher')
     if layout in (Layout.MMPRETRAIN_TRAINING, Layout.MMPRETRAIN_DEPLOY, Layout.LEANVIT_TRAINING) and pooling:
         raise ValueError(f"{layout.value} checkpoint has no pooling token mixer; create the model with "
                          "token_mixer='affine' (training form) or deploy=True")

@@ -31,20 +31,27 @@ from functools import partial
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
-
-from timm.layers import (ConvNormAct, DropPath, LayerNorm2d, LayerType, NormMlpClassifierHead, get_act_layer,
-                         get_norm_layer, trunc_normal_)
+from timm.layers import (
+    ConvNormAct,
+    DropPath,
+    LayerNorm2d,
+    LayerType,
+    NormMlpClassifierHead,
+    get_act_layer,
+    get_norm_layer,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
 
-from leanvit.checkpoint import unwrap_state_dict
+from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.attention import GroupAttention
 from leanvit.layers.conv import fold_conv_norm_act
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.shared import SharedWeightStage
-from leanvit.models._registry import PaperCfg, register_converter
+from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import StagedClassifier, prune_sequence
 
 __all__ = ['SReT']

@@ -1,7 +1,7 @@
 """The training loop: config, data, model, optimizer, loop, checkpoints — top to bottom, no framework.
 
 ``train(config)`` trains (or distils) one model and returns its final validation metrics. Everything a run writes
-goes to ``config.output``: checkpoints (see ``leanvit.train.checkpoints``), ``config.yaml``, ``summary.csv`` and
+goes to ``config.output``: checkpoints (see ``leanvit.train.run_directory``), ``config.yaml``, ``summary.csv`` and
 the loss / accuracy plots. A run resumes exactly where a killed run stopped: checkpoints are taken at step
 granularity, with the RNG state, and the data order of an epoch depends only on (seed, epoch).
 """
@@ -28,17 +28,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-import leanvit
-from leanvit.checkpoint import atomic_write, check_state_dict_fits
-from leanvit.data import AUGMENTATIONS, WithIndex, build_datasets, renormalizer, typical_image_size
-from leanvit.distill import KD_LOSSES, distillation_loss, load_teacher_logits
-from leanvit.distill.teacher_init import init_from_checkpoint, init_from_teacher
 from leanvit.errors import RunDirectoryError, TrainingDivergedError, UsageError
+from leanvit.io.data import AUGMENTATIONS, WithIndex, build_datasets, renormalizer, typical_image_size
+from leanvit.io.files import atomic_write, write_json
+from leanvit.io.weights import check_state_dict_fits, load_checkpoint
+from leanvit.models import create_model
+from leanvit.profiler import count_params
 from leanvit.threads import choose_threads
-from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state, write_json
 from leanvit.train.config import TrainConfig, absolute_data, as_recorded, read_architecture_file
+from leanvit.train.distillation import KD_LOSSES, distillation_loss
 from leanvit.train.evaluation import data_config, evaluate_model, trained_model_spec
+from leanvit.train.initialization import init_from_checkpoint, init_from_teacher
 from leanvit.train.objectives import build_objectives, check_objective_names
+from leanvit.train.run_directory import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state
+from leanvit.train.teacher_logits import load_teacher_logits
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # Progress is printed, and losses checked for NaN, every this many steps (and before each checkpoint): reading the
@@ -135,7 +138,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         model_kwargs['arch'] = read_architecture_file(config.arch)
     if config.img_size:
         model_kwargs['img_size'] = config.img_size
-    probe = leanvit.create_model(config.model, **model_kwargs)
+    probe = create_model(config.model, **model_kwargs)
     data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
                           augment=config.augment, auto_augment=config.auto_augment, re_prob=config.re_prob,
                           bad_images=config.bad_images, seed=config.seed, holdout=config.holdout)
@@ -157,15 +160,15 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
         teacher_table, _ = load_teacher_logits(config.teacher_logits, len(data.train), data.num_classes)
     if config.teacher:
         teacher_name, teacher_kwargs = teacher_spec(config)
-        teacher = leanvit.create_model(teacher_name, num_classes=data.num_classes, **teacher_kwargs)
+        teacher = create_model(teacher_name, num_classes=data.num_classes, **teacher_kwargs)
         if config.teacher_checkpoint:
-            leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
+            load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
         teacher.to(device).eval().requires_grad_(False)
     teacher_input = renormalizer(data_config(probe, config.img_size), data_config(teacher, config.img_size)) \
         if teacher is not None else None
 
     random_seed(config.seed)  # torch, numpy and Python's random (timm's transforms draw from the latter)
-    model = leanvit.create_model(config.model, num_classes=data.num_classes, **model_kwargs).to(device)
+    model = create_model(config.model, num_classes=data.num_classes, **model_kwargs).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.init_from_teacher and teacher is None:
@@ -288,7 +291,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
             teacher_line += ('; it sees the same images every epoch: `leanvit teacher-logits` stores its logits '
                              'once, and --teacher-logits trains without running it')
         print('\n'.join([
-            f'model      {config.model}: {leanvit.count_params(model):,} parameters, input '
+            f'model      {config.model}: {count_params(model):,} parameters, input '
             f'{"x".join(map(str, data_config(model, config.img_size)["input_size"]))}',
             f'data       {data.description}',
             f'augment    {config.augment}: {AUGMENTATIONS[config.augment].use}'

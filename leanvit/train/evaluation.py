@@ -14,18 +14,19 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from timm.utils.model import reparameterize_model
 import torch.nn.functional as F
+from timm.utils.model import reparameterize_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-import leanvit
-from leanvit.checkpoint import atomic_write
-from leanvit.data import DataBundle, build_datasets, display_name
 from leanvit.errors import CheckpointError, DataError, TrainingDivergedError, UsageError
-from leanvit.export import exported_format, load_exported
-from leanvit.train.checkpoints import read_sidecar, write_json
+from leanvit.io.data import DataBundle, build_datasets, display_name
+from leanvit.io.exported import exported_format, load_exported
+from leanvit.io.files import atomic_write, write_json
+from leanvit.io.weights import load_checkpoint
+from leanvit.models import create_model
 from leanvit.train.config import TrainConfig
+from leanvit.train.run_directory import read_sidecar
 
 # Past 20 classes the counts no longer fit in their cells; past 50 the names on the axes overlap, so the axes show
 # class indices instead.
@@ -98,7 +99,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device | 
 def plot_confusion_matrix(confusion: torch.Tensor, class_names: list[str], path: str | os.PathLike) -> None:
     """Write ``confusion[true, predicted]`` as a PNG: class names on the axes, counts in the cells up to 20 classes.
 
-    Names are drawn through ``leanvit.data.display_name``: matplotlib cannot draw a folder name that is not UTF-8.
+    Names are drawn through ``leanvit.io.data.display_name``: matplotlib cannot draw a folder name that is not UTF-8.
     """
     # A bare Figure with the Agg canvas: pyplot and its global backend stay as the caller (a notebook) set them,
     # and the figure is freed with its last reference.
@@ -130,8 +131,8 @@ def load_trained_model(checkpoint: str | os.PathLike, model_name: str | None = N
     """The model ``checkpoint`` holds, with its weights loaded, and the name and kwargs it was built from (see
     `trained_model_spec`)."""
     name, kwargs = trained_model_spec(checkpoint, model_name, model_kwargs)
-    model = leanvit.create_model(name, **kwargs)
-    leanvit.load_checkpoint(model, checkpoint, trust=trust)
+    model = create_model(name, **kwargs)
+    load_checkpoint(model, checkpoint, trust=trust)
     return model, name, kwargs
 
 
@@ -256,7 +257,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     Args:
         checkpoint: Weights, see ``load_trained_model`` (which ``model_name`` and ``model_kwargs`` go to).
         output: Folder for the two files.
-        data: As ``leanvit.data.build_datasets`` takes it; None: the data (and split) the run was trained on, as its
+        data: As ``leanvit.io.data.build_datasets`` takes it; None: the data (and split) the run was trained on, as its
             sidecar records it, or the bundled digits for a checkpoint without one.
         batch_size: Images per forward pass.
 

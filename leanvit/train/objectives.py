@@ -11,18 +11,16 @@ GLiT's supernet path sampling) are objects that the loop
 5. trains, if the objective has a ``parameters()`` method (optional; weight distillation's width adapters): what it
    returns is one more optimizer param group (no weight decay), clipped with the model's gradients; the objective's
    ``state_dict()`` holds their values and the run's resume state their optimizer state.
-A new objective is a class with these four methods (five, if it trains parameters) and one entry in ``OBJECTIVES``.
+A new objective is a class with these four methods (five, if it trains parameters) and a factory registered with
+``register_objective``, in the method's own module (``leanvit.methods``): this module imports none of them.
 """
 
-import re
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from leanvit.distill.imitation import LAYOUTS, ImitationWeights, ModuleImitation
-from leanvit.distill.weight_distillation import WeightDistillation
 from leanvit.errors import UsageError
 
 
@@ -36,51 +34,23 @@ class Objective(Protocol):
     def remove(self) -> None: ...
 
 
-def module_imitation(student: nn.Module, teacher: nn.Module | None, *, block_output: float = 0.,
-                     mixer_output: float = 0., relation: float = 0., student_blocks: str | None = None,
-                     teacher_blocks: str | None = None, teacher_layout: str = 'NCHW') -> ModuleImitation:
-    """RIFormer's module imitation (see ``leanvit.distill.imitation``): one weight per term, 0 turns it off."""
-    if teacher is None:
-        raise UsageError('module_imitation needs a live teacher model (teacher: NAME), not precomputed '
-                         'teacher_logits')
-    weights = ImitationWeights(block_output, mixer_output, relation)
-    if not weights:
-        raise UsageError('module_imitation needs a weight > 0 for at least one of block_output, mixer_output and '
-                         'relation')
-    if teacher_layout not in LAYOUTS:
-        raise UsageError(f'module_imitation: teacher_layout must be one of {", ".join(LAYOUTS)}, '
-                         f'got {teacher_layout!r}')
-    try:
-        return ModuleImitation(student, teacher, weights, student_blocks, teacher_blocks,
-                               teacher_layout=teacher_layout)
-    except (ValueError, re.error) as e:  # block patterns that match nothing, stages that do not pair, bad regexes
-        raise UsageError(f'module_imitation: {e}') from None
+OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 
 
-def weight_distillation(student: nn.Module, teacher: nn.Module | None, **options) -> WeightDistillation:
-    """MiniViT's weight distillation (see ``leanvit.distill.weight_distillation``): attention relations and hidden
-    states of paired layers; ``options`` are `WeightDistillation`'s keyword arguments."""
-    if teacher is None:
-        raise UsageError('weight_distillation needs a live teacher model (teacher: NAME), not precomputed '
-                         'teacher_logits')
-    try:
-        return WeightDistillation(student, teacher, **options)
-    except (ValueError, re.error) as e:  # options that do not fit the two models, bad block patterns
-        raise UsageError(f'weight_distillation: {e}') from None
+def register_objective(name: str) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
+    """Decorator: ``factory(student, teacher, **options) -> Objective`` builds the objective a recipe's
+    ``objectives: {name: {...}}`` asks for. A factory raises ``UsageError`` for options that do not fit the models.
 
-
-def path_sampling(student: nn.Module, teacher: nn.Module | None, *, seed: int = 0) -> Objective:
-    """GLiT's supernet training (see ``leanvit.search.supernet``): one architecture drawn uniformly per step."""
-    from leanvit.search.supernet import PathSampling
-    try:
-        return PathSampling(student, seed)
-    except ValueError as e:  # not a supernet
-        raise UsageError(f'path_sampling: {e}') from None
-
-
-OBJECTIVES: dict[str, Callable[..., Objective]] = {'module_imitation': module_imitation,
-                                                   'path_sampling': path_sampling,
-                                                   'weight_distillation': weight_distillation}
+    Raises:
+        ValueError: another factory already has ``name``.
+    """
+    def register(factory: Callable[..., Objective]) -> Callable[..., Objective]:
+        known = OBJECTIVES.get(name)
+        if known is not None and known.__qualname__ != factory.__qualname__:
+            raise ValueError(f'objective {name!r} is already registered by {known.__module__}.{known.__qualname__}')
+        OBJECTIVES[name] = factory
+        return factory
+    return register
 
 
 def build_objectives(options: dict, student: nn.Module, teacher: nn.Module | None) -> dict[str, Objective]:
@@ -99,7 +69,7 @@ def check_objective_names(options: dict) -> None:
     """Raise a UsageError unless every key names an objective and every value is a mapping of options."""
     for name, kwargs in options.items():
         if name not in OBJECTIVES:
-            raise UsageError(f'objectives (--objectives): unknown objective {name!r}; known: {", ".join(OBJECTIVES)}')
+            raise UsageError(f'objectives (--objectives): unknown objective {name!r}; known: {", ".join(sorted(OBJECTIVES))}')
         if not isinstance(kwargs, dict):
             raise UsageError(f'objectives.{name} must be a mapping of options, such as {{relation: 1.0}}, '
                              f'got {kwargs!r}')

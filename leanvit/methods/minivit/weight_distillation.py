@@ -1,7 +1,7 @@
 """MiniViT's weight distillation (Zhang et al., "MiniViT: Compressing Vision Transformers with Weight Multiplexing",
 CVPR 2022, Sec. 3.3; official code github.com/microsoft/Cream, MiniViT/Mini-Swin ``main.py``).
 
-Loss = prediction KD (the engine's ``kd``, see ``leanvit.distill.losses``) + w_attention * L_attn + w_hidden * L_hddn:
+Loss = prediction KD (the engine's ``kd``: ``leanvit.train.distillation``) + w_attention * L_attn + w_hidden * L_hddn:
 - L_attn (`attention_relation_loss`): MiniLMv2-style self-attention relation distillation. For each paired layer the
   raw q, k, v (the ``qkv`` projection's output, before any head transformation) give nine relations
   R_ij = softmax(X_i X_jᵀ / sqrt(C / Ar)), i, j in {q, k, v}, over Ar relation heads; the student's relations match
@@ -30,9 +30,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from leanvit.distill.imitation import as_tokens, feature_mse, relation_mse
-from leanvit.distill.losses import soft_cross_entropy
-from leanvit.distill.taps import FeatureTaps
+from leanvit.errors import UsageError
+from leanvit.methods.features import FeatureTaps, as_tokens, feature_mse, relation_mse
+from leanvit.train.distillation import soft_cross_entropy
+from leanvit.train.objectives import register_objective
 
 QKV_SUFFIX = 'attn.qkv'             # timm's Attention and WindowAttention, leanvit's GroupAttention
 BLOCK_PATTERN = r'(.*\.)?blocks\.\d+'  # timm ViT's blocks.i, timm Swin's layers.s.blocks.i, leanvit's stages.s.blocks.i
@@ -353,3 +354,15 @@ class WeightDistillation:
         for taps in (self.student_taps, self.teacher_taps):
             if taps is not None:
                 taps.remove()
+
+
+@register_objective('weight_distillation')
+def weight_distillation(student: nn.Module, teacher: nn.Module | None, **options) -> WeightDistillation:
+    """The training objective ``weight_distillation``: ``options`` are `WeightDistillation`'s keyword arguments."""
+    if teacher is None:
+        raise UsageError('weight_distillation needs a live teacher model (teacher: NAME), not precomputed '
+                         'teacher_logits')
+    try:
+        return WeightDistillation(student, teacher, **options)
+    except (ValueError, re.error) as e:  # options that do not fit the two models, bad block patterns
+        raise UsageError(f'weight_distillation: {e}') from None

@@ -11,9 +11,9 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from leanvit.errors import CheckpointError, UnsafeCheckpointError
+from leanvit.io.exported import exported_format
+from leanvit.io.files import atomic_write
 
 FORMATS = {
     'safetensors': 'a .safetensors file',
@@ -60,8 +62,6 @@ def checkpoint_format(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     if not path.is_file():
         raise CheckpointError(f'{path} is not a regular file, so it cannot be a checkpoint')
-    from leanvit.export import exported_format
-
     if exported := exported_format(path):
         raise CheckpointError(f'{path} is an exported {exported} model, not a checkpoint: `leanvit eval` runs it as '
                               f'it is; loading weights needs the checkpoint it was exported from (.safetensors)')
@@ -220,7 +220,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, t
     """Load weights from ``path`` into ``model`` (in place) and return it.
 
     ``filter_fn(state_dict, model)`` converts another layout first; by default the converter its family registered
-    for the model's class (`leanvit.models.register_converter`) is used, so official checkpoints load directly.
+    for the model's class (`register_converter`) is used, so official checkpoints load directly.
     ``trust`` is `read_checkpoint`'s.
 
     Raises:
@@ -232,8 +232,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, t
     # Before the converter, which takes every value for a tensor.
     _require_tensors(state_dict, str(path))
     if filter_fn is None:
-        from leanvit.models import converter_for  # the families import this module
-
         filter_fn = converter_for(model)
     if filter_fn is not None:
         try:
@@ -268,61 +266,48 @@ def check_state_dict_fits(model: nn.Module, state_dict: dict, source: str = 'sta
                           + '. Is it a checkpoint of another architecture or configuration?')
 
 
-# The names tempfile.mkstemp gives atomic_write's temporaries: '.{name}.' + 8 random characters + '.tmp'.
-TEMPORARY = re.compile(r'\..+\.[a-z0-9_]{8}\.tmp')
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result over ``path``: readers never see a partial file.
-
-    The file gets the permissions the umask gives a new file (``mkstemp`` would leave it 0600). A process killed
-    mid-write leaves its temporary behind; ``remove_stale_temporaries`` clears them.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f'{path} is a folder; give the path of a file to write')
-    for folder in (path.parent, *path.parent.parents):
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(f'cannot write {path}: {folder} is a file, not a folder')
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    except PermissionError:
-        raise PermissionError(f'cannot write {path}: the folder {path.parent} is not writable') from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries ``atomic_write`` left in ``directory`` when a process was killed mid-write.
-
-    Only call it while no other process writes there (a training run holds its directory's ``RunLock``): a live
-    writer's temporary looks the same. Returns the removed paths.
-    """
-    removed = []
-    for entry in os.scandir(directory):
-        if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            Path(entry.path).unlink(missing_ok=True)
-            removed.append(Path(entry.path))
-    return removed
-
-
-def _umask() -> int:
-    # The umask can only be read by setting it; 0o077 in the meantime errs on the private side.
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None):
     """Write the model's state_dict as .safetensors atomically: the file at ``path`` is either old or complete."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata=metadata))
+
+
+Converter = Callable[[dict, nn.Module], dict]
+_converters: dict[type, Converter] = {}
+_renamers: dict[type, Converter] = {}
+
+
+def register_converter(*model_classes: type, names_only: bool = False) -> Callable[[Converter], Converter]:
+    """Decorator: ``fn(state_dict, model) -> state_dict`` converts checkpoints of other layouts for ``model_classes``
+    (and their subclasses); `leanvit.load_checkpoint` finds it through `converter_for`.
+
+    With ``names_only``, ``fn`` only maps another layout's names onto the family's, without the checks (and value
+    conversions) that loading needs: teacher-weight initialisation copies what matches through it, e.g. a PoolFormer
+    teacher's weights into a RIFormer student, which the full converter refuses for its other token mixer.
+
+    Raises:
+        ValueError: another function already converts for one of ``model_classes``.
+    """
+    registry = _renamers if names_only else _converters
+
+    def register(fn: Converter) -> Converter:
+        for cls in model_classes:
+            known = registry.get(cls)
+            if known is not None and known.__qualname__ != fn.__qualname__:  # a module reload re-registers itself
+                raise ValueError(f'{cls.__name__} already has a checkpoint converter: {known.__qualname__}')
+            registry[cls] = fn
+        return fn
+    return register
+
+
+def converter_for(model: nn.Module, names_only: bool = False) -> Converter | None:
+    """The checkpoint converter registered for ``model``'s class, or the nearest base class along its MRO.
+
+    With ``names_only``, the names-only converter if the family registered one, else its full converter.
+    """
+    registries = (_renamers, _converters) if names_only else (_converters,)
+    for registry in registries:
+        found = next((registry[cls] for cls in type(model).__mro__ if cls in registry), None)
+        if found is not None:
+            return found
+    return None

@@ -29,15 +29,19 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import leanvit
-from leanvit.checkpoint import atomic_write
-from leanvit.data import build_datasets
 from leanvit.errors import TrainingDivergedError, UsageError
+from leanvit.io.data import build_datasets
+from leanvit.io.files import atomic_write, write_json
+from leanvit.io.weights import load_checkpoint
+from leanvit.methods.glit.evolution import Budget, Candidate, CandidateLog, EvolutionSearch, EvolutionSettings, ranked
+from leanvit.methods.glit.supernet import GLiTSupernet, SuperConvModule, sample_architecture
+from leanvit.models import create_model
 from leanvit.models.glit import GLiT, SearchSpace
-from leanvit.search.evolution import Budget, Candidate, CandidateLog, EvolutionSearch, EvolutionSettings, ranked
-from leanvit.search.supernet import GLiTSupernet, SuperConvModule
-from leanvit.train.checkpoints import CheckpointManager, RunLock, read_sidecar, write_json
+from leanvit.profiler import profile
+from leanvit.train import train
 from leanvit.train.config import TrainConfig
+from leanvit.train.evaluation import data_config
+from leanvit.train.run_directory import CheckpointManager, RunLock, read_sidecar
 
 __all__ = ['SPACES', 'STRATEGIES', 'CostModel', 'SupernetScorer', 'search']
 
@@ -67,7 +71,7 @@ class CostModel:
     def _whole(self, arch) -> tuple[float, int]:
         with torch.device('meta'):
             model = GLiT(arch=arch, **self.kwargs)
-        measured = leanvit.profile(model, self.input_size)
+        measured = profile(model, self.input_size)
         return measured.macs, measured.params
 
     def __call__(self, arch) -> tuple[float, int]:
@@ -135,8 +139,6 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
     """Train the supernet of ``space`` (unless its run in ``config.output``/supernet is done) and search it with
     ``strategy``; ``config`` is the supernet's training run (its ``model`` is replaced by glit_supernet, its
     ``model_kwargs`` go on top of the space's). Returns the summary written to ``search.json``."""
-    from leanvit.train import train
-    from leanvit.train.evaluation import data_config
 
     if space not in SPACES:
         raise UsageError(f'space (--space) must be one of {", ".join(SPACES)}, got {space!r}')
@@ -151,7 +153,7 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
     supernet_config = dataclasses.replace(config, model='glit_supernet', model_kwargs=model_kwargs,
                                           objectives=objectives, output=str(output / 'supernet'),
                                           holdout=config.holdout or DEFAULT_HOLDOUT)
-    probe = leanvit.create_model('glit_supernet', **model_kwargs, **_img(config))
+    probe = create_model('glit_supernet', **model_kwargs, **_img(config))
     data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
                           augment='none', bad_images=config.bad_images, seed=config.seed,
                           holdout=supernet_config.holdout)
@@ -169,8 +171,8 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
         device = torch.device('cuda', torch.cuda.current_device())
     run_dir = output / 'supernet'
     tag = CheckpointManager.latest_in(run_dir)
-    supernet = leanvit.create_model('glit_supernet', num_classes=data.num_classes, **model_kwargs, **_img(config))
-    leanvit.load_checkpoint(supernet, run_dir / f'{tag}.safetensors')
+    supernet = create_model('glit_supernet', num_classes=data.num_classes, **model_kwargs, **_img(config))
+    load_checkpoint(supernet, run_dir / f'{tag}.safetensors')
     scorer = SupernetScorer(supernet, data.held_out, data.train, calib_batches, config.batch_size, device)
 
     folder = output / strategy
@@ -311,7 +313,6 @@ def random_architectures(space: SearchSpace, depth: int, num_heads: int, cost: C
                          seed: int) -> list[tuple]:
     """``count`` distinct architectures drawn uniformly (as the supernet samples them) within ``budget``: the
     random baseline of a search."""
-    from leanvit.search.supernet import sample_architecture
     rng, found = random.Random(f'random:{seed}'), []
     for _ in range(1000 * count):
         arch = sample_architecture(space, depth, num_heads, rng)

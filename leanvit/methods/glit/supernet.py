@@ -27,9 +27,10 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from leanvit.models._registry import register_converter
-from leanvit.checkpoint import unwrap_state_dict
+from leanvit.errors import UsageError
+from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.models.glit import BlockArch, GLiT, SearchSpace, _cfg, load_architecture
+from leanvit.train.objectives import register_objective
 
 __all__ = ['GLiTSupernet', 'PathSampling', 'SuperBlock', 'glit_supernet', 'sample_architecture']
 
@@ -425,3 +426,12 @@ def glit_supernet(pretrained: bool = False, **kwargs) -> GLiTSupernet:
     out_indices = kwargs.pop('out_indices', None)
     return build_model_with_cfg(GLiTSupernet, 'glit_supernet', pretrained, pretrained_filter_fn=supernet_filter_fn,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+
+
+@register_objective('path_sampling')
+def path_sampling(student: nn.Module, teacher: nn.Module | None, *, seed: int = 0) -> PathSampling:
+    """The training objective ``path_sampling``: one architecture drawn uniformly per step."""
+    try:
+        return PathSampling(student, seed)
+    except ValueError as e:  # not a supernet
+        raise UsageError(f'path_sampling: {e}') from None

@@ -3,7 +3,7 @@
 ``predict`` takes any checkpoint ``leanvit eval`` takes (a run's ``.safetensors`` with its ``.json``, any checkpoint
 with a model name, an ONNX or TorchScript file ``leanvit export`` wrote) and gives the top-k classes of each image,
 with their names and probabilities. Images go through exactly what ``leanvit eval`` feeds the model: decoded to RGB by
-``leanvit.data`` (odd pixel modes, 16-bit greyscale, palettes) and transformed by the validation transform of the
+``leanvit.io.data`` (odd pixel modes, 16-bit greyscale, palettes) and transformed by the validation transform of the
 model's data config, so a validation image gets the class here that it gets in ``eval``.
 
 Class names come from the data the run trained on, as its ``.json`` (or the exported file) records it; a checkpoint
@@ -20,12 +20,16 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from leanvit.errors import CheckpointError, DataError, TrainingDivergedError, UsageError
-
-if TYPE_CHECKING:
-    from torch import nn
+from leanvit.io.data import _list_images, _listing, _load_rgb, _transforms, build_datasets, display_name
+from leanvit.io.files import atomic_write
+from leanvit.train.config import TrainConfig
+from leanvit.train.evaluation import load_for_inference
 
 # The columns of one class in the CSV, in order; the i-th ranked class gets them with suffix _i.
 CSV_CLASS_COLUMNS = ('class', 'name', 'prob')
@@ -49,7 +53,6 @@ class Prediction:
 
     def csv_row(self) -> list:
         """The row of ``write_predictions_csv``: path, then class_i, name_i, prob_i for each ranked class."""
-        from leanvit.data import display_name
 
         row = [display_name(self.path)]
         for ranked in zip(self.classes, self.names, self.probabilities):
@@ -88,9 +91,7 @@ def predict(checkpoint: str | os.PathLike, paths: str | os.PathLike | Sequence[s
         UsageError: ``top_k`` or ``batch_size`` is not an integer >= 1, or the model cannot be named.
         TrainingDivergedError: The model's outputs are not finite (corrupt weights).
     """
-    import torch
 
-    from leanvit.data import _load_rgb
 
     for name, value in (('top_k', top_k), ('batch_size', batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -122,7 +123,7 @@ def predict(checkpoint: str | os.PathLike, paths: str | os.PathLike | Sequence[s
 def find_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The image files ``paths`` names: each file as given, each folder's image files (recursively) in sorted order.
 
-    Folders are listed by ``leanvit.data``'s own lister, so a folder gives the files training would take from it;
+    Folders are listed by ``leanvit.io.data``'s own lister, so a folder gives the files training would take from it;
     a path it does not follow (a broken link, a link loop) is named in one warning.
 
     Raises:
@@ -130,9 +131,7 @@ def find_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         FileNotFoundError: A path does not exist.
         DataError: A folder holds no image files, or a path is neither a file nor a folder.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    from leanvit.data import _list_images, _listing
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
@@ -162,7 +161,6 @@ def load_for_prediction(checkpoint: str | os.PathLike, model_name: str | None = 
                         trust: bool = False) -> tuple[nn.Module, dict, int, list[str]]:
     """The model ``checkpoint`` holds ready to run, its data config, its class count and a name for each class: the
     model and data config `leanvit eval` evaluates (``leanvit.train.evaluation.load_for_inference``)."""
-    from leanvit.train.evaluation import load_for_inference
 
     model, _, _, cfg, num_classes, recorded = load_for_inference(checkpoint, model_name, model_kwargs, trust)
     record = f'{checkpoint}: metadata' if not str(checkpoint).endswith('.safetensors') else \
@@ -172,7 +170,7 @@ def load_for_prediction(checkpoint: str | os.PathLike, model_name: str | None = 
 
 
 def recorded_class_names(recorded: dict, cfg: dict, num_classes: int, record: str) -> list[str] | None:
-    """The class names of the data a run recorded (its ``config``), as ``leanvit.data.build_datasets`` names them;
+    """The class names of the data a run recorded (its ``config``), as ``leanvit.io.data.build_datasets`` names them;
     None, with a warning where there is a record, when there is none to read.
 
     An image folder's names are its class folders (those of ``train/`` where it has one): they are listed, not its
@@ -190,10 +188,7 @@ def recorded_class_names(recorded: dict, cfg: dict, num_classes: int, record: st
     Raises:
         CheckpointError: The recorded ``data`` is not a value a run can have.
     """
-    from torchvision.datasets.folder import find_classes
 
-    from leanvit.data import build_datasets, display_name
-    from leanvit.train.config import TrainConfig
 
     if not recorded:
         return None
@@ -220,9 +215,8 @@ def recorded_class_names(recorded: dict, cfg: dict, num_classes: int, record: st
 
 
 def eval_transform(cfg: dict) -> Callable:
-    """The validation transform of ``leanvit.data.build_datasets`` for a model with data config ``cfg``: the same
+    """The validation transform of ``leanvit.io.data.build_datasets`` for a model with data config ``cfg``: the same
     function builds it, so an image gets here the tensor it gets in ``leanvit eval``."""
-    from leanvit.data import _transforms
 
     _, validation = _transforms(cfg, None, 0.)
     return validation
@@ -231,7 +225,6 @@ def eval_transform(cfg: dict) -> Callable:
 def write_predictions_csv(path: str | os.PathLike, predictions: Sequence[Prediction]) -> None:
     """Write ``predictions`` as CSV: ``path``, then ``class_i, name_i, prob_i`` for i = 1..k; ``path`` is replaced
     only once the whole file is written."""
-    from leanvit.checkpoint import atomic_write
 
     k = max((len(p.classes) for p in predictions), default=0)
     header = ['path'] + [f'{column}_{i}' for i in range(1, k + 1) for column in CSV_CLASS_COLUMNS]
@@ -247,7 +240,6 @@ def write_predictions_csv(path: str | os.PathLike, predictions: Sequence[Predict
 
 def format_predictions(predictions: Sequence[Prediction]) -> list[str]:
     """One line per image: its path, padded to the longest, then ``name (probability)`` of each ranked class."""
-    from leanvit.data import display_name
 
     shown = [display_name(p.path) for p in predictions]  # a name that is not UTF-8 cannot be printed as it is
     width = max(map(len, shown), default=0)

@@ -20,51 +20,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from leanvit.distill.taps import FeatureTaps
+from leanvit.errors import UsageError
+from leanvit.methods.features import LAYOUTS, FeatureTaps, as_tokens, feature_mse, relation_mse
+from leanvit.train.objectives import register_objective
 
 BLOCK_PATTERN = r'stages\.(\d+)\.blocks\.(\d+)'   # MetaFormer / RIFormer / timm poolformer module names
-LAYOUTS = ('NCHW', 'NHWC', 'NLC')
-
-
-def as_tokens(x: torch.Tensor, layout: str = 'NCHW') -> torch.Tensor:
-    """(B, N, C) tokens of a feature in ``layout``: NCHW maps (RIFormer, PoolFormer), NHWC (GFNet) or NLC tokens."""
-    if layout not in LAYOUTS:
-        raise ValueError(f'feature layout must be one of {LAYOUTS}, got {layout!r}')
-    expected_ndim = 3 if layout == 'NLC' else 4
-    if x.ndim != expected_ndim:
-        raise ValueError(f'a {layout} feature has {expected_ndim} dimensions, got shape {tuple(x.shape)}')
-    if layout == 'NCHW':
-        return x.flatten(2).transpose(1, 2)
-    return x.flatten(1, 2) if layout == 'NHWC' else x
-
-
-def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between two features of one shape (L'_in on block outputs, L_out on mixer outputs)."""
-    if student.shape != teacher.shape:
-        raise ValueError(f'student feature {tuple(student.shape)} and teacher feature {tuple(teacher.shape)} differ; '
-                         'feature matching needs equal shapes (use the relation term for teachers of other widths)')
-    return F.mse_loss(student.float(), teacher.float())
-
-
-def relation_matrix(x: torch.Tensor, layout: str = 'NCHW') -> torch.Tensor:
-    """(B, N, N) cosine similarities between the tokens of each image."""
-    tokens = F.normalize(as_tokens(x, layout).float(), dim=-1)
-    return tokens @ tokens.transpose(1, 2)
-
-
-def relation_mse(student: torch.Tensor, teacher: torch.Tensor, student_layout: str = 'NCHW',
-                 teacher_layout: str = 'NCHW') -> torch.Tensor:
-    """L_rel: mean squared error between the token relation matrices of two features of one resolution."""
-    s, t = relation_matrix(student, student_layout), relation_matrix(teacher, teacher_layout)
-    if s.shape != t.shape:
-        raise ValueError(f'relation matrices {tuple(s.shape)} and {tuple(t.shape)} differ: the paired features need '
-                         'the same number of tokens')
-    return F.mse_loss(s, t)
-
-
 def mixer_output_mse(student_mixer: nn.Module, teacher_input: torch.Tensor,
                      teacher_output: torch.Tensor) -> torch.Tensor:
     """L_out: the student's token mixer applied to the teacher mixer's input, against the teacher mixer's output."""
@@ -186,3 +148,25 @@ class ModuleImitation:
         for taps in (self.student_taps, self.teacher_taps, self.teacher_mixer_taps):
             if taps is not None:
                 taps.remove()
+
+
+@register_objective('module_imitation')
+def module_imitation(student: nn.Module, teacher: nn.Module | None, *, block_output: float = 0.,
+                     mixer_output: float = 0., relation: float = 0., student_blocks: str | None = None,
+                     teacher_blocks: str | None = None, teacher_layout: str = 'NCHW') -> ModuleImitation:
+    """The training objective ``module_imitation``: one weight per term, 0 turns it off."""
+    if teacher is None:
+        raise UsageError('module_imitation needs a live teacher model (teacher: NAME), not precomputed '
+                         'teacher_logits')
+    weights = ImitationWeights(block_output, mixer_output, relation)
+    if not weights:
+        raise UsageError('module_imitation needs a weight > 0 for at least one of block_output, mixer_output and '
+                         'relation')
+    if teacher_layout not in LAYOUTS:
+        raise UsageError(f'module_imitation: teacher_layout must be one of {", ".join(LAYOUTS)}, '
+                         f'got {teacher_layout!r}')
+    try:
+        return ModuleImitation(student, teacher, weights, student_blocks, teacher_blocks,
+                               teacher_layout=teacher_layout)
+    except (ValueError, re.error) as e:  # block patterns that match nothing, stages that do not pair, bad regexes
+        raise UsageError(f'module_imitation: {e}') from None

@@ -32,16 +32,24 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import timm
+import torch
+from timm.utils.model import reparameterize_model
+from torch import nn
 
-import leanvit
 from leanvit.argtypes import positive_int, positive_ints
+from leanvit.deploy.export import export_model
+from leanvit.deploy.quantize import quantize_onnx
 from leanvit.errors import UsageError
-
-if TYPE_CHECKING:
-    from torch import nn
+from leanvit.io.exported import onnx_session, require_packages
+from leanvit.io.files import atomic_write
+from leanvit.io.weights import save_weights
+from leanvit.models import create_model
+from leanvit.profiler import count_params, profile
+from leanvit.threads import choose_threads
+from leanvit.train.evaluation import data_config, load_trained_model, run_metadata
 
 BACKENDS = ('eager', 'folded', 'onnx', 'onnx-int8', 'onnx-plain', 'compile')
 ONNX_BACKENDS = ('onnx', 'onnx-int8', 'onnx-plain')
@@ -78,7 +86,6 @@ class BenchModel:
     @functools.cached_property
     def folded(self):
         """The inference form: ``timm.utils.model.reparameterize_model`` of a copy of the model."""
-        from timm.utils.model import reparameterize_model
 
         return reparameterize_model(self.model).eval()
 
@@ -154,7 +161,6 @@ def parse_backends(text: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from leanvit.threads import choose_threads
 
     backends = parse_backends(args.backends)
     names = [name.strip() for name in (args.models or '').split(',') if name.strip()]
@@ -184,10 +190,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def check_backends_available(backends: list[str]) -> None:
     """Refuse, in one line and before any model is built, ONNX backends whose packages are missing."""
-    from leanvit import export
 
     if any(backend in ONNX_BACKENDS for backend in backends):
-        export._require('onnx', 'onnxruntime', 'onnxscript', 'onnx_ir')  # what export_model requires
+        require_packages('onnx', 'onnxruntime', 'onnxscript', 'onnx_ir')  # what export_model requires
 
 
 @contextlib.contextmanager
@@ -233,7 +238,6 @@ def benchmark(names: list[str], backends: list[str], batch_sizes: list[int], *, 
 def load_models(names: list[str], baseline: str, checkpoint: str | None, img_size: int | None) -> list[BenchModel]:
     """The models to bench: the checkpoint's, then ``names`` and the baseline, all built before any is timed (an
     unknown name fails here, in a second, not after minutes of exports)."""
-    from leanvit.train.evaluation import data_config
 
     models = []
     if checkpoint:
@@ -241,14 +245,13 @@ def load_models(names: list[str], baseline: str, checkpoint: str | None, img_siz
         height, width = models[0].input_size[1:]
         img_size = height if height == width else (height, width)
     for name in dict.fromkeys([*names, baseline]):
-        model = leanvit.create_model(name, **({'img_size': img_size} if img_size else {})).eval()
+        model = create_model(name, **({'img_size': img_size} if img_size else {})).eval()
         models.append(bench_model(name, model, data_config(model, img_size)['input_size']))
     return models
 
 
 def load_run_model(checkpoint: str) -> BenchModel:
     """The model of a leanvit run's checkpoint, rebuilt as the run built it, with its weights."""
-    from leanvit.train.evaluation import data_config, load_trained_model, run_metadata
 
     path = Path(checkpoint)
     if 'model' not in run_metadata(path):
@@ -261,7 +264,7 @@ def load_run_model(checkpoint: str) -> BenchModel:
 
 def bench_model(label: str, model: nn.Module, input_size: tuple[int, ...]) -> BenchModel:
     """``model`` with its MACs counted once, for every backend that runs it."""
-    return BenchModel(label, model, tuple(input_size), leanvit.profile(model, input_size).macs)
+    return BenchModel(label, model, tuple(input_size), profile(model, input_size).macs)
 
 
 def runner_jobs(models: list[BenchModel], backends: list[str], baseline: str,
@@ -294,30 +297,28 @@ def build_runners(jobs: list[tuple[BenchModel, str]], folder: Path) -> list[Runn
 
 def build_runner(model: BenchModel, backend: str, folder: Path, onnx_file: Path | None = None) -> Runner:
     """``model`` in ``backend``; ``onnx_file`` is its fp32 ONNX export (the ONNX backends)."""
-    import torch
 
     if backend == 'eager':
-        return Runner(model, backend, eager(model.model), leanvit.count_params(model.model),
+        return Runner(model, backend, eager(model.model), count_params(model.model),
                       weights_file(model.model, folder / f'{model.file_stem}.safetensors'))
     if backend == 'folded':
-        return Runner(model, backend, eager(model.folded), leanvit.count_params(model.folded),
+        return Runner(model, backend, eager(model.folded), count_params(model.folded),
                       weights_file(model.folded, folder / f'{model.file_stem}.folded.safetensors'))
     if backend == 'onnx':
-        return Runner(model, backend, onnxruntime_session(onnx_file), leanvit.count_params(model.folded), onnx_file)
+        return Runner(model, backend, onnxruntime_session(onnx_file), count_params(model.folded), onnx_file)
     if backend == 'onnx-int8':
         int8_file = quantize(onnx_file, model.input_size, folder / f'{model.file_stem}.int8.onnx')
-        return Runner(model, backend, onnxruntime_session(int8_file), leanvit.count_params(model.folded), int8_file)
+        return Runner(model, backend, onnxruntime_session(int8_file), count_params(model.folded), int8_file)
     if backend == 'onnx-plain':
         plain_file = export_plain_onnx(model, folder / f'{model.file_stem}.plain.onnx')
-        return Runner(model, backend, onnxruntime_session(plain_file), leanvit.count_params(model.model), plain_file)
+        return Runner(model, backend, onnxruntime_session(plain_file), count_params(model.model), plain_file)
     if backend == 'compile':
         # Compiling happens at the first call, in `warm_up`, which drops the runner if it fails.
-        return Runner(model, backend, eager(torch.compile(model.model)), leanvit.count_params(model.model))
+        return Runner(model, backend, eager(torch.compile(model.model)), count_params(model.model))
     raise UsageError(f'unknown backend {backend!r}; choose from {", ".join(BACKENDS)}')
 
 
 def eager(model: nn.Module) -> Callable:
-    import torch
 
     def run(images):
         with torch.inference_mode():
@@ -327,7 +328,6 @@ def eager(model: nn.Module) -> Callable:
 
 def weights_file(model: nn.Module, path: Path) -> Path:
     """The model's state_dict as .safetensors at ``path``: what deploying it in PyTorch ships."""
-    from leanvit.checkpoint import save_weights
 
     save_weights(model, path)
     return path
@@ -335,7 +335,6 @@ def weights_file(model: nn.Module, path: Path) -> Path:
 
 def export_onnx(model: BenchModel, folder: Path) -> Path:
     """The model re-parameterized and exported to ONNX (verified against PyTorch by `export_model`)."""
-    from leanvit.export import export_model
 
     path = folder / f'{model.file_stem}.onnx'
     export_model(model.model, path, 'onnx', model.input_size, batch_size=2, reparam=True)
@@ -345,7 +344,6 @@ def export_onnx(model: BenchModel, folder: Path) -> Path:
 def export_plain_onnx(model: BenchModel, path: Path) -> Path:
     """torch's exporter on the model as created, nothing of leanvit's (no fold, no graph clean-up): the reference a
     deployment file must not be slower than."""
-    import torch
 
     sample = torch.randn(2, *model.input_size)
     torch.onnx.export(model.model, (sample,), str(path), dynamo=True, external_data=False, verbose=False,
@@ -354,9 +352,8 @@ def export_plain_onnx(model: BenchModel, path: Path) -> Path:
 
 
 def quantize(onnx_file: Path, input_size: tuple[int, int, int], path: Path) -> Path:
-    """``onnx_file`` quantized to int8 at ``path`` by `leanvit.quantize.quantize_onnx`, calibrated on seeded random
+    """``onnx_file`` quantized to int8 at ``path`` by `quantize_onnx`, calibrated on seeded random
     batches; the method it chose (static or dynamic, the faster here) is printed, since they run other kernels."""
-    from leanvit.quantize import quantize_onnx
 
     generator = np.random.default_rng(0)
     calibration = [generator.standard_normal((CALIBRATION_BATCH_SIZE, *input_size), dtype=np.float32)
@@ -368,9 +365,7 @@ def quantize(onnx_file: Path, input_size: tuple[int, int, int], path: Path) -> P
 
 def onnxruntime_session(path: Path) -> Callable:
     """ONNX Runtime running ``path`` on the CPU, on as many threads as torch (`leanvit.threads` chose them)."""
-    import torch
 
-    from leanvit.export import onnx_session
 
     session = onnx_session(path, torch.get_num_threads())  # the threads chosen for this command
     input_name = session.get_inputs()[0].name
@@ -392,7 +387,6 @@ def compiler_missing() -> str | None:
 
 def sample_inputs(models: list[BenchModel], batch_sizes: list[int]) -> dict[str, dict[int, object]]:
     """Seeded random images for each model at each batch size: ``inputs[label][batch_size]``."""
-    import torch
 
     generator = torch.Generator().manual_seed(0)
     return {m.label: {b: torch.randn(b, *m.input_size, generator=generator) for b in batch_sizes} for m in models}
@@ -487,8 +481,6 @@ def cpu_name() -> str:
 
 def machine_facts(threads: int) -> dict:
     """What a speed figure depends on besides the model: CPU, threads, library versions, and when."""
-    import timm
-    import torch
 
     try:
         import onnxruntime
@@ -526,7 +518,6 @@ def markdown(rows: list[dict], facts: dict, batch_sizes: list[int], rounds: int,
 
 def write_results(output: Path, rows: list[dict], table: str, facts: dict) -> None:
     """bench.csv, bench.md and bench.png in ``output``, each replaced atomically."""
-    from leanvit.checkpoint import atomic_write
 
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, lineterminator='\n')
@@ -560,7 +551,6 @@ def plot(rows: list[dict], path: Path, facts: dict) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    from leanvit.checkpoint import atomic_write
 
     batch = max(row['batch_size'] for row in rows)
     rows = [row for row in rows if row['batch_size'] == batch]

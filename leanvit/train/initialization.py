@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from leanvit.checkpoint import read_checkpoint, unwrap_state_dict
 from leanvit.errors import CheckpointError
-from leanvit.models._registry import converter_for
+from leanvit.io.weights import converter_for, read_checkpoint, unwrap_state_dict
 
 
 @dataclass

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from leanvit.checkpoint import atomic_write
 from leanvit.errors import RunDirectoryError, UsageError
+from leanvit.io.files import atomic_write
 from leanvit.models.glit import BlockArch, SearchSpace
 
 __all__ = ['STAGES', 'Budget', 'Candidate', 'CandidateLog', 'EvolutionSearch', 'EvolutionSettings', 'ranked']

@@ -12,7 +12,7 @@ on the graph) dynamic is used, and the report says why.
 
 `quantize_export` is what ``leanvit export --quantize int8`` runs: quantize, then evaluate the float and the INT8 file
 on the run's validation split, and write the INT8 file only if its top-1 falls by at most ``max_drop`` points.
-Shared weights stay shared: `leanvit.export.clean_graph` stores each once before quantization, and the quantizer
+Shared weights stay shared: `leanvit.deploy.export.clean_graph` stores each once before quantization, and the quantizer
 writes one INT8 tensor per float initializer.
 """
 
@@ -28,9 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from leanvit.errors import LeanvitError
+from leanvit.io.exported import onnx_module, onnx_session
+from leanvit.io.files import atomic_write
+from leanvit.train.evaluation import evaluate_model
 
 METHODS = ('static', 'dynamic')
 
@@ -72,7 +76,7 @@ class QuantizationReport:
 def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
                   calibration: Sequence[np.ndarray] | None = None, method: str = 'auto') -> tuple[str, str]:
     """Quantize the ONNX file ``source`` to INT8 at ``target`` (written directly; callers wanting an atomic file
-    give a temporary path). The file's metadata (``leanvit.export.METADATA_KEY``) is kept.
+    give a temporary path). The file's metadata (``leanvit.deploy.export.METADATA_KEY``) is kept.
 
     Args:
         calibration: Float32 input batches (N, C, H, W): the activation ranges of static quantization, and the
@@ -147,9 +151,7 @@ def _quantize_dynamic(prepared: str, target: str) -> str:
 
 def _batches_per_second(path: str, batch: np.ndarray, rounds: int = 3) -> float:
     """ONNX Runtime's speed on ``batch`` for the file at ``path``: the best of ``rounds`` runs after a warm-up."""
-    import torch
 
-    from leanvit.export import onnx_session
 
     session = onnx_session(path, torch.get_num_threads())  # the threads chosen for this command
     feed = {'input': np.ascontiguousarray(batch, dtype=np.float32)}
@@ -165,7 +167,7 @@ def _batches_per_second(path: str, batch: np.ndarray, rounds: int = 3) -> float:
 def _unshare_elementwise_constants(path: str) -> None:
     """Give each elementwise node (Mul, Add, ...) its own copy of a constant it shares with other nodes.
 
-    `leanvit.export.clean_graph` stores equal tensors once, which also merges equal norm weights or layer scales of
+    `clean_graph` stores equal tensors once, which also merges equal norm weights or layer scales of
     different layers (all at their init in an untrained model). ONNX Runtime's static quantizer refuses an
     initializer feeding several nodes it quantizes separately ("shared mode is not supported for weight"), except as
     the weight of MatMul, Gemm and Conv, which keep sharing theirs: those copies are the small per-channel tensors.
@@ -211,9 +213,6 @@ def quantize_export(float_path: str | os.PathLike, int8_path: str | os.PathLike,
     Raises:
         QuantizationDropError: The drop exceeds ``max_drop``; ``int8_path`` is left as it was.
     """
-    from leanvit.checkpoint import atomic_write
-    from leanvit.export import onnx_module
-    from leanvit.train.evaluation import evaluate_model
 
     calibration = []
     for images, _ in calibration_loader:

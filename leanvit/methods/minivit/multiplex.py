@@ -6,7 +6,7 @@ teacher layers it replaces (the first of them, their mean, or a chosen one), eve
 teacher layer's LayerNorms, and the weight transformations start where they change nothing (head mixing at the
 identity, iRPE tables at zero). With ``share=1`` the student computes exactly the teacher's function; with sharing,
 `agreement` says how far the untrained student is from the teacher, before weight distillation closes the gap
-(`leanvit.distill.weight_distillation`, through the training engine).
+(`leanvit.methods.minivit.weight_distillation`, through the training engine).
 
 Not identity-equivalent, hence off by default here: Mini-Swin's MLP transformation (``local_conv``), whose
 LayerNorm replaces the residual stream (docs/minivit.md, "leanvit choices").
@@ -16,11 +16,24 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm
 import torch
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.data import DataLoader
 
 from leanvit.errors import RunDirectoryError, UsageError
+from leanvit.io.data import build_datasets
+from leanvit.io.files import write_json
+from leanvit.io.weights import load_checkpoint, save_weights
+from leanvit.models import create_model
 from leanvit.models.minivit import HeadMixing
+from leanvit.train import train
+from leanvit.train.config import as_recorded
+from leanvit.train.engine import teacher_spec
+from leanvit.train.evaluation import data_config, run_metadata, trained_model_spec
+from leanvit.train.run_directory import RunLock, read_sidecar
 
 STRATEGIES = ('first', 'mean')
 
@@ -127,8 +140,6 @@ def multiplex(teacher: nn.Module, share: int = 2, init: str | int = 'first', att
     Raises:
         UsageError: an unsupported teacher, a ``share`` that does not divide a depth, an unknown ``init``.
     """
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(share, int) or share < 1:
         raise UsageError(f'share must be a positive number of layers per shared block, got {share!r}')
@@ -149,7 +160,6 @@ def multiplex(teacher: nn.Module, share: int = 2, init: str | int = 'first', att
 def _build(model: str, kwargs: dict, teacher: nn.Module, norm: nn.Module, default_eps: float):
     if not isinstance(norm, nn.LayerNorm) or norm.eps != default_eps:
         raise UsageError(f"the teacher's norms ({norm}) are not the student's LayerNorm(eps={default_eps})")
-    import timm
     # The student sees images as its teacher was trained to see them (timm's ViTs normalise with 0.5, not ImageNet's
     # statistics), so that its start is the teacher's function and distillation compares like with like.
     cfg = teacher.pretrained_cfg
@@ -279,9 +289,6 @@ def compress(config, share: int = 2, init: str | int = 'first', attn_transform: 
     the settings that made it) to the run directory; calling again with the same settings resumes the run from its
     last checkpoint, as `leanvit train` does, and other settings are refused unless ``resume_anyway``.
     """
-    from leanvit.train import train
-    from leanvit.train.checkpoints import RunLock
-    from leanvit.train.evaluation import run_metadata, trained_model_spec
 
     if not (config.teacher or config.teacher_checkpoint):
         raise UsageError('compress needs a teacher: --teacher-checkpoint FILE (a run\'s checkpoint names its model), '
@@ -328,21 +335,15 @@ def _multiplexed_student(config, output: Path, settings: dict, share, init, attn
                          from_scratch: bool) -> dict:
     """Build the teacher, multiplex it, say how close the untrained student is, and write both files (only the
     record for a baseline ``from_scratch``, which needs the student's architecture and nothing of its weights)."""
-    import leanvit
-    from leanvit.checkpoint import save_weights
-    from leanvit.data import build_datasets
-    from leanvit.train.checkpoints import write_json
-    from leanvit.train.engine import teacher_spec
-    from leanvit.train.evaluation import data_config
-    from torch.utils.data import DataLoader
+
 
     teacher_name, teacher_kwargs = teacher_spec(config)
-    probe = leanvit.create_model(teacher_name, **teacher_kwargs)
+    probe = create_model(teacher_name, **teacher_kwargs)
     data = build_datasets(config.data, data_config(probe, config.img_size), val_split=config.val_split,
                           augment='none', bad_images=config.bad_images, seed=config.seed)
-    teacher = leanvit.create_model(teacher_name, num_classes=data.num_classes, **teacher_kwargs).eval()
+    teacher = create_model(teacher_name, num_classes=data.num_classes, **teacher_kwargs).eval()
     if config.teacher_checkpoint:
-        leanvit.load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
+        load_checkpoint(teacher, config.teacher_checkpoint, trust=config.trust_teacher_checkpoint)
     student, report = multiplex(teacher, share, init, attn_transform, local_conv, rpe)
     if from_scratch:
         print(f'{report.summary().splitlines()[0]}; trained from scratch on the labels, as a baseline', flush=True)
@@ -362,8 +363,6 @@ def _multiplexed_student(config, output: Path, settings: dict, share, init, attn
 def _recorded_student(record: Path, settings: dict, resume_anyway: bool) -> dict:
     """The student ``compress.json`` records (its fields checked), if it was made with ``settings``; a run made with
     others is refused, naming them, unless ``resume_anyway`` (which then resumes the recorded student)."""
-    from leanvit.train.checkpoints import read_sidecar
-    from leanvit.train.config import as_recorded
 
     meta = read_sidecar(record)
     report, recorded = meta.get('report'), meta.get('settings')

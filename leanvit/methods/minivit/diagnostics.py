@@ -39,11 +39,11 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 from torch.utils.data import DataLoader, Subset
 
-import leanvit
-from leanvit.checkpoint import atomic_write
-from leanvit.data import build_datasets
-from leanvit.distill.imitation import LAYOUTS, as_tokens
 from leanvit.errors import DataError, TrainingDivergedError, UsageError
+from leanvit.io.data import build_datasets
+from leanvit.io.files import atomic_write
+from leanvit.methods.features import LAYOUTS, as_tokens
+from leanvit.models import create_model
 from leanvit.train.evaluation import data_config, load_trained_model
 
 # timm ViT / DeiT (``blocks.3``), timm Swin (``layers.1.blocks.0``), leanvit and MetaFormer (``stages.1.blocks.0``).
@@ -299,7 +299,7 @@ def load_model(name: str | None, kwargs: dict | None, checkpoint: str | os.PathL
     if name is None:
         raise UsageError('name the model (--model), or give the checkpoint of a leanvit run, whose .json names it')
     kwargs = dict(kwargs or {})
-    return leanvit.create_model(name, **kwargs), name, kwargs
+    return create_model(name, **kwargs), name, kwargs
 
 
 def analyze_gradient_norms(output: str | os.PathLike, *, model_name: str | None = None,

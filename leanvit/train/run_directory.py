@@ -28,36 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leanvit.checkpoint import atomic_write, read_checkpoint, remove_stale_temporaries, save_weights
 from leanvit.errors import RunDirectoryError, RunLockedError
+from leanvit.io.files import atomic_write, remove_stale_temporaries, write_json
+from leanvit.io.weights import read_checkpoint, save_weights
 
 TAG = re.compile(r'step-\d{7,}')
 CHECKPOINT_SUFFIXES = ('.safetensors', '.json', '.resume.pt')
 RESUME_KEYS = ('optimizer', 'scheduler', 'scaler', 'rng', 'ema')
-
-
-def write_json(path: Path, data: dict) -> None:
-    """``data`` as indented JSON at ``path``, atomically. NaN and infinities are not JSON: a non-finite number is a
-    ValueError naming the field (callers decide what a non-finite result means before writing)."""
-    if (field := non_finite_field(data)) is not None:
-        raise ValueError(f'refusing to write {path}: field {field} is not a finite number')
-
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(data, f, indent=2, default=str, allow_nan=False)
-            f.write('\n')
-    atomic_write(path, write)
-
-
-def non_finite_field(data, where: str = '') -> str | None:
-    """The path (``"metrics.loss"``) of the first NaN or infinite float in nested dicts and lists, or None."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return where or 'value'
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
-    for key, value in items:
-        if (found := non_finite_field(value, f'{where}.{key}' if where else str(key))) is not None:
-            return found
-    return None
 
 
 def rng_state() -> dict:

@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from leanvit.checkpoint import atomic_write, read_safetensors
 from leanvit.errors import CheckpointError
+from leanvit.io.files import atomic_write
+from leanvit.io.weights import read_safetensors
 
 _EXPECTED = ('a .safetensors file written by `leanvit teacher-logits` with one tensor "logits" of shape '
              '(images, classes)')

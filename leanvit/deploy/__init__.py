@@ -1,0 +1,1 @@
+"""Deployment: export (ONNX, TorchScript) with verification, INT8 quantization, ``leanvit bench`` and prediction."""

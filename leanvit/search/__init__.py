@@ -1,1 +1,0 @@
-"""Architecture search: GLiT's weight-sharing supernet, its path sampler and the hierarchical evolutionary search."""
