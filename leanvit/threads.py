@@ -78,8 +78,6 @@ def default_threads(cpus: int, busy: float, num_workers: int, processes: int = 1
     ``processes``; at least 1.
 
     Why: torch's OpenMP threads wait for each other at every operator, so one thread that shares its core with
-    another process stalls them all. On 2 CPUs with other processes busy on them (load 5), SReT-T at 64 px trained
-    at 19-27 images/s with 2 threads and at 76-84 with 1 (``leanvit train --model sret_t --img-size 64 --epochs 1``,
-    ``OMP_NUM_THREADS`` 2 vs 1, alternating runs).
+    another process stalls them all (docs/deploy.md, "Threads", has a measurement).
     """
     return max(1, (cpus - round(busy) - num_workers) // processes)

@@ -4,20 +4,20 @@ the ``leanvit analyze`` command and its errors."""
 import copy
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from test_eval_cli import save_run_checkpoint
+from torch import nn
 from torch.utils.data import DataLoader
 
 import leanvit
 from leanvit.cli import main
 from leanvit.errors import UsageError
 from leanvit.io.data import build_datasets
+from leanvit.methods.features import blocks_by_stage
 from leanvit.methods.minivit.diagnostics import (
     block_modules,
     endless,
@@ -98,10 +98,64 @@ def test_an_ambiguous_layout_asks_for_it():
         infer_layout([torch.zeros(2, 8, 8, 8)])
 
 
-def test_the_default_block_pattern_finds_timm_and_leanvit_blocks():
-    swin = timm.create_model('swin_tiny_patch4_window7_224', **SWIN)
-    assert list(block_modules(swin)) == ['layers.0.blocks.0', 'layers.1.blocks.0', 'layers.1.blocks.1']
-    assert list(block_modules(sret())) == SRET_BLOCKS
+def staged(stages: str, depths: tuple[int, ...], blocks: str = '.blocks') -> list[list[str]]:
+    """Block names ``{stages}.S{blocks}.B`` of stages of ``depths`` blocks."""
+    return [[f'{stages}.{stage}{blocks}.{block}' for block in range(depth)] for stage, depth in enumerate(depths)]
+
+
+# Each family's blocks as blocks_by_stage finds them, from feature_info and the stages' blocks containers: staged
+# models list their stages, flat ones their blocks, GFNet-H its stages as containers of blocks.
+FOUND_BLOCKS = {
+    'test_sret': (SRET, [SRET_BLOCKS[:2], SRET_BLOCKS[2:4], SRET_BLOCKS[4:]]),
+    'test_riformer': ({}, staged('stages', (1, 1, 2, 1))),
+    'mini_deit_tiny_patch16_224': (dict(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=3),
+                                   [['stages.0.blocks.0', 'stages.0.blocks.1']]),  # 2 distinct blocks, 4 layers
+    'mini_swin_tiny_patch4_window7_224': (dict(img_size=32, window_size=4, embed_dim=12, depths=(2, 4),
+                                               num_heads=(1, 2), distinct_blocks=(1, 2)), staged('stages', (1, 2))),
+    'glit_tiny_patch16_224': (dict(img_size=32), [[f'blocks.{i}' for i in range(12)]]),
+    'gfnet_ti': (dict(img_size=32, depth=2), [['blocks.0', 'blocks.1']]),
+    'gfnet_h_ti': (dict(img_size=64), staged('blocks', (3, 3, 10, 3), blocks='')),
+    'deit_tiny_patch16_224': ({}, [[f'blocks.{i}' for i in range(12)]]),
+    'swin_tiny_patch4_window7_224': ({}, staged('layers', (2, 2, 6, 2))),
+    'poolformer_s12': ({}, staged('stages', (2, 2, 6, 2))),
+}
+
+
+@pytest.mark.parametrize('name', FOUND_BLOCKS)
+def test_blocks_are_found_by_stage_in_every_family_and_timm_teacher(name):
+    kwargs, expected = FOUND_BLOCKS[name]
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    assert blocks_by_stage(model) == expected
+    assert list(block_modules(model)) == [block for stage in expected for block in stage]
+
+
+def test_a_model_names_its_blocks_or_has_them_found_without_feature_info():
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+
+        def block_names(self) -> list[list[str]]:
+            return [['body.0'], ['body.1']]
+
+    class Unlisted(nn.Module):  # no feature_info: each outermost blocks container is a stage
+        def __init__(self):
+            super().__init__()
+            shared = nn.Linear(2, 2)
+            self.stages = nn.ModuleList([nn.Module(), nn.Module()])
+            self.stages[0].blocks = nn.ModuleList([shared, nn.Sequential(nn.Linear(2, 2))])
+            self.stages[0].blocks[1].blocks = nn.ModuleList([nn.Linear(2, 2)])  # inside a block: not a stage
+            self.stages[1].blocks = nn.Sequential(shared, nn.Linear(2, 2))  # a shared block is listed once
+
+    assert blocks_by_stage(Named()) == [['body.0'], ['body.1']]
+    assert blocks_by_stage(Unlisted()) == [['stages.0.blocks.0', 'stages.0.blocks.1'], ['stages.1.blocks.1']]
+    with pytest.raises(ValueError, match='found no blocks in Linear'):
+        blocks_by_stage(nn.Linear(2, 2))
+
+
+def test_a_block_pattern_overrides_the_blocks_found():
+    assert list(block_modules(sret(), r'stages\.\d+')) == ['stages.0', 'stages.1', 'stages.2']
+    assert blocks_by_stage(sret(), r'stages\.(\d+)\.blocks\.1') == [['stages.0.blocks.1'], ['stages.1.blocks.1']]
     with pytest.raises(UsageError, match='matches the block pattern'):
         block_modules(sret(), r'encoder\.\d+')
 

@@ -12,11 +12,10 @@ from torch import nn
 
 import leanvit
 from leanvit.errors import UsageError
-from leanvit.methods.features import FeatureTaps, feature_mse, relation_matrix, relation_mse
+from leanvit.methods.features import FeatureTaps, blocks_by_stage, feature_mse, relation_matrix, relation_mse
 from leanvit.methods.riformer.imitation import (
     ImitationWeights,
     ModuleImitation,
-    blocks_by_stage,
     mixer_output_mse,
     module_imitation,
     pair_blocks,
@@ -209,14 +208,6 @@ def test_objective_options_are_checked_by_name(tmp_path, objectives, match):
         train(TrainConfig(**TINY, output=str(tmp_path / 'run'), teacher='test_riformer', objectives=objectives))
 
 
-def test_a_recipe_with_the_old_imitation_keys_says_where_they_moved(tmp_path):
-    recipe = tmp_path / 'old.yaml'
-    recipe.write_text('imitate_relation: 1.0\nteacher_imitation_layout: NHWC\n')
-    moved = (r'imitate_relation is now objectives\.module_imitation\.relation; '
-             r'teacher_imitation_layout is now objectives\.module_imitation\.teacher_layout')
-    with pytest.raises(UsageError, match=moved):
-        TrainConfig.from_yaml(recipe)
-
 
 def test_block_patterns_reach_other_model_layouts():
     class Flat(nn.Module):  # blocks named layers.{stage}_{block}, as another family might
@@ -244,6 +235,14 @@ def test_relation_imitation_of_a_gfnet_teacher_reads_its_nhwc_blocks():
     assert imitation.loss() > 0
     with pytest.raises(ValueError, match="layout must be one of .*got 'HWC'"):
         relation_mse(s, t, 'NCHW', 'HWC')
+
+
+def test_a_gfnet_teachers_blocks_are_found_without_a_pattern():
+    student = leanvit.create_model('test_riformer', num_classes=4)
+    teacher = leanvit.create_model('gfnet_h_ti', num_classes=4, img_size=64)
+    found, named = (ModuleImitation(student, teacher, ImitationWeights(relation=1.), teacher_blocks=pattern,
+                                    teacher_layout='NHWC') for pattern in (None, r'blocks\.(\d+)\.(\d+)'))
+    assert found.pairs == named.pairs and found.pairs[-1] == ('stages.3.blocks.0', 'blocks.3.2')
 
 
 def test_imagenet_recipe_pairs_riformer_s12_with_gfnet_h_b_stage_by_stage():

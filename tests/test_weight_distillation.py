@@ -11,7 +11,9 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+import leanvit
 from leanvit.errors import UsageError
+from leanvit.methods.features import qkv_projection
 from leanvit.methods.minivit.weight_distillation import (
     WeightDistillation,
     attention_relation_loss,
@@ -206,7 +208,8 @@ def test_mse_adapters_train_and_round_trip_through_state_dict():
     ('vit', 'vit', {'relation_heads': 0}, 'relation_heads must be an integer >= 1, got 0'),
     ('vit', 'vit', {'attention': -1}, 'attention must be a weight >= 0, got -1'),
     ('vit', 'vit', {'attention': 0, 'hidden': 0}, 'attention and hidden are both 0'),
-    ('vit', 'vit', {'student_blocks': r'stages\.\d+'}, 'no module of the student .* matches the block pattern'),
+    ('vit', 'vit', {'student_blocks': r'stages\.\d+'},
+     r'the student \(student_blocks\): no module of VisionTransformer matches the block pattern'),
     ('swin', 'swin', {'student_layers': [0], 'teacher_layers': [3]},
      'attend over 4 and 1 sequences .* pair layers of one resolution'),
     ('vit', 'vit_patch4', {'attention': 0}, 'output 16 and 64 tokens; hidden states need the same'),
@@ -241,3 +244,39 @@ def test_a_class_token_teacher_pairs_with_a_mini_deit_student():
     loss = objective.loss()
     assert torch.isfinite(loss) and loss > 0
     objective.remove()
+
+
+def test_each_blocks_qkv_projection_is_found_in_timm_and_leanvit_blocks():
+    deit, swin = (timm.create_model(name, pretrained=False) for name in ('deit_tiny_patch16_224',
+                                                                        'swin_tiny_patch4_window7_224'))
+    assert qkv_projection(deit.blocks[0]) == qkv_projection(swin.layers[2].blocks[5]) == 'attn.qkv'
+    assert qkv_projection(timm.create_model('poolformer_s12', pretrained=False).stages[0].blocks[0]) is None
+    # GLiT's blocks keep their attention under a mixer, and its convolution-only blocks have none.
+    glit = leanvit.create_model('glit_tiny_patch16_224', img_size=32)
+    assert [qkv_projection(block) for block in glit.blocks] == \
+        [None if i in (1, 4, 8, 10) else 'mixer.attn.qkv' for i in range(12)]
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_qkv = nn.Linear(4, 12)
+
+    class Unnamed(nn.Module):  # a fused projection by another name is found by its shape, inside the attention only
+        def __init__(self, attention: bool):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 12)
+            if attention:
+                self.attn = Attention()
+
+    assert qkv_projection(Unnamed(attention=True)) == 'attn.to_qkv'
+    assert qkv_projection(Unnamed(attention=False)) is None
+
+
+def test_the_qkv_projections_tapped_are_those_of_the_blocks_found():
+    student = timm.create_model('mini_deit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=24, depth=4,
+                                num_heads=3, num_classes=5)
+    distillation = WeightDistillation(student, tiny_vit())
+    assert distillation.student_taps.qkv_names == {'stages.0.blocks.0.attn.qkv', 'stages.0.blocks.1.attn.qkv'}
+    assert distillation.teacher_taps.qkv_names == {f'blocks.{i}.attn.qkv' for i in range(4)}
+    assert distillation.student_depth == distillation.teacher_depth == 4  # 2 shared blocks, each applied twice
+    distillation.remove()

@@ -55,12 +55,6 @@ def option(default, group: str, help: str, *, low: float | None = None, high: fl
 # Topics of `leanvit train --help`, in order.
 GROUPS = {'data': 'data', 'model': 'model', 'optimisation': 'optimisation', 'distillation': 'distillation',
           'checkpoints': 'checkpoints and output', 'hardware': 'hardware'}
-# Keys of older recipes that moved into an objective's section.
-MOVED = {'imitate_block_output': 'module_imitation.block_output',
-         'imitate_mixer_output': 'module_imitation.mixer_output', 'imitate_relation': 'module_imitation.relation',
-         'imitation_blocks': 'module_imitation.student_blocks',
-         'teacher_imitation_blocks': 'module_imitation.teacher_blocks',
-         'teacher_imitation_layout': 'module_imitation.teacher_layout'}
 # Settings a resumed run may change: they change how it runs, not what it computes.
 RESUMABLE = frozenset({'output', 'progress', 'num_workers', 'threads', 'save_every_steps', 'keep_last', 'device',
                        'compile'})
@@ -192,9 +186,6 @@ class TrainConfig:
                              f'got a YAML {type(values).__name__}')
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(map(str, set(values) - set(names)))
-        moved = [f'{key} is now objectives.{MOVED[key]}' for key in unknown if key in MOVED]
-        if moved:
-            raise UsageError(f'recipe {path}: {"; ".join(moved)} (one section per auxiliary objective)')
         if unknown:
             raise UsageError(f'recipe {path}: unknown keys {unknown}; valid keys: {sorted(names)}')
         try:

@@ -10,8 +10,9 @@ The paper uses them to show what plain weight sharing does to training and to th
 models and the data as training and evaluation do and write a CSV and a PNG.
 
 Choices made where the paper is silent:
-- A layer is a block module, found by its name (``BLOCK_PATTERN``: ``blocks.N`` in timm's ViT / DeiT and Mini-DeiT,
-  ``layers.S.blocks.B`` in timm's Swin and Mini-Swin, ``stages.S.blocks.B`` in leanvit's models).
+- A layer is a block module, as `leanvit.methods.features.blocks_by_stage` finds it: ``blocks.N`` in timm's ViT /
+  DeiT, ``stages.0.blocks.N`` in Mini-DeiT, ``layers.S.blocks.B`` in timm's Swin, ``stages.S.blocks.B`` in Mini-Swin
+  and leanvit's other staged models, ``blocks.S.B`` in GFNet-H.
 - Gradient norms are per distinct parameter group: a block whose weights are shared and applied several times per
   forward has one gradient tensor per parameter (the sum over its applications), so it is one series. Parameters
   outside the block modules (patch embedding, head, per-application modules kept outside a block as SReT's) are not
@@ -25,7 +26,6 @@ Choices made where the paper is silent:
 import csv
 import itertools
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -42,36 +42,28 @@ from torch.utils.data import DataLoader, Subset
 from leanvit.errors import DataError, TrainingDivergedError, UsageError
 from leanvit.io.data import build_datasets
 from leanvit.io.files import atomic_write
-from leanvit.methods.features import LAYOUTS, as_tokens
+from leanvit.methods.features import LAYOUTS, as_tokens, blocks_by_stage
 from leanvit.models import create_model
 from leanvit.train.evaluation import data_config, load_trained_model
 
-# timm ViT / DeiT (``blocks.3``), timm Swin (``layers.1.blocks.0``), leanvit and MetaFormer (``stages.1.blocks.0``).
-BLOCK_PATTERN = r'(?:(?:stages|layers)\.\d+\.)?blocks\.\d+'
 # Past this many layers the names no longer fit beside the heat map; the axes then show layer indices.
 NAMED_AXES_MAX_LAYERS = 40
 
 
-def block_modules(model: nn.Module, pattern: str = BLOCK_PATTERN) -> dict[str, nn.Module]:
-    """The modules of ``model`` whose names match ``pattern`` (``re.fullmatch``), outermost only, in model order.
+def block_modules(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Module]:
+    """The block modules of ``model`` by name, in forward order: `blocks_by_stage`'s, stages run together.
 
-    A module registered under two names is listed once, under its first (``named_modules`` skips repeats).
+    ``pattern`` (a regular expression for the names, the outermost matches) overrides them. A module registered under
+    two names is listed once, under its first.
 
     Raises:
-        UsageError: ``pattern`` is not a regular expression, or matches no module.
+        UsageError: No blocks were found, or ``pattern`` is not a regular expression or matches no module.
     """
     try:
-        block = re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f'block pattern {pattern!r} is not a regular expression: {e}') from None
-    blocks = {}
-    for name, module in model.named_modules():
-        if block.fullmatch(name) and not any(name.startswith(outer + '.') for outer in blocks):
-            blocks[name] = module
-    if not blocks:
-        raise UsageError(f'no module of {type(model).__name__} matches the block pattern {pattern!r}; its top-level '
-                         f'modules are {", ".join(name for name, _ in model.named_children())}')
-    return blocks
+        stages = blocks_by_stage(model, pattern)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return {name: model.get_submodule(name) for stage in stages for name in stage}
 
 
 def endless(loader: Iterable) -> Iterator:
@@ -82,7 +74,7 @@ def endless(loader: Iterable) -> Iterator:
 
 def gradient_norms(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int, *,
                    lr: float = 1e-3, weight_decay: float = 0.05,
-                   pattern: str = BLOCK_PATTERN) -> dict[str, list[float]]:
+                   pattern: str | None = None) -> dict[str, list[float]]:
     """Train ``model`` for ``steps`` steps and record each block's gradient l2-norm at every step (Fig. 2).
 
     Each step is plain cross-entropy on one batch and one AdamW step (timm's ``create_optimizer_v2``, as the training
@@ -95,7 +87,7 @@ def gradient_norms(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
         steps: Optimisation steps.
         lr: AdamW's learning rate.
         weight_decay: AdamW's weight decay.
-        pattern: Names of the block modules (see ``block_modules``).
+        pattern: Names of the block modules, to override the ones found (see ``block_modules``).
 
     Returns:
         Block module name -> its gradient norm at each step, blocks in model order.
@@ -147,7 +139,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 class BlockOutputs:
     """Forward hooks that record, for one forward at a time, every block application's output in call order."""
 
-    def __init__(self, model: nn.Module, pattern: str = BLOCK_PATTERN):
+    def __init__(self, model: nn.Module, pattern: str | None = None):
         self.model = model
         self.calls: list[tuple[str, torch.Tensor]] = []
         self._handles = [block.register_forward_hook(self._recorder(name))
@@ -216,7 +208,7 @@ class _PooledFeatures:
     """One model's per-image block features, mean-pooled over tokens, gathered batch by batch; a context manager that
     removes its hooks on exit."""
 
-    def __init__(self, model: nn.Module, pattern: str, layout: str):
+    def __init__(self, model: nn.Module, pattern: str | None, layout: str):
         if layout != 'auto' and layout not in LAYOUTS:
             raise UsageError(f'layout must be auto or one of {", ".join(LAYOUTS)}, got {layout!r}')
         self.model, self.layout = model.eval(), layout
@@ -250,7 +242,7 @@ class _PooledFeatures:
 
 @torch.inference_mode()
 def layer_cka(model_a: nn.Module, model_b: nn.Module, batches: Iterable, batches_b: Iterable | None = None, *,
-              pattern_a: str = BLOCK_PATTERN, pattern_b: str = BLOCK_PATTERN, layout_a: str = 'auto',
+              pattern_a: str | None = None, pattern_b: str | None = None, layout_a: str = 'auto',
               layout_b: str = 'auto') -> CKAMatrix:
     """Linear CKA between every block output of ``model_a`` and every block output of ``model_b`` (Fig. 3).
 
@@ -262,7 +254,8 @@ def layer_cka(model_a: nn.Module, model_b: nn.Module, batches: Iterable, batches
         batches: Image batches for model A, and for model B unless ``batches_b`` is given: image tensors, or tuples
             whose first item is the images, as a DataLoader yields ``(images, labels)``.
         batches_b: The same images for model B, in the same order, where B needs another input pipeline.
-        pattern_a, pattern_b: Names of each model's block modules (see ``block_modules``).
+        pattern_a, pattern_b: Names of each model's block modules, to override the ones found (see
+            ``block_modules``).
         layout_a, layout_b: Layout of each model's block outputs: ``NLC`` tokens, ``NCHW`` or ``NHWC`` maps, or
             ``auto`` (see ``infer_layout``).
 
@@ -306,7 +299,7 @@ def analyze_gradient_norms(output: str | os.PathLike, *, model_name: str | None 
                            model_kwargs: dict | None = None, checkpoint: str | os.PathLike | None = None,
                            trust: bool = False, data: str | None = None, val_split: float | None = None,
                            steps: int = 100, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05,
-                           augment: str = 'light', seed: int = 0, pattern: str = BLOCK_PATTERN) -> dict:
+                           augment: str = 'light', seed: int = 0, pattern: str | None = None) -> dict:
     """Train a model ``steps`` steps on ``data``'s training split; write ``grad_norms.csv`` and ``grad_norms.png``.
 
     The model is built (``seed`` seeds its initialisation) or loaded from ``checkpoint``; a classifier whose class
@@ -345,7 +338,7 @@ def analyze_cka(output: str | os.PathLike, *, model_a: str | None = None, model_
                 model_kwargs_b: dict | None = None, checkpoint_b: str | os.PathLike | None = None,
                 trust: bool = False, data: str | None = None, split: str = 'val', val_split: float | None = None,
                 seed: int = 0, max_images: int | None = 1000, batch_size: int = 64,
-                pattern_a: str = BLOCK_PATTERN, pattern_b: str = BLOCK_PATTERN, layout_a: str = 'auto',
+                pattern_a: str | None = None, pattern_b: str | None = None, layout_a: str = 'auto',
                 layout_b: str = 'auto') -> dict:
     """Linear CKA between the block outputs of two models on the first ``max_images`` images of ``data``'s ``split``;
     write ``cka.csv`` and ``cka.png``.

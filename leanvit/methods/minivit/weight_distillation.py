@@ -11,32 +11,29 @@ Loss = prediction KD (the engine's ``kd``: ``leanvit.train.distillation``) + w_a
   width, the official ``fit_dense_C``).
 
 Layers are counted as applications: a block whose weights are shared and that runs r times per forward is r layers,
-numbered in the order they run (the official ``layer_id``). `WeightDistillation` hooks every module named
-``...attn.qkv`` and every block, runs one probe forward of each model at construction to find how many layers it
-applies and their shapes, so that a bad option fails before training, and after each step's forwards gives the
-weighted terms. Choices where the paper is silent: the default layer pairs outside its two recipes
-(`default_layer_pairs`), one adapter per (student width, teacher width) rather than per Swin stage (the same for
-Swin, one shared adapter for DeiT), and the block output tokens as the hidden state of a ViT. A timm ViT's class and
-register tokens are left out of both, so that a DeiT teacher pairs with a Mini-DeiT student, which has none.
+numbered in the order they run (the official ``layer_id``). `WeightDistillation` hooks every block
+(`leanvit.methods.features.blocks_by_stage`) and its q, k, v projection (`qkv_projection`), runs one probe forward of
+each model at construction to find how many layers it applies and their shapes, so that a bad option fails before
+training, and after each step's forwards gives the weighted terms. Choices where the paper is silent: the default layer
+pairs outside its two recipes (`default_layer_pairs`), one adapter per (student width, teacher width) rather than per
+Swin stage (the same for Swin, one shared adapter for DeiT), and the block output tokens as the hidden state of a ViT. A
+timm ViT's class and register tokens are left out of both, so that a DeiT teacher pairs with a Mini-DeiT student, which
+has none.
 """
 
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import timm
 import torch
-from einops import rearrange
 from torch import nn
 
 from leanvit.errors import UsageError
-from leanvit.methods.features import FeatureTaps, as_tokens, feature_mse, relation_mse
+from leanvit.methods.features import FeatureTaps, as_tokens, blocks_by_stage, feature_mse, qkv_projection, relation_mse
 from leanvit.train.distillation import soft_cross_entropy
 from leanvit.train.objectives import register_objective
 
-QKV_SUFFIX = 'attn.qkv'             # timm's Attention and WindowAttention, leanvit's GroupAttention
-BLOCK_PATTERN = r'(.*\.)?blocks\.\d+'  # timm ViT's blocks.i, timm Swin's layers.s.blocks.i, leanvit's stages.s.blocks.i
 HIDDEN_FORMS = ('relation', 'mse')
 HIDDEN_RELATION_SCALE = 49.  # the official code multiplies the Gram MSE by 49, Swin's window size squared
 # The paper's recipes (official README), in applied layers: Mini-Swin-T (12) from Swin-B (24), Mini-Swin-S/B from
@@ -54,7 +51,8 @@ def qkv_relation_logits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, relat
     """
     if q.shape[-1] % relation_heads:
         raise ValueError(f'relation_heads {relation_heads} does not divide the width {q.shape[-1]}')
-    x = rearrange(torch.stack([q, k, v]), 'i b n (h d) -> i b h n d', h=relation_heads)
+    # (3, B, N, C) -> (3, B, Ar, N, C / Ar): the channels split head-major, as the heads of attention split them
+    x = torch.stack([q, k, v]).unflatten(-1, (relation_heads, -1)).transpose(-3, -2)
     return torch.einsum('ibhnd,jbhmd->ijbhnm', x, x) / math.sqrt(x.shape[-1])
 
 
@@ -168,8 +166,8 @@ class WeightDistillation:
     trainable: give ``wd.parameters()`` to the optimizer. Bad options raise ValueError naming the option.
 
     Args:
-        student, teacher: Models whose attention modules are named ``...attn.qkv`` (fused q, k, v ``nn.Linear``)
-            and whose blocks match ``student_blocks`` / ``teacher_blocks``; both take the same images.
+        student, teacher: Models whose blocks `blocks_by_stage` finds, each with a fused q, k, v projection that
+            `qkv_projection` finds for the attention term; both take the same images.
         attention: Weight of L_attn (paper: 1.0); 0 turns it off.
         hidden: Weight of L_hddn (paper: 0.1); 0 turns it off.
         hidden_form: ``'relation'`` (Mini-Swin's, Gram matrices, any widths) or ``'mse'`` (learned width adapter).
@@ -177,15 +175,16 @@ class WeightDistillation:
         relation_heads: Ar, the heads the q, k, v channels split into for the relations (official default 1).
         student_layers, teacher_layers: Paired applied-layer indices (0-based, in forward order), both or neither;
             None: `default_layer_pairs`.
-        student_blocks, teacher_blocks: Regular expressions for the block module names (hidden states, and the
-            count of applied layers when both terms are on).
+        student_blocks, teacher_blocks: Regular expressions for the block module names, to override
+            `blocks_by_stage`'s (see its ``pattern``); the blocks give the hidden states and hold the q, k, v
+            projections. None: found from the model's structure.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, attention: float = 1., hidden: float = .1,
                  hidden_form: str = 'relation', hidden_relation_scale: float = HIDDEN_RELATION_SCALE,
                  relation_heads: int = 1, student_layers: list[int] | None = None,
-                 teacher_layers: list[int] | None = None, student_blocks: str = BLOCK_PATTERN,
-                 teacher_blocks: str = BLOCK_PATTERN):
+                 teacher_layers: list[int] | None = None, student_blocks: str | None = None,
+                 teacher_blocks: str | None = None):
         for option, value in (('attention', attention), ('hidden', hidden)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f'{option} must be a weight >= 0, got {value!r}')
@@ -221,24 +220,25 @@ class WeightDistillation:
                                  f'{len(teacher_layers)}; they pair by position')
             self.pairs = list(zip(student_layers, teacher_layers))
             self._check_pairs_and_build_adapters()
-        except (ValueError, re.error):
+        except ValueError:
             self.remove()
             raise
         self.student_taps.clear()  # the probe's layers
         self.teacher_taps.clear()
 
-    def _taps(self, model: nn.Module, role: str, blocks: str) -> AppliedLayerTaps:
-        qkv_names = [n for n, _ in model.named_modules() if n.endswith(QKV_SUFFIX)] if self.weights['attention'] \
-            else []
-        if self.weights['attention'] and not qkv_names:
-            raise ValueError(f'the attention term needs modules named ...{QKV_SUFFIX}; the {role} '
-                             f'({type(model).__name__}) has none (attention: 0 turns the term off)')
-        block_names = [n for n, _ in model.named_modules() if re.fullmatch(blocks, n)] if self.weights['hidden'] \
-            else []
-        if self.weights['hidden'] and not block_names:
-            raise ValueError(f'no module of the {role} ({type(model).__name__}) matches the block pattern '
-                             f'{blocks!r} ({role}_blocks)')
-        return AppliedLayerTaps(model, qkv_names, block_names)
+    def _taps(self, model: nn.Module, role: str, pattern: str | None) -> AppliedLayerTaps:
+        try:
+            blocks = [name for stage in blocks_by_stage(model, pattern) for name in stage]
+        except ValueError as e:
+            raise ValueError(f'the {role} ({role}_blocks): {e}') from None
+        qkv_names = []
+        if self.weights['attention']:
+            qkv_names = [f'{block}.{qkv}' for block in blocks if (qkv := qkv_projection(model.get_submodule(block)))]
+            if not qkv_names:
+                raise ValueError(f'the attention term needs blocks with a fused q, k, v projection (a module '
+                                 f'registered as qkv); the {role} ({type(model).__name__}) has none (attention: 0 '
+                                 f'turns the term off)')
+        return AppliedLayerTaps(model, qkv_names, blocks if self.weights['hidden'] else [])
 
     def _probe(self, model: nn.Module, role: str, taps: AppliedLayerTaps, probe: torch.Tensor) -> int:
         """The number of layers ``model`` applies per forward, found by one forward of ``probe``."""
@@ -253,7 +253,7 @@ class WeightDistillation:
         if not depth:
             raise ValueError(f'the tapped modules of the {role} ({type(model).__name__}) did not run in its forward')
         if self.weights['attention'] and self.weights['hidden'] and len(taps.qkv) != len(taps.hidden):
-            raise ValueError(f'the {role} ran its {QKV_SUFFIX} modules {len(taps.qkv)} times and its blocks '
+            raise ValueError(f'the {role} ran its q, k, v projections {len(taps.qkv)} times and its blocks '
                              f'{len(taps.hidden)} times per forward; layer indices count both, so choose a '
                              f'{role}_blocks pattern that matches one block per attention')
         return depth
@@ -364,5 +364,5 @@ def weight_distillation(student: nn.Module, teacher: nn.Module | None, **options
                          'teacher_logits')
     try:
         return WeightDistillation(student, teacher, **options)
-    except (ValueError, re.error) as e:  # options that do not fit the two models, bad block patterns
+    except ValueError as e:  # options that do not fit the two models, blocks not found, bad block patterns
         raise UsageError(f'weight_distillation: {e}') from None

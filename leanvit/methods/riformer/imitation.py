@@ -9,39 +9,26 @@ Total loss = L_soft + w_block * L'_in + w_mixer * L_out + w_relation * L_rel (do
   define the relation matrix; our reading is the cosine similarity between the tokens of one image, which needs no
   equal channel counts, so it also works for a teacher of other widths (GFNet-H-B beside RIFormer-S12).
 No code was released and the weights, the temperature and the pairing of layers are unpublished: each term has its
-own weight (0 turns it off), blocks are named by a pattern, and stages pair by order (same resolution). Inside a stage
-of another depth, student block j of d_s pairs with teacher block ceil((j + 1) * d_t / d_s) - 1, so the last blocks
-of each stage always pair.
+own weight (0 turns it off), each model's blocks are found by `blocks_by_stage` (or a name pattern), and stages pair
+by order (same resolution). Inside a stage of another depth, student block j of d_s pairs with teacher block
+ceil((j + 1) * d_t / d_s) - 1, so the last blocks of each stage always pair.
 """
 
 import math
-import re
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from leanvit.errors import UsageError
-from leanvit.methods.features import LAYOUTS, FeatureTaps, as_tokens, feature_mse, relation_mse
+from leanvit.methods.features import LAYOUTS, FeatureTaps, as_tokens, blocks_by_stage, feature_mse, relation_mse
 from leanvit.train.objectives import register_objective
 
-BLOCK_PATTERN = r'stages\.(\d+)\.blocks\.(\d+)'   # MetaFormer / RIFormer / timm poolformer module names
+
 def mixer_output_mse(student_mixer: nn.Module, teacher_input: torch.Tensor,
                      teacher_output: torch.Tensor) -> torch.Tensor:
     """L_out: the student's token mixer applied to the teacher mixer's input, against the teacher mixer's output."""
     return feature_mse(student_mixer(teacher_input.detach().float()), teacher_output.detach())
-
-
-def blocks_by_stage(model: nn.Module, pattern: str = BLOCK_PATTERN) -> list[list[str]]:
-    """Module names matching ``pattern`` (two groups: stage, block), grouped by stage in order."""
-    stages = defaultdict(list)
-    for name, _ in model.named_modules():
-        if match := re.fullmatch(pattern, name):
-            stages[int(match.group(1))].append((int(match.group(2)), name))
-    if not stages:
-        raise ValueError(f'no module of {type(model).__name__} matches the block pattern {pattern!r}')
-    return [[name for _, name in sorted(stages[s])] for s in sorted(stages)]
 
 
 def pair_blocks(student: list[list[str]], teacher: list[list[str]]) -> list[tuple[str, str]]:
@@ -80,6 +67,9 @@ class ModuleImitation:
     Usage: ``imitation = ModuleImitation(student, teacher, weights)``; per step run ``student(x)`` and ``teacher(x)``,
     then ``total = kd_loss + imitation.loss()``. ``imitation.remove()`` detaches the hooks. Block outputs are read in
     each model's layout (``'NCHW'`` for RIFormer and PoolFormer, ``'NHWC'`` for GFNet's blocks).
+
+    ``student_blocks`` / ``teacher_blocks`` override where a model's blocks are found: a regular expression for their
+    names, its first group naming the stage (see `blocks_by_stage`); None finds them from the model's structure.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weights: ImitationWeights,
@@ -87,9 +77,7 @@ class ModuleImitation:
                  student_layout: str = 'NCHW', teacher_layout: str = 'NCHW'):
         self.weights = weights
         self.layouts = (student_layout, teacher_layout)
-        # None: MetaFormer's names (BLOCK_PATTERN), the default of a training config too
-        self.pairs = pair_blocks(blocks_by_stage(student, student_blocks or BLOCK_PATTERN),
-                                 blocks_by_stage(teacher, teacher_blocks or BLOCK_PATTERN))
+        self.pairs = pair_blocks(blocks_by_stage(student, student_blocks), blocks_by_stage(teacher, teacher_blocks))
         if min(weights.block_output, weights.mixer_output, weights.relation) < 0:
             raise ValueError(f'imitation weights must be >= 0, got {weights}')
         self.student_mixers = {}
@@ -168,5 +156,5 @@ def module_imitation(student: nn.Module, teacher: nn.Module | None, *, block_out
     try:
         return ModuleImitation(student, teacher, weights, student_blocks, teacher_blocks,
                                teacher_layout=teacher_layout)
-    except (ValueError, re.error) as e:  # block patterns that match nothing, stages that do not pair, bad regexes
+    except ValueError as e:  # blocks not found, bad block patterns, stages that do not pair
         raise UsageError(f'module_imitation: {e}') from None
