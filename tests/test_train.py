@@ -306,3 +306,28 @@ def test_tuples_in_settings_match_their_recorded_lists():
     assert config.differences(recorded) == []
     assert config.differences(recorded | {'model_kwargs': {'head_dim': [8, 8, 4]}}) == \
         ["model_kwargs: {'head_dim': [8, 8, 4]} -> {'head_dim': (8, 8, 8)}"]
+
+
+def test_data_parallel_searches_for_unused_parameters_only_where_a_step_leaves_some(monkeypatch):
+    # Path sampling trains one sampled path of the supernet per step; without it, and for other models, every
+    # parameter gets a gradient in every step and DDP need not search each step's graph for those that do not.
+    from types import SimpleNamespace
+
+    from leanvit.train import engine
+    from leanvit.train.objectives import build_objectives
+
+    options = []
+    monkeypatch.setattr(engine, 'DistributedDataParallel', lambda model, **kwargs: options.append(kwargs) or model)
+    supernet = leanvit.create_model('glit_supernet', img_size=32, patch_size=8, num_classes=10, embed_dim=48, depth=2)
+    vit = leanvit.create_model('test_vit', img_size=32, num_classes=10)
+    declaring = torch.nn.Linear(2, 2)
+    declaring.leaves_parameters_unused = True  # a model may declare it too
+    for model, objectives, world_size in ((supernet, {'path_sampling': {}}, 2), (supernet, {}, 2), (vit, {}, 2),
+                                          (declaring, {}, 2), (supernet, {'path_sampling': {}}, 1)):
+        run = SimpleNamespace(model=model, objectives=build_objectives(objectives, model, None), objective_params=[],
+                              world_size=world_size, config=SimpleNamespace(compile=False))
+        assert engine.wrap_for_training(run) is model
+        for objective in run.objectives.values():
+            objective.remove()
+    assert options == [{'find_unused_parameters': True}, {'find_unused_parameters': False},
+                       {'find_unused_parameters': False}, {'find_unused_parameters': True}]

@@ -10,7 +10,11 @@ GLiT's supernet path sampling) are objects that the loop
 4. detaches at the end of training: ``remove()``;
 5. trains, if the objective has a ``parameters()`` method (optional; weight distillation's width adapters): what it
    returns is one more optimizer param group (no weight decay), clipped with the model's gradients; the objective's
-   ``state_dict()`` holds their values and the run's resume state their optimizer state.
+   ``state_dict()`` holds their values and the run's resume state their optimizer state;
+6. lets distributed training find the model's parameters a step leaves without a gradient, if the objective has a
+   true ``leaves_parameters_unused`` attribute (optional, default False; GLiT's path sampling trains one sampled
+   path per step): DDP then searches each step's graph for them (``find_unused_parameters``), a cost it otherwise
+   spares every step. A model may declare the same attribute.
 A new objective is a class with these four methods (five, if it trains parameters) and a factory registered with
 ``register_objective``, in the method's own module (``leanvit.methods``): this module imports none of them.
 """
@@ -25,6 +29,9 @@ from leanvit.errors import UsageError
 
 
 class Objective(Protocol):
+    """An auxiliary objective (see the module docstring); it may also have ``parameters()`` and
+    ``leaves_parameters_unused``."""
+
     def loss(self) -> torch.Tensor: ...
 
     def state_dict(self) -> dict: ...
