@@ -76,7 +76,8 @@ def check_objective_names(options: dict) -> None:
     """Raise a UsageError unless every key names an objective and every value is a mapping of options."""
     for name, kwargs in options.items():
         if name not in OBJECTIVES:
-            raise UsageError(f'objectives (--objectives): unknown objective {name!r}; known: {", ".join(sorted(OBJECTIVES))}')
+            raise UsageError(f'objectives (--objectives): unknown objective {name!r}; '
+                             f'known: {", ".join(sorted(OBJECTIVES))}')
         if not isinstance(kwargs, dict):
             raise UsageError(f'objectives.{name} must be a mapping of options, such as {{relation: 1.0}}, '
                              f'got {kwargs!r}')
