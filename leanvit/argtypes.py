@@ -29,6 +29,43 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def number_in(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+              high_open: bool = False):
+    """An argparse type: a finite number of ``kind`` (int or float) between ``low`` and ``high`` (each closed unless
+    marked open; None: unbounded). Its error names the range in TrainConfig's notation ('in (0, 1)', '>= 0'), so a
+    flag and a recipe value out of range read alike."""
+    if low is not None and high is not None:
+        bounds = f' in {"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+    elif low is not None:
+        bounds = f' {">" if low_open else ">="} {low:g}'
+    elif high is not None:
+        bounds = f' {"<" if high_open else "<="} {high:g}'
+    else:
+        bounds = ''
+    expected = ('an integer' if kind is int else 'a number') + bounds
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be {expected}, got {text!r}') from None
+        inside = ((kind is int or math.isfinite(value))  # an int is finite, and math.isfinite overflows on 10**400
+                  and (low is None or (value > low if low_open else value >= low))
+                  and (high is None or (value < high if high_open else value <= high)))
+        if not inside:
+            raise argparse.ArgumentTypeError(f'must be {expected}, got {value!r}')
+        return value
+
+    parse.__name__ = expected  # argparse names the type in some messages of its own
+    return parse
+
+
+# A share of the data held out (a validation split): some images on each side, so neither 0 nor 1.
+fraction = number_in(float, 0, 1, low_open=True, high_open=True)
+# A chance or a share that may be none or all: 0 and 1 included.
+probability = number_in(float, 0, 1)
+
+
 def metric_amount(text: str) -> float:
     """A count with an optional SI suffix: '1.5G', '600M', '25k' or a plain number."""
     scale = {'k': 1e3, 'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:], 1)

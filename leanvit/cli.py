@@ -23,7 +23,16 @@ from timm.utils.model import reparameterize_model
 from torch.utils.data import DataLoader
 
 import leanvit
-from leanvit.argtypes import json_object, metric_amount, non_negative_float, non_negative_int, positive_int
+from leanvit.argtypes import (
+    fraction,
+    json_object,
+    metric_amount,
+    non_negative_float,
+    non_negative_int,
+    number_in,
+    positive_int,
+    probability,
+)
 from leanvit.deploy import bench
 from leanvit.deploy.export import DEFAULT_ATOL, FORMATS, export_model
 from leanvit.deploy.predict import format_predictions, predict, write_predictions_csv
@@ -33,7 +42,7 @@ from leanvit.io.data import build_datasets
 from leanvit.io.exported import exported_format
 from leanvit.methods.glit.evolution import Budget, EvolutionSettings
 from leanvit.methods.glit.search import search
-from leanvit.methods.minivit.diagnostics import BLOCK_PATTERN, analyze_cka, analyze_gradient_norms
+from leanvit.methods.minivit.diagnostics import analyze_cka, analyze_gradient_norms
 from leanvit.methods.minivit.multiplex import compress
 from leanvit.threads import choose_threads
 from leanvit.train import train
@@ -121,7 +130,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-
+    # `profile sret_t` is a shorthand for `profile --model sret_t`; two different names are a mistake, not a choice.
+    if args.name and args.model and args.name != args.model:
+        raise UsageError(f'two model names: {args.name} and --model {args.model}; give one')
+    model_name = args.model or args.name
 
     threads, why = choose_threads(args.threads)
     kwargs = dict(args.model_kwargs or {})
@@ -134,11 +146,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          f'checkpoint it was exported from (`leanvit eval --checkpoint {args.checkpoint}` times the '
                          f'file)')
     if args.checkpoint:  # a run's checkpoint rebuilds its model as the run built it (name, size, arguments)
-        name, kwargs = trained_model_spec(args.checkpoint, args.model, kwargs)
-    elif args.model:
-        name = args.model
+        name, kwargs = trained_model_spec(args.checkpoint, model_name, kwargs)
+    elif model_name:
+        name = model_name
     else:
-        raise UsageError('profile needs a model name (leanvit profile sret_t) or a run\'s --checkpoint')
+        raise UsageError('profile needs --model NAME (e.g. --model sret_t) or a run\'s --checkpoint')
     model = leanvit.create_model(name, **kwargs)
     if args.checkpoint:
         leanvit.load_checkpoint(model, args.checkpoint, trust=args.trust_checkpoint)
@@ -165,30 +177,31 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def train_config(args: argparse.Namespace, **defaults) -> TrainConfig:
     """The TrainConfig of a command: its flags over its recipe (--config) over ``defaults`` (the command's own
-    defaults, where they differ from TrainConfig's). A flag that does not apply to the command is an error."""
+    defaults, where they differ from TrainConfig's). A recipe value that does not apply to the command is an error
+    (the command has no flag for it: its parser refuses one)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
-    # What the command sets itself, given by a flag or by the recipe, is refused rather than silently replaced.
+    # What the command sets itself, given by the recipe, is refused rather than silently replaced.
     stock = TrainConfig()
-    for name in getattr(args, 'hidden_config_flags', ()):
-        if hasattr(args, name) or getattr(config, name) != getattr(stock, name):
-            where = f'--{flag(name)}' if hasattr(args, name) else f'recipe {args.config}: {name}'
-            raise UsageError(f'{where} does not apply to leanvit {args.command}'
-                             + HIDDEN_WHY.get((args.command, name), ''))
+    for name in getattr(args, 'refused_config_keys', ()):
+        if getattr(config, name) != getattr(stock, name):
+            raise UsageError(f'recipe {args.config}: {name} does not apply to leanvit {args.command}'
+                             + WHY_REFUSED.get((args.command, name), ''))
     # A default applies where neither a flag nor the recipe chose a value, i.e. where TrainConfig's own default stands.
     unset = {name: value for name, value in defaults.items()
              if name not in overrides and getattr(config, name) == TrainConfig.__dataclass_fields__[name].default}
     return dataclasses.replace(config, **unset) if unset else config
 
 
-# Training options that some commands set themselves, and why, for the message a user gets who gives one anyway.
+# Training options that some commands set themselves: those commands have no flag for them, and refuse them in a
+# recipe. The why, for the message a user gets who gives one anyway.
 SEARCH_SETS = ('model', 'arch', 'teacher', 'teacher_checkpoint', 'teacher_kwargs', 'trust_teacher_checkpoint', 'kd',
                'kd_alpha', 'kd_tau', 'init_from_teacher', 'teacher_logits')
 COMPRESS_SETS = ('model', 'model_kwargs', 'arch', 'init_checkpoint', 'init_from_teacher', 'teacher_logits')
-HIDDEN_WHY = {('search', 'model'): ': it trains the GLiT supernet (retrain the searched architecture with '
-                                   '`leanvit train --model glit_custom --arch OUTPUT/hierarchical/best_arch.json`)',
-              ('compress', 'model'): ': the student is built from the teacher (--share and the transformation flags '
-                                     'shape it)'}
+WHY_REFUSED = {('search', 'model'): ': it trains the GLiT supernet (retrain the searched architecture with '
+                                    '`leanvit train --model glit_custom --arch OUTPUT/hierarchical/best_arch.json`)',
+               ('compress', 'model'): ': the student is built from the teacher (--share and the transformation '
+                                      'flags shape it)'}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -213,12 +226,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     config = train_config(args, output='runs/search')
 
-    try:
-        settings = EvolutionSettings(population=args.population, parents=args.parents,
-                                     mutation_prob=args.mutation_prob, crossover_share=args.crossover_share,
-                                     generations=args.generations, seed=config.seed)
-    except ValueError as e:
-        raise UsageError(f'search settings: {e}') from None
+    # Every value EvolutionSettings checks was range-checked by the parser: a ValueError here would be a bug.
+    settings = EvolutionSettings(population=args.population, parents=args.parents, mutation_prob=args.mutation_prob,
+                                 crossover_share=args.crossover_share, generations=args.generations, seed=config.seed)
     summary = search(config, space=args.space, budget=Budget(args.budget_macs, args.budget_params),
                      strategy=args.strategy, settings=settings, calib_batches=args.calib_batches,
                      resume_anyway=args.resume_anyway)
@@ -251,9 +261,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictions = predict(args.checkpoint, args.images, args.top_k, model_name=args.model,
                           model_kwargs=args.model_kwargs, trust=args.trust_checkpoint, batch_size=args.batch_size)
     print('\n'.join(format_predictions(predictions)), flush=True)
-    if args.out:
-        write_predictions_csv(args.out, predictions)
-        print(f'wrote {args.out}')
+    if args.output:
+        write_predictions_csv(args.output, predictions)
+        print(f'wrote {args.output}')
     return 0
 
 
@@ -266,9 +276,9 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
     data = build_datasets(args.data, data_config(teacher, kwargs.get('img_size')), val_split=args.val_split,
                           augment='none', seed=args.seed)
     logits = compute_teacher_logits(teacher, data.train, args.batch_size)
-    save_teacher_logits(args.out, logits, dict(teacher=name, teacher_kwargs=kwargs, checkpoint=str(args.checkpoint),
-                                               data=data.description))
-    print(f'wrote {args.out}: logits of {name} for {logits.shape[0]} training images x {logits.shape[1]} classes '
+    save_teacher_logits(args.output, logits, dict(teacher=name, teacher_kwargs=kwargs,
+                                                  checkpoint=str(args.checkpoint), data=data.description))
+    print(f'wrote {args.output}: logits of {name} for {logits.shape[0]} training images x {logits.shape[1]} classes '
           f'({data.description})')
     return 0
 
@@ -277,15 +287,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     choose_threads(args.threads)
     # leanvit eval and predict tell an ONNX file by its extension, so the name and the format must agree.
-    suffix = Path(args.out).suffix.lower()
+    suffix = Path(args.output).suffix.lower()
     fmt = args.format or {'.onnx': 'onnx', '.pt': 'torchscript', '.pth': 'torchscript'}.get(suffix)
     if fmt is None:
-        raise UsageError(f'--out {args.out}: name the file .onnx (ONNX) or .pt (TorchScript), or pass --format')
+        raise UsageError(f'--output {args.output}: name the file .onnx (ONNX) or .pt (TorchScript), or pass --format')
     if (fmt == 'onnx') != (suffix == '.onnx'):
-        raise UsageError(f'--out {args.out} does not fit --format {fmt}: an ONNX file is named .onnx, and only an '
-                         f'ONNX file is')
+        raise UsageError(f'--output {args.output} does not fit --format {fmt}: an ONNX file is named .onnx, and only '
+                         f'an ONNX file is')
     if args.quantize and fmt != 'onnx':
-        raise UsageError('--quantize int8 quantizes an ONNX file: name --out .onnx')
+        raise UsageError('--quantize int8 quantizes an ONNX file: name --output .onnx')
     model, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
                                              trust=args.trust_checkpoint)
     cfg = data_config(model, args.img_size or kwargs.get('img_size'))
@@ -299,7 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # through the evaluation transform, since calibration must see what inference will see.
     datasets = run_datasets(args.checkpoint, name, model.num_classes, cfg, recorded, args.data, augment='none') \
         if args.quantize else None
-    report = export_model(model, args.out, fmt, input_size, batch_size=args.batch_size,
+    report = export_model(model, args.output, fmt, input_size, batch_size=args.batch_size,
                           dynamic_batch=not args.static_batch, opset=args.opset, atol=args.atol, reparam=args.reparam,
                           metadata=metadata)
     print(f'model      {name} ({"x".join(map(str, input_size))}) from {args.checkpoint}')
@@ -347,7 +357,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             args.output, model_name=args.model, model_kwargs=args.model_kwargs, checkpoint=args.checkpoint,
             trust=args.trust_checkpoint, data=args.data, val_split=args.val_split, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment,
-            seed=args.seed, pattern=args.blocks or BLOCK_PATTERN)
+            seed=args.seed, pattern=args.blocks)
         print(f'model      {report["model"]} ' + (f'from {args.checkpoint}' if args.checkpoint else
                                                   f'(new, seed {args.seed})')
               + ("; its classifier replaced for the data's classes" if report['head_replaced'] and args.checkpoint
@@ -362,8 +372,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             args.output, model_a=args.model_a, model_kwargs_a=args.model_kwargs_a, checkpoint_a=args.checkpoint_a,
             model_b=args.model_b, model_kwargs_b=args.model_kwargs_b, checkpoint_b=args.checkpoint_b,
             trust=args.trust_checkpoint, data=args.data, split=args.split, val_split=args.val_split, seed=args.seed,
-            max_images=args.max_images, batch_size=args.batch_size, pattern_a=args.blocks_a or BLOCK_PATTERN,
-            pattern_b=args.blocks_b or BLOCK_PATTERN, layout_a=args.layout_a, layout_b=args.layout_b)
+            max_images=args.max_images, batch_size=args.batch_size, pattern_a=args.blocks_a,
+            pattern_b=args.blocks_b, layout_a=args.layout_a, layout_b=args.layout_b)
         for side, name, checkpoint, layers in (('A', report['model_a'], args.checkpoint_a, report['layers_a']),
                                                ('B', report['model_b'], args.checkpoint_b, report['layers_b'])):
             print(f'model {side}    {name}' + (f' from {checkpoint}' if checkpoint else ' (new, untrained)')
@@ -373,34 +383,40 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = (),
-                      meaning: dict[str, str] | None = None) -> None:
+def _add_config_flags(parser: 'Parser', refused: tuple[str, ...] = (), meaning: dict[str, str] | None = None) -> None:
     """One flag per TrainConfig field, grouped by topic, with the field's help line and default; only flags given on
     the command line override the recipe.
 
-    Types come from the field annotations; ranges are checked by ``TrainConfig`` itself, so a recipe value and a flag
-    are held to the same rules. ``hidden`` fields do not apply to the command: their flags stay out of its --help,
-    and `train_config` refuses one given by a flag or a recipe. ``meaning`` replaces a field's help line where the
-    command gives it another meaning (search's --epochs train the supernet).
+    Types come from the field annotations, and a number is checked against its field's range as it is parsed, so an
+    argument error comes before anything loads; ``TrainConfig`` checks a recipe value against the same range.
+    ``refused`` fields are set by the command itself: they get no flag (its --help lists only what works), the
+    parser refuses their flags with the reason, and `train_config` refuses them in a recipe. ``meaning`` replaces a
+    field's help line where the command gives it another meaning (search's --epochs train the supernet).
     """
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
-    parser.set_defaults(hidden_config_flags=hidden)
+    parser.set_defaults(refused_config_keys=refused)
     for field in dataclasses.fields(TrainConfig):
         name = '--' + flag(field.name)
         kind = next(t for t in value_types(field) if t is not type(None))
+        if field.name in refused:
+            why = WHY_REFUSED.get((parser.prog.split()[-1], field.name), '')
+            parser.refused_options.update({name: why} | ({'--no-' + flag(field.name): why} if kind is bool else {}))
+            continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         shown = 'none' if default is None else json.dumps(default) if isinstance(default, dict) else default
         valid = field.metadata.get('range')
         help_text = f'{(meaning or {}).get(field.name, field.metadata["help"])} (default: {shown}' + \
             (f'; {valid}' if valid else '') + ')'
-        if field.name in hidden:
-            help_text = argparse.SUPPRESS
         group = groups[field.metadata['group']]
         if kind is bool:
             group.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
         elif kind is dict:
             group.add_argument(name, type=json_object, default=argparse.SUPPRESS, metavar='JSON', help=help_text)
+        elif kind in (int, float):
+            bounds = dataclasses.asdict(valid) if valid else {}  # an Interval: low, high, low_open, high_open
+            group.add_argument(name, type=number_in(kind, **bounds), default=argparse.SUPPRESS, help=help_text,
+                               metavar=kind.__name__.upper())
         else:
             group.add_argument(name, type=kind, default=argparse.SUPPRESS, help=help_text,
                                metavar=kind.__name__.upper())
@@ -426,13 +442,46 @@ def _add_analysis_data_args(parser: argparse.ArgumentParser) -> None:
     """The data an analysis reads (default: the bundled digits) and how a single folder of class folders is split."""
     parser.add_argument('--data', default=None, help='an image folder or torch/NAME:ROOT, as in training (default: '
                                                      'the bundled digits)')
-    parser.add_argument('--val-split', type=float, default=None,
-                        help='fraction held out for validation, for a folder of class folders without train/ and val/')
-    parser.add_argument('--seed', type=int, default=0, help='seed of initialisation, data order and --val-split')
+    parser.add_argument('--val-split', type=fraction, default=None,
+                        help='fraction held out for validation, for a folder of class folders without train/ and val/ '
+                             '(in (0, 1))')
+    parser.add_argument('--seed', type=non_negative_int, default=0,
+                        help='seed of initialisation, data order and --val-split')
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that points at --help (the train usage block is 30 lines long)."""
+    """argparse, but a usage error is one line that points at --help (the train usage block is 30 lines long), a
+    training option that the command sets itself is refused with the reason, and --out is read as --output."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Flags of `leanvit train` that this command has not (it sets their values itself), with the reason to give.
+        # Looked for before argparse parses: unknown to it, search's --model would be taken as a prefix of
+        # --model-kwargs.
+        self.refused_options: dict[str, str] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        if self.refused_options or '--output' in self._option_string_actions:
+            args = self._screen(args)
+        return super().parse_known_args(args, namespace)
+
+    def _screen(self, args: list[str]) -> list[str]:
+        """``args`` with the deprecated --out renamed --output (saying so once); a refused option is an error."""
+        screened, warned = [], False
+        for i, arg in enumerate(args):
+            if arg == '--':  # what follows is positional
+                return screened + args[i:]
+            option, equals, value = arg.partition('=')
+            if option in self.refused_options:
+                self.error(f'{option} does not apply to {self.prog}{self.refused_options[option]}')
+            # export, predict and teacher-logits took --out up to leanvit 0.1.0: still read, for one release.
+            if option == '--out' and '--output' in self._option_string_actions:
+                if not warned:
+                    print(f'{self.prog}: warning: --out is deprecated; use --output', file=sys.stderr)
+                warned, arg = True, '--output' + equals + value
+            screened.append(arg)
+        return screened
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
@@ -460,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                '  leanvit train --model sret_t --data photos/ --val-split 0.2 --img-size 64 --output runs/photos\n'
                '  leanvit eval --checkpoint runs/photos/best.safetensors\n'
                '  leanvit predict --checkpoint runs/photos/best.safetensors new_photos/\n'
-               '  leanvit export --checkpoint runs/photos/best.safetensors --out model.onnx')
+               '  leanvit export --checkpoint runs/photos/best.safetensors --output model.onnx')
     parser.add_argument('--version', action='version', version=f'leanvit {leanvit.__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
 
@@ -476,12 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "the model of a run's checkpoint, rebuilt as the run built it (a compressed student, a searched "
                     'GLiT).',
         epilog='examples:\n'
-               '  leanvit profile sret_t --img-size 32\n'
+               '  leanvit profile --model sret_t --img-size 32\n'
                '  leanvit profile --checkpoint runs/mini/best.safetensors\n'
-               '  leanvit profile glit_custom --arch runs/search/hierarchical/best_arch.json --img-size 32',
+               '  leanvit profile --model glit_custom --arch runs/search/hierarchical/best_arch.json --img-size 32',
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    profile.add_argument('model', nargs='?', default=None,
-                         help="model name (default: from --checkpoint's .json)")
+    profile.add_argument('--model', default=None, help="model name (default: from --checkpoint's .json)")
+    profile.add_argument('name', nargs='?', default=None, metavar='MODEL',
+                         help='shorthand for --model MODEL (`leanvit profile sret_t`)')
     profile.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON',
                          help="model arguments, e.g. '{\"patch_size\": 4}'; override the checkpoint's .json")
     profile.add_argument('--arch', default=None, metavar='FILE',
@@ -541,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                                'the teacher (give it its own --output)')
     compress.add_argument('--resume-anyway', action='store_true',
                           help='resume the run in --output even if its settings differ from these')
-    _add_config_flags(compress, hidden=COMPRESS_SETS)
+    _add_config_flags(compress, refused=COMPRESS_SETS)
     compress.set_defaults(func=cmd_compress)
 
     search = sub.add_parser(
@@ -570,16 +620,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument('--parents', type=positive_int, default=10, help='best candidates that breed (default: 10)')
     search.add_argument('--generations', type=positive_int, default=20,
                         help='generations; hierarchical spends half on each level (default: 20)')
-    search.add_argument('--mutation-prob', type=non_negative_float, default=0.1,
-                        help='chance of each block of a mutated child to be drawn again (default: 0.1)')
-    search.add_argument('--crossover-share', type=non_negative_float, default=0.5,
-                        help='share of each generation made by crossover (default: 0.5)')
+    search.add_argument('--mutation-prob', type=probability, default=0.1,
+                        help='chance of each block of a mutated child to be drawn again (default: 0.1; in [0, 1])')
+    search.add_argument('--crossover-share', type=probability, default=0.5,
+                        help='share of each generation made by crossover (default: 0.5; in [0, 1])')
     search.add_argument('--calib-batches', type=non_negative_int, default=10,
                         help='training batches that recalibrate BatchNorm per candidate; 0 keeps the supernet\'s '
                              'statistics (default: 10)')
     search.add_argument('--resume-anyway', action='store_true',
                         help='resume the supernet run and the search in --output even if their settings differ')
-    _add_config_flags(search, hidden=SEARCH_SETS, meaning={
+    _add_config_flags(search, refused=SEARCH_SETS, meaning={
         'epochs': 'epochs of supernet training (the search itself is --generations)',
         'output': 'folder of the search: supernet/ and one folder per --strategy'})
     search.set_defaults(func=cmd_search)
@@ -602,14 +652,14 @@ def build_parser() -> argparse.ArgumentParser:
                     'the classes are shown by index.',
         epilog='examples:\n'
                '  leanvit predict --checkpoint runs/photos/best.safetensors photos/new/\n'
-               '  leanvit predict --checkpoint model.onnx cat.jpg dog.png --top-k 3 --out predictions.csv',
+               '  leanvit predict --checkpoint model.onnx cat.jpg dog.png --top-k 3 --output predictions.csv',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_argument('images', nargs='+', metavar='IMAGE',
                          help='image files, and folders whose image files (any depth) are taken in sorted order')
     _add_checkpoint_args(predict)
     predict.add_argument('--top-k', type=positive_int, default=5,
                          help="classes shown per image; at most the model's class count (default: 5)")
-    predict.add_argument('--out', default=None, metavar='CSV',
+    predict.add_argument('--output', default=None, metavar='CSV',
                          help='also write the predictions as CSV: path, then class_i, name_i, prob_i for each ranked '
                               'class; replaced only once complete')
     predict.add_argument('--batch-size', type=positive_int, default=64)
@@ -618,24 +668,26 @@ def build_parser() -> argparse.ArgumentParser:
     logits = sub.add_parser('teacher-logits', help="store a teacher's logits for the training split once, so that "
                                                    "students train with --teacher-logits instead of a live teacher")
     _add_checkpoint_args(logits, data_default='the bundled digits')
-    logits.add_argument('--val-split', type=float, default=None, help='as the student run will use it')
-    logits.add_argument('--seed', type=int, default=0, help='as the student run will use it (val-split order)')
+    logits.add_argument('--val-split', type=fraction, default=None, help='as the student run will use it (in (0, 1))')
+    logits.add_argument('--seed', type=non_negative_int, default=0,
+                        help='as the student run will use it (val-split order)')
     logits.add_argument('--batch-size', type=positive_int, default=64)
-    logits.add_argument('--out', required=True, help='output .safetensors file')
+    logits.add_argument('--output', required=True, metavar='FILE', help='output .safetensors file')
     logits.set_defaults(func=cmd_teacher_logits)
 
     export = sub.add_parser(
         'export', help='write a checkpoint as ONNX or TorchScript and verify the file reproduces the model',
         description='Export a trained model, run the written file (ONNX Runtime / torch.jit.load) and the PyTorch '
-                    'model on seeded random inputs, and fail, leaving --out as it was, if their outputs differ by '
+                    'model on seeded random inputs, and fail, leaving --output as it was, if their outputs differ by '
                     'more than --atol. TorchScript is traced (torch.jit.trace), not scripted: leanvit models do not '
                     'script, and a trace records one path through the code, so it is verified like the ONNX file; '
                     'torch deprecates TorchScript, prefer ONNX. ONNX export needs pip install "leanvit[export]".')
     _add_checkpoint_args(export)
     export.add_argument('--format', choices=FORMATS, default=None,
                         help='onnx (dynamic batch axis, verified in ONNX Runtime) or torchscript (torch.jit.trace) '
-                             '(default: from --out: .onnx, or .pt for TorchScript)')
-    export.add_argument('--out', required=True, help='output file; replaced only once the new one passes')
+                             '(default: from --output: .onnx, or .pt for TorchScript)')
+    export.add_argument('--output', required=True, metavar='FILE',
+                        help='output file; replaced only once the new one passes')
     export.add_argument('--reparam', action=argparse.BooleanOptionalAction, default=True,
                         help='re-parameterize for inference first (timm.utils.model.reparameterize_model: each '
                              "module's reparameterize()/fuse(), e.g. RIFormer's folded mixers, SReT's folded stem); "
@@ -650,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument('--atol', type=non_negative_float, default=DEFAULT_ATOL,
                         help='largest absolute output difference allowed (default: %(default)g)')
     export.add_argument('--quantize', choices=['int8'], default=None,
-                        help='also write an INT8 file beside --out (NAME.int8.onnx), quantized by ONNX Runtime '
+                        help='also write an INT8 file beside --output (NAME.int8.onnx), quantized by ONNX Runtime '
                              '(see --int8-method), and evaluate both on the run\'s validation split')
     export.add_argument('--int8-method', choices=['auto', 'static', 'dynamic'], default='auto',
                         help='static (activation ranges calibrated on training images), dynamic (activations '

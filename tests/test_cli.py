@@ -1,5 +1,6 @@
 """The ``leanvit`` command line: model table formats, profiling, errors, and the README's generated table."""
 
+import argparse
 import csv
 import io
 import json
@@ -59,7 +60,7 @@ def test_models_hides_test_configurations_unless_asked(capsys):
 
 
 def test_profile_prints_params_macs_and_throughput(capsys):
-    code, out, _ = run_cli(capsys, 'profile', 'test_sret', '--batch-size', '2', '--iters', '1')
+    code, out, _ = run_cli(capsys, 'profile', '--model', 'test_sret', '--batch-size', '2', '--iters', '1')
     measured = leanvit.profile(leanvit.create_model('test_sret'), (3, 64, 64))
     assert code == 0
     assert f'params     {measured.params:,}' in out
@@ -85,6 +86,7 @@ def test_profile_rebuilds_a_runs_model_from_its_checkpoint(tmp_path, capsys):
 def test_profile_builds_an_architecture_file(tmp_path, capsys):
     arch = tmp_path / 'arch.json'
     arch.write_text(json.dumps({'blocks': [{'global_heads': 3}, {'global_heads': 0, 'kernel_size': 17}]}))
+    # The positional name is a shorthand for --model.
     code, out, err = run_cli(capsys, 'profile', 'glit_custom', '--arch', arch, '--img-size', '32', '--model-kwargs',
                              '{"patch_size": 8}', '--batch-size', '1', '--iters', '1')
     assert code == 0, err
@@ -92,11 +94,11 @@ def test_profile_builds_an_architecture_file(tmp_path, capsys):
                                (3, 32, 32))
     assert f'params     {expected.params:,}' in out
     code, _, err = run_cli(capsys, 'profile')
-    assert code == 2 and "profile needs a model name (leanvit profile sret_t) or a run's --checkpoint" in err
+    assert code == 2 and "profile needs --model NAME (e.g. --model sret_t) or a run's --checkpoint" in err
 
 
 def test_unknown_model_is_a_clear_error(capsys):
-    code, _, err = run_cli(capsys, 'profile', 'sret_xl')
+    code, _, err = run_cli(capsys, 'profile', '--model', 'sret_xl')
     assert code == 2 and err.startswith("leanvit profile: error: unknown model 'sret_xl' (did you mean sret_")
 
 
@@ -129,3 +131,88 @@ def test_every_train_option_has_a_help_line_with_its_default_under_a_topic():
         assert f'(default: {shown}' in by_flag[option].help, option
         assert option in topics[GROUPS[field.metadata['group']]], option
     assert list(topics)[-len(GROUPS):] == list(GROUPS.values())
+
+
+def subcommands(parser=None) -> dict:
+    """Every (sub)command's parser by its prog, e.g. 'leanvit analyze cka'."""
+    from leanvit.cli import build_parser
+
+    parser = parser or build_parser()
+    found = {parser.prog: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found.update(subcommands(child))
+    return found
+
+
+def test_every_command_that_writes_files_names_them_with_output():
+    options = {prog: set(parser._option_string_actions) for prog, parser in subcommands().items()}
+    writers = {prog for prog, names in options.items() if '--output' in names}
+    assert writers == {f'leanvit {c}' for c in ('train', 'compress', 'search', 'eval', 'predict', 'teacher-logits',
+                                                'export', 'bench', 'analyze grad-norms', 'analyze cka')}
+    assert not any('--out' in names for names in options.values())  # the old name is an alias, not an option
+
+
+@pytest.mark.parametrize('command', ['export --checkpoint c.safetensors', 'predict --checkpoint c.onnx a.png',
+                                     'teacher-logits --checkpoint c.safetensors', 'train', 'bench'])
+def test_out_is_a_deprecated_alias_of_output(command, capsys):
+    from leanvit.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse([*command.split(), '--out', 'x.onnx']).output == 'x.onnx'
+    prog = 'leanvit ' + command.split()[0]
+    assert capsys.readouterr().err == f'{prog}: warning: --out is deprecated; use --output\n'
+    assert parse([*command.split(), '--out=y.onnx', '--out', 'z.onnx']).output == 'z.onnx'
+    assert capsys.readouterr().err.count('\n') == 1  # one warning per command line
+    assert parse([*command.split(), '--output', 'w.onnx']).output == 'w.onnx'
+    assert capsys.readouterr().err == ''
+    with pytest.raises(SystemExit):
+        parse([command.split()[0], '--help'])
+    assert '--out ' not in capsys.readouterr().out
+
+
+def test_profile_takes_model_as_every_command_does(capsys):
+    from leanvit.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(['profile', '--model', 'sret_t']).model == 'sret_t'
+    args = parse(['profile', 'sret_t'])
+    assert (args.model, args.name) == (None, 'sret_t')
+    code, out, err = run_cli(capsys, 'profile', 'test_sret', '--model', 'test_sret', '--batch-size', '1', '--iters',
+                             '1')
+    assert code == 0 and out.startswith('model      test_sret'), err  # the same name twice is no conflict
+
+
+@pytest.mark.parametrize('command, refused', [
+    ('compress', ['--model', '--model-kwargs', '--arch', '--init-checkpoint', '--init-from-teacher',
+                  '--no-init-from-teacher', '--teacher-logits']),
+    ('search', ['--model', '--arch', '--teacher', '--teacher-checkpoint', '--teacher-kwargs', '--kd', '--kd-alpha',
+                '--kd-tau', '--trust-teacher-checkpoint', '--init-from-teacher', '--teacher-logits']),
+])
+def test_compress_and_search_have_no_flag_for_what_they_set_themselves(command, refused, capsys):
+    from leanvit.cli import build_parser
+
+    parser = subcommands()[f'leanvit {command}']
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--help'])
+    listed = set(re.findall(r'^  (--[\w-]+)', capsys.readouterr().out, flags=re.MULTILINE))
+    assert '--epochs' in listed and not listed & set(refused)
+    for option in refused:  # refused by the parser, before anything loads, naming the option
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, option, '1'])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count('\n') == 1, err
+        assert err.startswith(f'leanvit {command}: error: {option} does not apply to leanvit {command}'), err
+    # What follows -- is no option: neither refused nor renamed.
+    assert build_parser().parse_args(['predict', '--checkpoint', 'c.onnx', '--', '--out']).images == ['--out']
+    assert capsys.readouterr().err == ''
+
+
+def test_every_float_option_is_range_checked_when_parsed(capsys):
+    """A number given on the command line is checked as it is parsed; a bare float type would take nan, inf, -1."""
+    from leanvit.cli import build_parser
+
+    unchecked = [f'{prog} {action.option_strings[0]}' for prog, parser in subcommands(build_parser()).items()
+                 for action in parser._actions if action.type in (float, int)]
+    assert not unchecked

@@ -78,7 +78,7 @@ def digits_run(tmp_path_factory):
 
 def test_quantize_int8_writes_a_smaller_file_that_eval_runs(digits_run, tmp_path, capsys):
     out = tmp_path / 'model.onnx'
-    code = main(['export', '--checkpoint', str(digits_run), '--out', str(out), '--quantize', 'int8',
+    code = main(['export', '--checkpoint', str(digits_run), '--output', str(out), '--quantize', 'int8',
                  '--calib-batches', '2', '--max-drop', '100'])
     stdout, err = capsys.readouterr()
     assert code == 0, err
@@ -138,9 +138,9 @@ def test_quantize_without_calibration_images_is_dynamic_and_says_why(tmp_path):
 
 
 def test_quantize_needs_an_onnx_output(digits_run, tmp_path, capsys):
-    code = main(['export', '--checkpoint', str(digits_run), '--out', str(tmp_path / 'model.pt'), '--quantize', 'int8'])
+    code = main(['export', '--checkpoint', str(digits_run), '--output', str(tmp_path / 'model.pt'), '--quantize', 'int8'])
     assert code == 2
-    assert capsys.readouterr().err.strip().endswith('--quantize int8 quantizes an ONNX file: name --out .onnx')
+    assert capsys.readouterr().err.strip().endswith('--quantize int8 quantizes an ONNX file: name --output .onnx')
     assert not (tmp_path / 'model.pt').exists()
 
 
@@ -162,7 +162,7 @@ def test_static_quantization_applies_where_equal_weights_were_stored_once(name, 
 
 def test_quantize_finds_its_images_before_exporting(digits_run, tmp_path, capsys):
     out = tmp_path / 'model.onnx'
-    code = main(['export', '--checkpoint', str(digits_run), '--out', str(out), '--quantize', 'int8',
+    code = main(['export', '--checkpoint', str(digits_run), '--output', str(out), '--quantize', 'int8',
                  '--data', str(tmp_path / 'no such folder')])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and 'no such folder' in err

@@ -57,7 +57,7 @@ class Shifted(nn.Module):
 def test_onnx_export_of_a_run_checkpoint_runs_in_onnxruntime_at_any_batch_size(run, tmp_path, capsys):
     model, checkpoint = run
     out = tmp_path / 'sret.onnx'
-    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--out', out)
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--output', out)
     assert code == 0, err
     assert f'model      test_sret (3x32x32) from {checkpoint}' in stdout
     assert 'format     onnx, opset ' in stdout and 'any batch size' in stdout
@@ -76,7 +76,7 @@ def test_onnx_export_of_a_run_checkpoint_runs_in_onnxruntime_at_any_batch_size(r
 def test_torchscript_export_is_a_trace_that_reloads_and_matches(run, tmp_path, capsys):
     model, checkpoint = run
     out = tmp_path / 'sret.pt'
-    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', out)
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--output', out)
     assert code == 0, err
     assert 'format     torchscript, any batch size' in stdout
     images = torch.randn(3, 3, 32, 32)
@@ -92,7 +92,7 @@ def test_reparam_folds_repvgg_branches_exactly_and_exports_the_folded_model(tmp_
     out = tmp_path / 'repvgg.pt'
     code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--model', 'repvgg_a0', '--model-kwargs',
                                    json.dumps({'num_classes': 5}), '--img-size', 32, '--reparam',
-                                   '--format', 'torchscript', '--out', out)
+                                   '--format', 'torchscript', '--output', out)
     assert code == 0, err
     assert 'model      repvgg_a0 (3x32x32)' in stdout
     folded_line = next(line for line in stdout.splitlines() if line.startswith('reparam'))
@@ -113,7 +113,7 @@ def test_a_file_that_disagrees_with_its_model_is_an_error_and_never_replaces_the
     out.write_bytes(b'the previous export')
     load = torch.jit.load
     monkeypatch.setattr(torch.jit, 'load', lambda *args, **kwargs: Shifted(load(*args, **kwargs)))
-    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', out)
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--output', out)
     assert code == 1
     assert ('leanvit export: error: the exported torchscript file disagrees with the PyTorch model: '
             'max abs diff 0.5 exceeds the tolerance 0.001') in err
@@ -127,7 +127,7 @@ def test_tolerance_is_the_users_to_set(run, tmp_path, capsys, monkeypatch):
     load = torch.jit.load
     monkeypatch.setattr(torch.jit, 'load', lambda *args, **kwargs: Shifted(load(*args, **kwargs)))
     out = tmp_path / 'sret.pt'
-    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', out,
+    code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--output', out,
                                    '--atol', 0.6)
     assert code == 0, err
     assert 'max abs diff vs PyTorch 0.5 (tolerance 0.6' in stdout and out.exists()
@@ -135,7 +135,7 @@ def test_tolerance_is_the_users_to_set(run, tmp_path, capsys, monkeypatch):
 
 def test_a_wrong_resolution_is_a_clear_error(run, tmp_path, capsys):
     _, checkpoint = run
-    code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--img-size', 64, '--out', tmp_path / 'x.onnx')
+    code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--img-size', 64, '--output', tmp_path / 'x.onnx')
     assert code == 2 and err.startswith('leanvit export: error: ') and '32x32' in err and '64x64' in err
     assert list(tmp_path.iterdir()) == []
 
@@ -205,7 +205,7 @@ def test_riformer_exports_reparameterized_to_onnx_without_a_token_mixer(tmp_path
     leanvit.save_weights(model, checkpoint)
     out = tmp_path / 'riformer.onnx'
     code, stdout, err = run_export(capsys, '--model', 'test_riformer', '--model-kwargs', json.dumps({'num_classes': 5}),
-                                   '--checkpoint', checkpoint, '--reparam', '--format', 'onnx', '--out', out)
+                                   '--checkpoint', checkpoint, '--reparam', '--format', 'onnx', '--output', out)
     assert code == 0, err
     blocks = sum(len(stage.blocks) for stage in model.stages)
     assert f'reparam    {blocks} modules folded' in stdout  # each block's mixer
@@ -225,11 +225,11 @@ def test_riformer_exports_reparameterized_to_onnx_without_a_token_mixer(tmp_path
 def test_export_reparameterizes_by_default_and_can_be_told_not_to(run, tmp_path, capsys):
     _, checkpoint = run
     code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript',
-                                   '--out', tmp_path / 'a.pt')
+                                   '--output', tmp_path / 'a.pt')
     assert code == 0, err
     assert any(line.startswith('reparam ') for line in stdout.splitlines())
     code, stdout, err = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--no-reparam',
-                                   '--out', tmp_path / 'b.pt')
+                                   '--output', tmp_path / 'b.pt')
     assert code == 0, err
     assert not any(line.startswith('reparam ') for line in stdout.splitlines())
 
@@ -241,7 +241,7 @@ def test_eval_runs_an_exported_file_in_its_runtime_as_it_evaluates_the_checkpoin
                                                                                    options):
     _, checkpoint = save_run_checkpoint(tmp_path / 'run', dict(img_size=32, num_classes=10))  # the digits' classes
     out = tmp_path / f'model{suffix}'
-    code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--format', fmt, '--out', out, *options)
+    code, _, err = run_export(capsys, '--checkpoint', checkpoint, '--format', fmt, '--output', out, *options)
     assert code == 0, err
     # Both evaluated into one folder: each keeps its own report, named after what it evaluated. A fixed-batch file
     # takes eval's batches of 64 (and the last, of 40) in parts of its own 7.
@@ -257,7 +257,7 @@ def test_eval_runs_an_exported_file_in_its_runtime_as_it_evaluates_the_checkpoin
 
 def test_an_exported_file_passed_as_a_checkpoint_is_named_as_such(run, tmp_path):
     _, checkpoint = run
-    main(['export', '--checkpoint', str(checkpoint), '--format', 'onnx', '--out', str(tmp_path / 'm.onnx')])
+    main(['export', '--checkpoint', str(checkpoint), '--format', 'onnx', '--output', str(tmp_path / 'm.onnx')])
     with pytest.raises(LeanvitError, match=r'm\.onnx is an exported onnx model, not a checkpoint'):
         leanvit.load_checkpoint(leanvit.create_model('test_sret', img_size=32, num_classes=10), tmp_path / 'm.onnx')
 
@@ -271,7 +271,7 @@ def test_an_exported_file_passed_as_a_checkpoint_is_named_as_such(run, tmp_path)
 ])
 def test_altered_export_metadata_is_named_by_field(run, tmp_path, capsys, change, message):
     _, checkpoint = run
-    assert run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--out', tmp_path / 'm.pt')[0] == 0
+    assert run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--output', tmp_path / 'm.pt')[0] == 0
     files = {'leanvit.json': ''}
     module = torch.jit.load(str(tmp_path / 'm.pt'), _extra_files=files)
     meta = json.loads(files['leanvit.json'])
@@ -285,9 +285,9 @@ def test_altered_export_metadata_is_named_by_field(run, tmp_path, capsys, change
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--out', 'm.pt', '--format', 'onnx'], '--out {tmp}/m.pt does not fit --format onnx'),
-    (['--out', 'm.onnx', '--format', 'torchscript'], '--out {tmp}/m.onnx does not fit --format torchscript'),
-    (['--out', 'model'], '--out {tmp}/model: name the file .onnx (ONNX) or .pt (TorchScript), or pass --format'),
+    (['--output', 'm.pt', '--format', 'onnx'], '--output {tmp}/m.pt does not fit --format onnx'),
+    (['--output', 'm.onnx', '--format', 'torchscript'], '--output {tmp}/m.onnx does not fit --format torchscript'),
+    (['--output', 'model'], '--output {tmp}/model: name the file .onnx (ONNX) or .pt (TorchScript), or pass --format'),
 ])
 def test_the_output_name_and_the_format_agree(run, tmp_path, capsys, argv, message):
     _, checkpoint = run
@@ -299,10 +299,10 @@ def test_the_output_name_and_the_format_agree(run, tmp_path, capsys, argv, messa
 
 def test_the_format_follows_the_output_name(run, tmp_path, capsys):
     _, checkpoint = run
-    code, out, err = run_export(capsys, '--checkpoint', checkpoint, '--out', tmp_path / 'm.pt')
+    code, out, err = run_export(capsys, '--checkpoint', checkpoint, '--output', tmp_path / 'm.pt')
     assert code == 0, err
     assert 'format     torchscript' in out
-    code, _, err = run_export(capsys, '--checkpoint', tmp_path / 'm.pt', '--out', tmp_path / 'x.onnx')
+    code, _, err = run_export(capsys, '--checkpoint', tmp_path / 'm.pt', '--output', tmp_path / 'x.onnx')
     assert code == 1 and 'is an exported torchscript model, not a checkpoint' in err
     code = main(['profile', '--checkpoint', str(tmp_path / 'm.pt')])
     assert code == 2 and 'is an exported file: profile measures a PyTorch model' in capsys.readouterr().err

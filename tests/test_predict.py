@@ -148,7 +148,7 @@ def test_an_exported_file_predicts_what_its_checkpoint_does(run, digits_val, dig
     _, checkpoint = run
     folder, _ = digits_val
     exported = tmp_path / f'model{suffix}'
-    assert leanvit.cli.main(['export', '--checkpoint', str(checkpoint), '--format', fmt, '--out', str(exported),
+    assert leanvit.cli.main(['export', '--checkpoint', str(checkpoint), '--format', fmt, '--output', str(exported),
                              *options]) == 0
     capsys.readouterr()
     from_export = predict(exported, folder, top_k=3, batch_size=100)
@@ -189,7 +189,7 @@ def test_cli_prints_a_line_per_image_and_writes_the_same_csv(run, digits_val, mo
     folder, _ = digits_val
     images = [folder / '3', sorted((folder / '0').iterdir())[0]]  # a folder, then a file
     out = tmp_path / 'predictions.csv'
-    code, stdout, err = run_predict(monkeypatch, capsys, '--checkpoint', checkpoint, *images, '--out', out,
+    code, stdout, err = run_predict(monkeypatch, capsys, '--checkpoint', checkpoint, *images, '--output', out,
                                     '--top-k', 2, '--threads', 1)
     assert code == 0, err
     expected = predict(checkpoint, images, top_k=2)
@@ -251,7 +251,7 @@ def test_top_k_above_the_class_count_gives_every_class(run, digits_val, monkeypa
     folder, _ = digits_val
     out = tmp_path / 'all.csv'
     code, stdout, err = run_predict(monkeypatch, capsys, '--checkpoint', checkpoint, folder / '7', '--top-k', 12,
-                                    '--out', out, '--threads', 1)
+                                    '--output', out, '--threads', 1)
     assert code == 0, err
     with open(out, newline='') as f:
         rows = list(csv.reader(f))
@@ -292,7 +292,7 @@ def test_bad_image_paths_are_one_line_that_names_them(run, digits_val, monkeypat
     out = tmp_path / 'predictions.csv'
     out.write_text('the previous predictions')
     code, stdout, err = run_predict(monkeypatch, capsys, '--checkpoint', checkpoint, folder / '1', bad,
-                                    '--out', out, '--threads', 1)
+                                    '--output', out, '--threads', 1)
     assert code == 1 and stdout == ''
     assert err.startswith('leanvit predict: error: ') and err.count('\n') == 1 and message in err, err
     assert out.read_text() == 'the previous predictions'

@@ -87,6 +87,33 @@ def test_command_line_flags_override_the_recipe(monkeypatch, capsys):
     assert config == expected
 
 
+def test_a_recipe_value_is_held_to_the_range_of_its_flag(tmp_path, capsys):
+    # The flag is checked as it is parsed, the recipe value when TrainConfig is made: the same interval either way.
+    recipe = tmp_path / 'split.yaml'
+    recipe.write_text('val_split: 1.5\n')
+    assert main(['train', '--config', str(recipe), '--output', str(tmp_path / 'run')]) == 2
+    from_recipe = capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(['train', '--val-split', '1.5', '--output', str(tmp_path / 'run')])
+    from_flag = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f'recipe {recipe}: val_split (--val-split) must be a number in (0, 1)' in from_recipe
+    assert 'argument --val-split: must be a number in (0, 1), got 1.5' in from_flag
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('command, line', [('compress', 'init_checkpoint: x.safetensors'),
+                                           ('compress', 'model_kwargs: {depth: 2}'), ('search', 'kd_alpha: 0.9')])
+def test_a_recipe_cannot_set_what_the_command_sets_itself(tmp_path, capsys, command, line):
+    # The command has no flag for it; a recipe written for `leanvit train` may still hold it.
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text(line + '\n')
+    assert main([command, '--config', str(recipe), '--output', str(tmp_path / 'out')]) == 2
+    key = line.split(':')[0]
+    assert f'recipe {recipe}: {key} does not apply to leanvit {command}' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('auto_augment', AUTO_AUGMENTS)
 def test_recipe_randaugment_runs_for_a_few_thousand_images(auto_augment):
     # timm 1.0.31's increasing posterize ('inc1') keeps 0 bits at magnitude 10, which Pillow 13 rejects (Pillow 12

@@ -154,7 +154,7 @@ def test_precomputed_teacher_logits_train_like_the_live_teacher(tmp_path):
                                                            model_kwargs=dict(img_size=32, num_classes=10))))
     from leanvit.cli import main
     assert main(['teacher-logits', '--checkpoint', str(tmp_path / 'teacher.safetensors'),
-                 '--out', str(tmp_path / 'logits.safetensors')]) == 0
+                 '--output', str(tmp_path / 'logits.safetensors')]) == 0
     common = dict(TINY, epochs=1, augment='none', kd='soft_ce', kd_alpha=0.5, kd_tau=2.0)
     live = train(TrainConfig(**common, output=str(tmp_path / 'live'), teacher='test_sret',
                              teacher_checkpoint=str(tmp_path / 'teacher.safetensors')))

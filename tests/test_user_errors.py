@@ -6,8 +6,6 @@ made in ``tmp_path``: a placeholder ``{tmp}`` in an argument becomes that folder
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,7 +45,7 @@ TRAIN = ('train', '--model', 'test_sret', '--img-size', '32', '--epochs', '1', '
 
 CASES = {
     # argument values: ranges, types, finiteness
-    'epochs 0': (USAGE, [*TRAIN, '--epochs', '0'], ['epochs (--epochs) must be an integer >= 1, got 0']),
+    'epochs 0': (USAGE, [*TRAIN, '--epochs', '0'], ['argument --epochs: must be an integer >= 1, got 0']),
     'accum-steps 0': (USAGE, [*TRAIN, '--accum-steps', '0'], ['--accum-steps', 'got 0']),
     'img-size 0': (USAGE, [*TRAIN, '--img-size', '0'], ['--img-size', '>= 1', 'got 0']),
     'img-size -32': (USAGE, [*TRAIN, '--img-size', '-32'], ['--img-size', 'got -32']),
@@ -56,6 +54,14 @@ CASES = {
     'lr nan': (USAGE, [*TRAIN, '--lr', 'nan'], ['--lr', 'got nan']),
     'lr -1': (USAGE, [*TRAIN, '--lr', '-1'], ['--lr', '> 0']),
     'val-split 1.5': (USAGE, [*TRAIN, '--val-split', '1.5'], ['--val-split', 'in (0, 1)']),
+    'val-split 0': (USAGE, [*TRAIN, '--val-split', '0'], ['--val-split', 'in (0, 1)', 'got 0.0']),
+    'val-split not a number': (USAGE, [*TRAIN, '--val-split', 'half'], ['--val-split', 'in (0, 1)', "got 'half'"]),
+    'holdout 1': (USAGE, [*TRAIN, '--holdout', '1'], ['--holdout', 'in [0, 1)', 'got 1.0']),
+    'drop-path 1': (USAGE, [*TRAIN, '--drop-path', '1'], ['--drop-path', 'in [0, 1)', 'got 1.0']),
+    'smoothing -0.1': (USAGE, [*TRAIN, '--smoothing', '-0.1'], ['--smoothing', 'in [0, 1)', 'got -0.1']),
+    're-prob 1.5': (USAGE, [*TRAIN, '--re-prob', '1.5'], ['--re-prob', 'in [0, 1]', 'got 1.5']),
+    'mixup inf': (USAGE, [*TRAIN, '--mixup', 'inf'], ['--mixup', '>= 0', 'got inf']),
+    'seed -1': (USAGE, [*TRAIN, '--seed', '-1'], ['--seed', '>= 0', 'got -1']),
     'kd-alpha 3': (USAGE, [*TRAIN, '--kd-alpha', '3'], ['--kd-alpha', 'in [0, 1]']),
     'epochs not a number': (USAGE, [*TRAIN, '--epochs', 'ten'], ['--epochs', "'ten'"]),
     'kd unknown': (USAGE, [*TRAIN, '--kd', 'mse'], ['kd (--kd) must be one of', 'soft_ce', "'mse'"]),
@@ -109,19 +115,59 @@ CASES = {
     'eval without model': (USAGE, ['eval', '--checkpoint', '{tmp}/empty.pth'], ['pass the model name (--model)']),
     'eval batch-size 0': (USAGE, ['eval', '--checkpoint', '{tmp}/run/best.safetensors', '--batch-size', '0'],
                           ['--batch-size', '>= 1']),
-    'export atol -1': (USAGE, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--out', '{tmp}/m.onnx',
+    'export atol -1': (USAGE, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--output', '{tmp}/m.onnx',
                                '--atol', '-1'], ['--atol', '>= 0']),
-    'export atol nan': (USAGE, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--out', '{tmp}/m.onnx',
+    'export atol nan': (USAGE, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--output', '{tmp}/m.onnx',
                                 '--atol', 'nan'], ['--atol', 'nan']),
-    'export out a folder': (INPUT, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--format', 'torchscript',
-                                    '--out', '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
-    'export out in a missing folder': (INPUT, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--format',
-                                               'torchscript', '--out', '{tmp}/a_file/m.pt'],
-                                       ['{tmp}/a_file is a file, not a folder']),
-    'profile img-size 0': (USAGE, ['profile', 'test_sret', '--img-size', '0'], ['--img-size', '>= 1']),
-    'profile unknown model': (USAGE, ['profile', 'sret_xl'], ["unknown model 'sret_xl'"]),
-    'teacher-logits out a folder': (INPUT, ['teacher-logits', '--checkpoint', '{tmp}/run/best.safetensors', '--out',
-                                            '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
+    'export output a folder': (INPUT, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--format',
+                                       'torchscript', '--output', '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
+    'export output in a missing folder': (INPUT, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--format',
+                                                  'torchscript', '--output', '{tmp}/a_file/m.pt'],
+                                          ['{tmp}/a_file is a file, not a folder']),
+    'export output without a format': (USAGE, ['export', '--checkpoint', '{tmp}/run/best.safetensors', '--output',
+                                               '{tmp}/model'], ['--output {tmp}/model: name the file .onnx']),
+    'export without output': (USAGE, ['export', '--checkpoint', '{tmp}/run/best.safetensors'],
+                              ['the following arguments are required: --output']),
+    'profile img-size 0': (USAGE, ['profile', '--model', 'test_sret', '--img-size', '0'], ['--img-size', '>= 1']),
+    'profile unknown model': (USAGE, ['profile', '--model', 'sret_xl'], ["unknown model 'sret_xl'"]),
+    'profile unknown model, positional': (USAGE, ['profile', 'sret_xl'], ["unknown model 'sret_xl'"]),
+    'profile two model names': (USAGE, ['profile', 'test_sret', '--model', 'test_riformer'],
+                                ['two model names: test_sret and --model test_riformer; give one']),
+    'profile without model': (USAGE, ['profile'], ['profile needs --model NAME']),
+    'teacher-logits output a folder': (INPUT, ['teacher-logits', '--checkpoint', '{tmp}/run/best.safetensors',
+                                               '--output', '{tmp}/a_folder'], ['{tmp}/a_folder is a folder']),
+    'teacher-logits val-split 1': (USAGE, ['teacher-logits', '--checkpoint', '{tmp}/run/best.safetensors',
+                                           '--val-split', '1', '--output', '{tmp}/l.safetensors'],
+                                   ['argument --val-split: must be a number in (0, 1), got 1.0']),
+    'teacher-logits val-split nan': (USAGE, ['teacher-logits', '--checkpoint', '{tmp}/run/best.safetensors',
+                                             '--val-split', 'nan', '--output', '{tmp}/l.safetensors'],
+                                     ['--val-split', 'in (0, 1)', 'got nan']),
+    'teacher-logits seed -1': (USAGE, ['teacher-logits', '--checkpoint', '{tmp}/run/best.safetensors', '--seed', '-1',
+                                       '--output', '{tmp}/l.safetensors'], ['--seed', '>= 0', 'got -1']),
+    'grad-norms val-split 0': (USAGE, ['analyze', 'grad-norms', '--model', 'test_sret', '--val-split', '0',
+                                       '--output', '{tmp}/gn'],
+                               ['leanvit analyze grad-norms: error: argument --val-split', 'in (0, 1)', 'got 0.0']),
+    'cka val-split 2': (USAGE, ['analyze', 'cka', '--model-a', 'test_sret', '--model-b', 'test_sret', '--val-split',
+                                '2', '--output', '{tmp}/cka'], ['--val-split', 'in (0, 1)', 'got 2.0']),
+    'search mutation-prob 1.5': (USAGE, ['search', '--mutation-prob', '1.5', '--output', '{tmp}/s'],
+                                 ['argument --mutation-prob: must be a number in [0, 1], got 1.5']),
+    'search crossover-share -0.5': (USAGE, ['search', '--crossover-share', '-0.5', '--output', '{tmp}/s'],
+                                    ['--crossover-share', 'in [0, 1]', 'got -0.5']),
+    'search holdout 1': (USAGE, ['search', '--holdout', '1', '--output', '{tmp}/s'], ['--holdout', 'in [0, 1)']),
+    'search teacher': (USAGE, ['search', '--teacher', 'sret_t', '--output', '{tmp}/s'],
+                       ['leanvit search: error: --teacher does not apply to leanvit search']),
+    'search model': (USAGE, ['search', '--model=sret_t', '--output', '{tmp}/s'],
+                     ['--model does not apply to leanvit search: it trains the GLiT supernet']),
+    'compress val-split 1': (USAGE, ['compress', '--teacher', 'vit_tiny_patch16_224', '--val-split', '1'],
+                             ['--val-split', 'in (0, 1)', 'got 1.0']),
+    'compress kd-alpha 2': (USAGE, ['compress', '--teacher', 'vit_tiny_patch16_224', '--kd-alpha', '2'],
+                            ['--kd-alpha', 'in [0, 1]', 'got 2.0']),
+    'compress model': (USAGE, ['compress', '--teacher', 'vit_tiny_patch16_224', '--model', 'sret_t'],
+                       ['--model does not apply to leanvit compress: the student is built from the teacher']),
+    'compress init-checkpoint': (USAGE, ['compress', '--teacher', 'vit_tiny_patch16_224', '--init-checkpoint', 'x'],
+                                 ['--init-checkpoint does not apply to leanvit compress']),
+    'compress teacher-logits': (USAGE, ['compress', '--teacher', 'vit_tiny_patch16_224', '--teacher-logits', 'x'],
+                                ['--teacher-logits does not apply to leanvit compress']),
     'unknown command': (USAGE, ['trian'], ["invalid choice: 'trian'", 'leanvit --help']),
     'compress without a teacher': (USAGE, ['compress', '--output', '{tmp}/compress_none'],
                                    ['compress needs a teacher: --teacher-checkpoint FILE']),
@@ -161,3 +207,12 @@ def test_a_bad_input_is_one_line_naming_it(case, files, capsys):
         assert part.replace('{tmp}', str(files)) in err, (part, err)
     assert returned == code, err
     assert not (files / 'pwned').exists()
+
+
+def test_the_deprecated_out_says_so_in_one_line_before_the_error_it_meets(files, capsys):
+    """--out still works for one release, as --output; its warning is one line of its own, the error another."""
+    argv = ['teacher-logits', '--checkpoint', f'{files}/run/best.safetensors', '--out', f'{files}/a_folder']
+    assert main(argv) == INPUT
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning == 'leanvit teacher-logits: warning: --out is deprecated; use --output'
+    assert error.startswith('leanvit teacher-logits: error: ') and f'{files}/a_folder is a folder' in error
