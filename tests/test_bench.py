@@ -7,8 +7,6 @@ import importlib.util
 import io
 import os
 import shutil
-import subprocess
-import sys
 
 import onnxruntime
 import pytest

@@ -138,7 +138,8 @@ def test_quantize_without_calibration_images_is_dynamic_and_says_why(tmp_path):
 
 
 def test_quantize_needs_an_onnx_output(digits_run, tmp_path, capsys):
-    code = main(['export', '--checkpoint', str(digits_run), '--output', str(tmp_path / 'model.pt'), '--quantize', 'int8'])
+    code = main(['export', '--checkpoint', str(digits_run), '--output', str(tmp_path / 'model.pt'),
+                 '--quantize', 'int8'])
     assert code == 2
     assert capsys.readouterr().err.strip().endswith('--quantize int8 quantizes an ONNX file: name --output .onnx')
     assert not (tmp_path / 'model.pt').exists()
