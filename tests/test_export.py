@@ -271,7 +271,8 @@ def test_an_exported_file_passed_as_a_checkpoint_is_named_as_such(run, tmp_path)
 ])
 def test_altered_export_metadata_is_named_by_field(run, tmp_path, capsys, change, message):
     _, checkpoint = run
-    code, _, _ = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript', '--output', tmp_path / 'm.pt')
+    code, _, _ = run_export(capsys, '--checkpoint', checkpoint, '--format', 'torchscript',
+                            '--output', tmp_path / 'm.pt')
     assert code == 0
     files = {'leanvit.json': ''}
     module = torch.jit.load(str(tmp_path / 'm.pt'), _extra_files=files)
