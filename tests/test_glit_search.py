@@ -14,7 +14,14 @@ from leanvit.errors import RunDirectoryError, RunLockedError, UsageError
 from leanvit.io.data import build_datasets
 from leanvit.methods.glit.evolution import Budget, CandidateLog, EvolutionSearch, EvolutionSettings
 from leanvit.methods.glit.search import CostModel, SupernetScorer, random_architectures, search
-from leanvit.methods.glit.supernet import GLiTSupernet, PathSampling, sample_architecture
+from leanvit.methods.glit.supernet import (
+    GLiTSupernet,
+    PathSampling,
+    SlicedBatchNorm,
+    SlicedConv1d,
+    SlicedLinear,
+    sample_architecture,
+)
 from leanvit.models.glit import BlockArch, GLiT, SearchSpace, load_architecture
 from leanvit.train import TrainConfig
 from leanvit.train.objectives import build_objectives
@@ -28,7 +35,7 @@ def small_supernet(depth=4, **kwargs) -> GLiTSupernet:
     torch.manual_seed(0)
     model = timm.create_model('glit_supernet', depth=depth, **(SMALL | kwargs))
     for module in model.modules():  # BatchNorm statistics and affine parameters away from the identity
-        if isinstance(module, torch.nn.BatchNorm1d):
+        if isinstance(module, (torch.nn.BatchNorm1d, SlicedBatchNorm)):
             module.running_mean.normal_()
             module.running_var.uniform_(0.5, 2)
             module.weight.data.uniform_(0.5, 1.5)
@@ -46,8 +53,8 @@ def test_supernet_path_is_the_extracted_glit(num_heads):
         kinds |= {SPACE.kind(block, num_heads) for block in arch}
         model = supernet.extract(arch)
         assert isinstance(model, GLiT) and model.arch == arch
-        with torch.no_grad():
-            torch.testing.assert_close(supernet.set_arch(arch)(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad(), supernet.path(arch):
+            torch.testing.assert_close(supernet(x), model.eval()(x), rtol=1e-5, atol=1e-5)
     assert kinds == {'global', 'local', 'mixed'}
 
 
@@ -59,7 +66,8 @@ def test_supernet_trains_the_slices_of_the_extracted_glit():
             BlockArch(3, qkv_ratio=0.5, mlp_ratio=6), BlockArch(2, expansion=2))
     model = supernet.extract(arch).train()
     x = torch.randn(4, 3, 32, 32)
-    supernet.set_arch(arch)(x).square().sum().backward()
+    with supernet.path(arch):
+        supernet(x).square().sum().backward()
     model(x).square().sum().backward()
     torch.testing.assert_close(supernet.extract(arch).blocks[0].mixer.local.norm.running_var,
                                model.blocks[0].mixer.local.norm.running_var)
@@ -72,10 +80,110 @@ def test_supernet_trains_the_slices_of_the_extracted_glit():
 
 def test_supernet_rejects_architectures_outside_its_space():
     supernet = small_supernet()
+    default = supernet.arch
     with pytest.raises(ValueError, match='the supernet has 4 blocks, the architecture 2'):
-        supernet.set_arch([BlockArch(3)] * 2)
+        supernet.path([BlockArch(3)] * 2)  # refused at the call, before any context is entered
     with pytest.raises(ValueError, match=r'block 1 \(local\): kernel_size 7 is not one of \[17, 31, 45\]'):
-        supernet.set_arch([BlockArch(3), BlockArch(0, kernel_size=7)] + [BlockArch(3)] * 2)
+        supernet.path([BlockArch(3), BlockArch(0, kernel_size=7)] + [BlockArch(3)] * 2)
+    assert supernet.arch == default and [block.arch for block in supernet.blocks] == list(default)
+
+
+def block_sizes(supernet: GLiTSupernet) -> list:
+    """What every path-dependent part of the supernet computes right now."""
+    return [(block.arch, block.active) + tuple(m.active for m in block.modules() if hasattr(m, 'active'))
+            for block in supernet.blocks]
+
+
+def test_a_path_is_restored_when_the_forward_inside_it_raises():
+    supernet = small_supernet().eval()
+    default, sizes = supernet.arch, block_sizes(supernet)
+    arch = (BlockArch(0, expansion=4, kernel_size=17), BlockArch(1, mlp_ratio=2), BlockArch(3, qkv_ratio=2),
+            BlockArch(2, expansion=1))
+    with pytest.raises(ValueError, match='input'), supernet.path(arch) as running:
+        assert running == arch and supernet.arch == arch
+        assert [block.arch for block in supernet.blocks] == list(arch)
+        supernet(torch.randn(2, 3, 16, 16))  # the wrong size: check_input_size raises inside the forward
+    assert supernet.arch == default and block_sizes(supernet) == sizes
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(supernet(x), supernet.extract(default).eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nested_paths_restore_the_outer_one():
+    supernet = small_supernet().eval()
+    default = supernet.arch
+    outer = (BlockArch(3, qkv_ratio=0.5),) * 4
+    inner = (BlockArch(0, kernel_size=45),) * 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), supernet.path(outer):
+        outer_sizes, expected = block_sizes(supernet), supernet(x)
+        with supernet.path(inner):
+            assert supernet.arch == inner and all(block.active.global_dim == 0 for block in supernet.blocks)
+        assert supernet.arch == outer and block_sizes(supernet) == outer_sizes
+        assert torch.equal(supernet(x), expected)
+        with pytest.raises(RuntimeError, match='inside'), supernet.path(inner):
+            raise RuntimeError('inside')
+        assert supernet.arch == outer and block_sizes(supernet) == outer_sizes
+    assert supernet.arch == default
+
+
+def test_sliced_layers_report_the_sizes_their_forward_computes():
+    # Not nn.Linear / nn.Conv1d / nn.BatchNorm1d, whose metadata would describe the largest weights: in_features,
+    # out_features, in_channels, out_channels, kernel_size, groups and num_features are those of the active path.
+    supernet = small_supernet().eval()
+    sliced = {name: m for name, m in supernet.named_modules() if isinstance(m, (SlicedLinear, SlicedConv1d,
+                                                                                   SlicedBatchNorm))}
+    assert len(sliced) == 4 * 8
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.BatchNorm1d)) for m in sliced.values())
+    seen = {}
+    for name, module in sliced.items():
+        module.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(
+            (tuple(args[0].shape), tuple(out.shape), m)))
+    rng = random.Random(5)
+    archs = [sample_architecture(SPACE, 4, 3, rng) for _ in range(6)] + [(BlockArch(0, kernel_size=17),) * 4]
+    x = torch.randn(2, 3, 32, 32)
+    checked = 0
+    for arch in archs:
+        seen.clear()
+        with torch.no_grad(), supernet.path(arch):
+            supernet(x)
+            for name, calls in seen.items():
+                (inp, out, m), = calls
+                weight = m.sliced()['weight']
+                if isinstance(m, SlicedLinear):
+                    assert (m.in_features, m.out_features) == (inp[-1], out[-1]), name
+                    assert tuple(weight.shape) == (m.out_features, m.in_features), name
+                elif isinstance(m, SlicedConv1d):
+                    assert (m.in_channels, m.out_channels) == (inp[1], out[1]), name
+                    assert out[2] == inp[2] - m.kernel_size[0] + 1, name  # the input comes padded for the kernel
+                    assert tuple(weight.shape) == (m.out_channels, m.in_channels // m.groups, *m.kernel_size), name
+                else:
+                    assert m.num_features == inp[1] == out[1] == weight.shape[0], name
+                checked += 1
+    assert checked > 6 * 4 * 4
+    # The repr names the largest sizes, whatever the active path.
+    assert 'in_features<=48, out_features<=288' in repr(supernet.blocks[0].mlp.fc1)
+    assert 'in_channels<=192, out_channels<=192, kernel_size<=45' in repr(supernet.blocks[0].local.dw)
+
+
+def test_a_layer_wrapped_after_construction_still_computes_its_slice():
+    supernet = small_supernet().eval()
+    arch = (BlockArch(1, mlp_ratio=2, expansion=2),) * 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), supernet.path(arch):
+        expected = supernet(x)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x)
+    supernet.blocks[0].mlp.fc1 = Wrapper(supernet.blocks[0].mlp.fc1)
+    with torch.no_grad(), supernet.path(arch):
+        assert torch.equal(supernet(x), expected)
+        assert supernet.blocks[0].mlp.fc1.layer.out_features == 2 * 48
 
 
 def test_path_sampling_draws_per_training_forward_and_resumes():
@@ -107,6 +215,22 @@ def test_path_sampling_draws_per_training_forward_and_resumes():
     assert again == seen[2:4]
     sampler.remove()
     resumed.remove()
+
+
+def test_path_sampling_leaves_the_sampled_path_when_a_training_forward_raises():
+    supernet = small_supernet()
+    default = supernet.arch
+    sampler = PathSampling(supernet, seed=1)
+    seen = []
+    supernet.register_forward_pre_hook(lambda m, a: seen.append(m.arch))
+    supernet.train()
+    with pytest.raises(ValueError, match='input'):
+        supernet(torch.randn(2, 3, 16, 16))
+    assert seen[-1] != default and sampler.draws == 1
+    assert supernet.arch == default and [block.arch for block in supernet.blocks] == list(default)
+    supernet(torch.randn(2, 3, 32, 32))  # the next step draws the next path
+    assert sampler.draws == 2 and supernet.arch == default
+    sampler.remove()
 
 
 def test_path_sampling_needs_a_supernet():
@@ -458,3 +582,19 @@ def test_a_recipe_cannot_set_what_search_sets_itself(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f'recipe {recipe}: teacher does not apply to leanvit search' in err
     assert not (tmp_path / 's').exists()
+
+
+def test_the_candidates_plot_leaves_pyplot_and_its_backend_alone(tmp_path):
+    import sys
+
+    from leanvit.methods.glit.evolution import Candidate
+    from leanvit.methods.glit.search import _write_outputs
+    pyplot = sys.modules.get('matplotlib.pyplot')
+    figures = pyplot.get_fignums() if pyplot else None
+    scored = [Candidate((BlockArch(1),) * 2, 50.0, 1e6, 1000, 'flat', 0)]
+    _write_outputs(tmp_path, scored, scored[0], Budget(macs=2e6))
+    assert (tmp_path / 'candidates.png').read_bytes().startswith(b'\x89PNG')
+    if pyplot is None:  # never imported, so no backend was chosen or set
+        assert 'matplotlib.pyplot' not in sys.modules
+    else:
+        assert pyplot.get_fignums() == figures

@@ -95,28 +95,29 @@ class SupernetScorer:
 
     @torch.no_grad()
     def __call__(self, arch) -> float:
-        model = self.supernet.set_arch(arch)
-        norms = [m.norm for m in model.modules() if isinstance(m, SuperConvModule)]
-        if norms and self.calib_batches:
-            for norm in norms:
-                norm.reset_running_stats()
-                norm.momentum = None
-            model.train()
-            # The same batches for every candidate: a score must not depend on which candidates came before it
-            # (or on which process of a distributed search scored it).
-            self.order.manual_seed(0)
-            for i, (images, _) in enumerate(self.calibration):
-                if i == self.calib_batches:
-                    break
-                model(images.to(self.device))
-        model.eval()
-        correct = total = 0
-        for images, labels in self.held_out:
-            logits = model(images.to(self.device))
-            if not torch.isfinite(logits).all():
-                return math.nan  # no score: the search leaves the candidate out and says so
-            correct += (logits.argmax(-1).cpu() == labels).sum().item()
-            total += labels.numel()
+        model = self.supernet
+        with model.path(arch):
+            norms = [m.norm for m in model.modules() if isinstance(m, SuperConvModule)]
+            if norms and self.calib_batches:
+                for norm in norms:
+                    norm.reset_running_stats()
+                    norm.momentum = None
+                model.train()
+                # The same batches for every candidate: a score must not depend on which candidates came before it
+                # (or on which process of a distributed search scored it).
+                self.order.manual_seed(0)
+                for i, (images, _) in enumerate(self.calibration):
+                    if i == self.calib_batches:
+                        break
+                    model(images.to(self.device))
+            model.eval()
+            correct = total = 0
+            for images, labels in self.held_out:
+                logits = model(images.to(self.device))
+                if not torch.isfinite(logits).all():
+                    return math.nan  # no score: the search leaves the candidate out and says so
+                correct += (logits.argmax(-1).cpu() == labels).sum().item()
+                total += labels.numel()
         return 100. * correct / total
 
 
@@ -292,10 +293,11 @@ def _write_outputs(folder: Path, scored: list[Candidate], best: Candidate, budge
             csv.writer(f).writerows(lines)
     atomic_write(folder / 'candidates.csv', write_csv)
 
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # A bare Figure, not pyplot: the caller's backend and figures (a notebook's) stay untouched, and the figure is
+    # freed with its last reference.
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for stage in dict.fromkeys(c.stage for c in rows):
         points = [c for c in rows if c.stage == stage]
         ax.scatter([c.macs / 1e9 for c in points], [c.score for c in points], s=10, alpha=.6, label=stage)
@@ -306,7 +308,6 @@ def _write_outputs(folder: Path, scored: list[Candidate], best: Candidate, budge
     ax.legend()
     fig.tight_layout()
     atomic_write(folder / 'candidates.png', lambda path: fig.savefig(path, format='png', dpi=120))
-    plt.close(fig)
 
 
 def random_architectures(space: SearchSpace, depth: int, num_heads: int, cost: CostModel, budget: Budget, count: int,

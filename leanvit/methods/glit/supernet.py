@@ -7,23 +7,32 @@ first channels, the local module the last ones through the first ``expansion * c
 central ``kernel_size`` taps of the depthwise kernel, the MLP the first ``mlp_ratio * dim`` hidden units. So every
 candidate of the space shares its weights with every other (weight entanglement, as AutoFormer, Chen et al., ICCV
 2021, rather than one copy per candidate), `GLiTSupernet.extract` cuts any candidate out as a plain `GLiT`, and the
-supernet's size does not grow with the number of choices. Each layer computes its own slice (the block's
-`ActivePath` says which), so the forward calls every layer as a module, as in any timm model: hooks fire on them and
-a wrapped layer (LoRA, quantization) still computes its slice.
+supernet's size does not grow with the number of choices.
 
-`PathSampling` trains it single-path (SPOS, Guo et al., ECCV 2020): before each training forward it draws one
-architecture uniformly (per block: the number of global heads, then each low-level choice of that block type) and
-runs it; after the forward the model is back on its default path, which evaluation sees.
+The architecture a forward computes is explicit: ``with supernet.path(arch): supernet(x)`` runs ``arch``, and on
+leaving the ``with`` block, by an exception too, the supernet is back on the architecture it ran before (outside any
+``path``, the default one it was built with). Each layer computes its own slice, from the sizes (`ActivePath`) its
+block hands it when a path is entered or left, so the forward calls every layer as a module, as in any timm model:
+hooks fire on them, and a layer wrapped in a module that calls it still computes its slice. The sliced layers are
+not ``nn.Linear`` / ``nn.Conv1d`` / ``nn.BatchNorm1d``: their sizes (``in_features``, ...) are those of the active
+path, while their parameters are the largest layer's.
+
+`PathSampling` trains it single-path (SPOS, Guo et al., ECCV 2020): each training forward runs inside the path of one
+architecture drawn uniformly (per block: the number of global heads, then each low-level choice of that block type);
+evaluation sees the default path.
 """
 
+import contextlib
 import copy
-import dataclasses
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -32,14 +41,13 @@ from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.models.glit import BlockArch, GLiT, SearchSpace, _cfg, load_architecture
 from leanvit.train.objectives import register_objective
 
-__all__ = ['GLiTSupernet', 'PathSampling', 'SuperBlock', 'glit_supernet', 'sample_architecture']
+__all__ = ['ActivePath', 'GLiTSupernet', 'PathModule', 'PathSampling', 'SlicedBatchNorm', 'SlicedConv1d',
+           'SlicedLinear', 'SuperBlock', 'glit_supernet', 'sample_architecture']
 
 
-@dataclasses.dataclass
-class ActivePath:
-    """The sizes a `SuperBlock`'s architecture takes from each of its layers. One instance per block, shared by the
-    block's layers: `SuperBlock.arch` sets it, and each layer reads it when called, so the block's forward calls its
-    layers as modules (hooks fire, and a wrapped layer still computes its slice)."""
+class ActivePath(NamedTuple):
+    """The sizes one block's architecture takes from each of the block's layers. Immutable: a block hands a new one
+    to its layers whenever it runs another architecture."""
     global_dim: int = 0  # channels of the global heads (the first ones)
     heads: int = 0  # global heads
     width: int = 0  # width of each global head
@@ -48,38 +56,114 @@ class ActivePath:
     kernel_size: int = 1
     mlp_hidden: int = 0
 
+    @classmethod
+    def of(cls, arch: BlockArch, dim: int, num_heads: int) -> 'ActivePath':
+        """The sizes of ``arch`` in a block of ``dim`` channels and ``num_heads`` heads."""
+        global_dim = dim * arch.global_heads // num_heads
+        local_dim = dim - global_dim
+        return cls(global_dim=global_dim, heads=arch.global_heads, width=int(dim // num_heads * arch.qkv_ratio),
+                   local_dim=local_dim, local_hidden=arch.expansion * local_dim, kernel_size=arch.kernel_size,
+                   mlp_hidden=int(dim * arch.mlp_ratio))
 
-class SlicedLinear(nn.Linear):
-    """A linear layer of the supernet: computes with ``sliced()``, the slice of its weights the block's path selects
-    (under the parameter names of the candidate's layer)."""
+
+class PathModule(nn.Module):
+    """A part of a `SuperBlock` whose forward computes a slice of itself: ``active``, the sizes of the architecture
+    the block runs, is handed to it by the block (`SuperBlock.path`) and is never changed in place."""
+
+    active: ActivePath | None = None
+
+
+def _init_like_torch(weight: torch.Tensor, bias: torch.Tensor) -> None:
+    # PyTorch's default init of nn.Conv1d, so that a sliced conv starts as the candidate GLiT's conv does.
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    bound = 1 / math.sqrt(weight[0].numel())
+    nn.init.uniform_(bias, -bound, bound)
+
+
+class SlicedLinear(PathModule):
+    """A linear layer of the supernet, computing ``sliced()``: the part of its weights the active architecture
+    selects, under the parameter names of the candidate's ``nn.Linear``.
+
+    Not an ``nn.Linear``: ``weight`` and ``bias`` hold the layer at its largest size (the names and shapes the
+    supernet's checkpoints keep), while ``in_features`` and ``out_features`` are the sizes the forward reads and
+    returns on the active path. Initialised as GLiT initialises its linear layers (truncated normal, std 0.02, zero
+    bias).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        trunc_normal_(self.weight, std=.02)
+        nn.init.zeros_(self.bias)
 
     def sliced(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    @property
+    def in_features(self) -> int:
+        return self.sliced()['weight'].shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.sliced()['weight'].shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, **self.sliced())
 
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape
+        return f'in_features<={in_features}, out_features<={out_features}'
 
-class SlicedConv1d(nn.Conv1d):
-    """A conv of the supernet's local module, computing with ``sliced()`` as `SlicedLinear`."""
+
+class SlicedConv1d(PathModule):
+    """A conv of the supernet's local module, computing ``sliced()`` as `SlicedLinear` (and, like it, not an
+    ``nn.Conv1d``: ``in_channels``, ``out_channels``, ``kernel_size`` and ``groups`` are those of the active path).
+    Initialised as PyTorch initialises ``nn.Conv1d``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        _init_like_torch(self.weight, self.bias)
+        self._largest = f'in_channels<={in_channels}, out_channels<={out_channels}, kernel_size<={kernel_size}'
 
     def sliced(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @property
+    def groups(self) -> int:
+        return 1
+
+    @property
+    def in_channels(self) -> int:
+        return self.sliced()['weight'].shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.sliced()['weight'].shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int]:
+        return (self.sliced()['weight'].shape[2],)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, **self.sliced())
+        return F.conv1d(x, **self.sliced(), groups=self.groups)
+
+    def extra_repr(self) -> str:
+        return self._largest
 
 
 class SlicedQKV(SlicedLinear):
     """qkv of all heads at the largest head width; computes the first ``heads`` heads, the first ``width`` units of
     each, over the first ``global_dim`` channels."""
 
-    def __init__(self, dim: int, num_heads: int, max_head_dim: int, path: ActivePath):
+    def __init__(self, dim: int, num_heads: int, max_head_dim: int):
         super().__init__(dim, 3 * num_heads * max_head_dim)
-        self.num_heads, self.max_head_dim, self.path = num_heads, max_head_dim, path
+        self.num_heads, self.max_head_dim = num_heads, max_head_dim
 
     def sliced(self) -> dict[str, torch.Tensor]:
-        p = self.path
+        p = self.active
         weight = self.weight.view(3, self.num_heads, self.max_head_dim, -1)[:, :p.heads, :p.width, :p.global_dim]
         bias = self.bias.view(3, self.num_heads, self.max_head_dim)[:, :p.heads, :p.width]
         return {'weight': weight.reshape(-1, p.global_dim), 'bias': bias.reshape(-1)}
@@ -88,12 +172,12 @@ class SlicedQKV(SlicedLinear):
 class SlicedHeadProjection(SlicedLinear):
     """The global heads' output projection, from the same heads and units as `SlicedQKV` to ``global_dim``."""
 
-    def __init__(self, dim: int, num_heads: int, max_head_dim: int, path: ActivePath):
+    def __init__(self, dim: int, num_heads: int, max_head_dim: int):
         super().__init__(num_heads * max_head_dim, dim)
-        self.num_heads, self.max_head_dim, self.path = num_heads, max_head_dim, path
+        self.num_heads, self.max_head_dim = num_heads, max_head_dim
 
     def sliced(self) -> dict[str, torch.Tensor]:
-        p = self.path
+        p = self.active
         weight = self.weight.view(-1, self.num_heads, self.max_head_dim)[:p.global_dim, :p.heads, :p.width]
         return {'weight': weight.reshape(p.global_dim, -1), 'bias': self.bias[:p.global_dim]}
 
@@ -102,13 +186,13 @@ class SlicedGLUPointwise(SlicedConv1d):
     """The local module's first pointwise conv (values and gates of the GLU): the first ``local_hidden`` of each
     half, from the last ``local_dim`` channels."""
 
-    def __init__(self, dim: int, max_hidden: int, path: ActivePath):
+    def __init__(self, dim: int, max_hidden: int):
         super().__init__(dim, 2 * max_hidden, 1)
-        self.max_hidden, self.path = max_hidden, path
+        self.max_hidden = max_hidden
 
     def sliced(self) -> dict[str, torch.Tensor]:
-        p = self.path
-        weight = self.weight.view(2, self.max_hidden, self.in_channels, 1)[:, :p.local_hidden, -p.local_dim:]
+        p = self.active
+        weight = self.weight.view(2, self.max_hidden, -1, 1)[:, :p.local_hidden, -p.local_dim:]
         bias = self.bias.view(2, self.max_hidden)[:, :p.local_hidden]
         return {'weight': weight.reshape(2 * p.local_hidden, p.local_dim, 1), 'bias': bias.reshape(-1)}
 
@@ -118,158 +202,197 @@ class SlicedDepthwise(SlicedConv1d):
     taps (Once-for-All's elastic kernel, Cai et al., ICLR 2020, without its kernel transformation). Its input comes
     padded for ``kernel_size``, as in `ConvModule`."""
 
-    def __init__(self, max_hidden: int, max_kernel_size: int, path: ActivePath):
+    def __init__(self, max_hidden: int, max_kernel_size: int):
         super().__init__(max_hidden, max_hidden, max_kernel_size, groups=max_hidden)
-        self.path = path
+
+    @property
+    def groups(self) -> int:
+        return self.active.local_hidden
 
     def sliced(self) -> dict[str, torch.Tensor]:
-        p = self.path
-        trim = (self.kernel_size[0] - p.kernel_size) // 2
+        p = self.active
+        trim = (self.weight.shape[2] - p.kernel_size) // 2
         return {'weight': self.weight[:p.local_hidden, :, trim:trim + p.kernel_size],
                 'bias': self.bias[:p.local_hidden]}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, **self.sliced(), groups=self.path.local_hidden)
-
-
-class SlicedBatchNorm(nn.BatchNorm1d):
-    """The depthwise conv's BatchNorm over its first ``local_hidden`` channels. The slices of the running statistics
-    are views, so training updates them in place."""
-
-    def __init__(self, max_hidden: int, path: ActivePath):
-        super().__init__(max_hidden)
-        self.path = path
-
-    def sliced(self) -> dict[str, torch.Tensor]:
-        hidden = self.path.local_hidden
-        return {name: getattr(self, name)[:hidden] for name in ('weight', 'bias', 'running_mean', 'running_var')}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.sliced()
-        momentum = self.momentum
-        if self.training and momentum is None:  # a cumulative average (BatchNorm recalibration), as nn.BatchNorm1d
-            self.num_batches_tracked.add_(1)
-            momentum = 1. / float(self.num_batches_tracked)
-        return F.batch_norm(x, w['running_mean'], w['running_var'], w['weight'], w['bias'], self.training,
-                            momentum or 0., self.eps)
 
 
 class SlicedPointwiseOut(SlicedConv1d):
     """The local module's last pointwise conv: from the first ``local_hidden`` channels to the last ``local_dim``."""
 
-    def __init__(self, max_hidden: int, dim: int, path: ActivePath):
+    def __init__(self, max_hidden: int, dim: int):
         super().__init__(max_hidden, dim, 1)
-        self.path = path
 
     def sliced(self) -> dict[str, torch.Tensor]:
-        p = self.path
+        p = self.active
         return {'weight': self.weight[-p.local_dim:, :p.local_hidden], 'bias': self.bias[-p.local_dim:]}
+
+
+class SlicedBatchNorm(PathModule):
+    """The depthwise conv's BatchNorm over its first ``local_hidden`` channels (``num_features`` on the active path).
+    Its parameters and statistics, at the largest size, have ``nn.BatchNorm1d``'s names; the slices of the running
+    statistics are views, so training updates them in place. ``momentum=None`` makes the statistics a cumulative
+    average (BatchNorm recalibration), as in ``nn.BatchNorm1d``; ``reset_running_stats`` starts them again."""
+
+    def __init__(self, max_hidden: int, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(max_hidden))
+        self.bias = nn.Parameter(torch.zeros(max_hidden))
+        self.register_buffer('running_mean', torch.zeros(max_hidden))
+        self.register_buffer('running_var', torch.ones(max_hidden))
+        self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+
+    @property
+    def num_features(self) -> int:
+        return self.active.local_hidden
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def sliced(self) -> dict[str, torch.Tensor]:
+        hidden = self.active.local_hidden
+        return {name: getattr(self, name)[:hidden] for name in ('weight', 'bias', 'running_mean', 'running_var')}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.sliced()
+        momentum = self.momentum
+        if self.training and momentum is None:
+            self.num_batches_tracked.add_(1)
+            momentum = 1. / float(self.num_batches_tracked)
+        return F.batch_norm(x, w['running_mean'], w['running_var'], w['weight'], w['bias'], self.training,
+                            momentum or 0., self.eps)
+
+    def extra_repr(self) -> str:
+        return f'num_features<={self.weight.shape[0]}, eps={self.eps}, momentum={self.momentum}'
 
 
 class SlicedHidden(SlicedLinear):
     """An MLP layer at the largest ratio, computing the first ``mlp_hidden`` hidden units: into them (fc1) or out of
     them (fc2)."""
 
-    def __init__(self, in_features: int, out_features: int, path: ActivePath, into_hidden: bool):
+    def __init__(self, in_features: int, out_features: int, into_hidden: bool):
         super().__init__(in_features, out_features)
-        self.path, self.into_hidden = path, into_hidden
+        self.into_hidden = into_hidden
 
     def sliced(self) -> dict[str, torch.Tensor]:
-        hidden = self.path.mlp_hidden
+        hidden = self.active.mlp_hidden
         if self.into_hidden:
             return {'weight': self.weight[:hidden], 'bias': self.bias[:hidden]}
         return {'weight': self.weight[:, :hidden], 'bias': self.bias}
 
 
-class SuperGlobalAttention(nn.Module):
+class SuperGlobalAttention(PathModule):
     """Global heads of every size (`leanvit.models.glit.GlobalAttention` at all heads and the largest qkv ratio)."""
 
-    def __init__(self, dim: int, num_heads: int, max_head_dim: int, path: ActivePath):
+    def __init__(self, dim: int, num_heads: int, max_head_dim: int):
         super().__init__()
-        self.path = path
-        self.qkv = SlicedQKV(dim, num_heads, max_head_dim, path)
-        self.proj = SlicedHeadProjection(dim, num_heads, max_head_dim, path)
+        self.qkv = SlicedQKV(dim, num_heads, max_head_dim)
+        self.proj = SlicedHeadProjection(dim, num_heads, max_head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        heads, width = self.path.heads, self.path.width
+        heads, width = self.active.heads, self.active.width
         q, k, v = self.qkv(x).reshape(B, N, 3, heads, width).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, heads * width))
 
 
-class SuperConvModule(nn.Module):
+class SuperConvModule(PathModule):
     """The local module of every size (`leanvit.models.glit.ConvModule` at the largest expansion and kernel)."""
 
-    def __init__(self, dim: int, max_expansion: int, max_kernel_size: int, path: ActivePath,
-                 act_layer: type[nn.Module] = nn.SiLU):
+    def __init__(self, dim: int, max_expansion: int, max_kernel_size: int, act_layer: type[nn.Module] = nn.SiLU):
         super().__init__()
-        self.path = path
         hidden = max_expansion * dim
-        self.pw1 = SlicedGLUPointwise(dim, hidden, path)
-        self.dw = SlicedDepthwise(hidden, max_kernel_size, path)
-        self.norm = SlicedBatchNorm(hidden, path)
+        self.pw1 = SlicedGLUPointwise(dim, hidden)
+        self.dw = SlicedDepthwise(hidden, max_kernel_size)
+        self.norm = SlicedBatchNorm(hidden)
         self.act = act_layer()
-        self.pw2 = SlicedPointwiseOut(hidden, dim, path)
+        self.pw2 = SlicedPointwiseOut(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.glu(self.pw1(x.transpose(1, 2)), dim=1)
-        x = self.dw(F.pad(x, (self.path.kernel_size // 2,) * 2))
+        x = self.dw(F.pad(x, (self.active.kernel_size // 2,) * 2))
         return self.pw2(self.act(self.norm(x))).transpose(1, 2)
 
 
 class SuperMlp(nn.Module):
     """The MLP at the largest ratio."""
 
-    def __init__(self, dim: int, max_hidden: int, path: ActivePath, act_layer: type[nn.Module] = nn.GELU):
+    def __init__(self, dim: int, max_hidden: int, act_layer: type[nn.Module] = nn.GELU):
         super().__init__()
-        self.fc1 = SlicedHidden(dim, max_hidden, path, into_hidden=True)
+        self.fc1 = SlicedHidden(dim, max_hidden, into_hidden=True)
         self.act = act_layer()
-        self.fc2 = SlicedHidden(max_hidden, dim, path, into_hidden=False)
+        self.fc2 = SlicedHidden(max_hidden, dim, into_hidden=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
 class SuperBlock(nn.Module):
-    """Every `GLBlock` of the search space in one: ``arch`` (a `BlockArch`, set by `GLiTSupernet.set_arch`) says
-    which one the forward runs. The norms are shared by all candidates, as in the official retraining model."""
+    """Every `GLBlock` of a search space in one. ``arch`` (a `BlockArch`) is the candidate the forward runs: the
+    block's ``arch`` argument outside any `path` context. The norms are shared by all candidates, as in the official
+    retraining model. The arguments before ``space`` are `GLBlock`'s, so that `GLiT` builds it as a ``block_fn``.
 
-    def __init__(self, dim: int, num_heads: int, space: SearchSpace, arch: BlockArch, drop_path: float = 0.,
+    Args:
+        dim: Channels.
+        num_heads: Heads.
+        arch: The candidate the block runs by default.
+        drop_path: Stochastic depth rate of both residual branches.
+        proj_drop: Must be 0: the supernet has no dropout inside its blocks.
+        norm_layer, act_layer, conv_act_layer: As `GLBlock`.
+        space: The search space whose every block this one computes.
+    """
+
+    def __init__(self, dim: int, num_heads: int, arch: BlockArch, drop_path: float = 0., proj_drop: float = 0.,
                  norm_layer: type[nn.Module] = nn.LayerNorm, act_layer: type[nn.Module] = nn.GELU,
-                 conv_act_layer: type[nn.Module] = nn.SiLU):
+                 conv_act_layer: type[nn.Module] = nn.SiLU, *, space: SearchSpace = SearchSpace()):
+        if proj_drop:
+            raise ValueError('the supernet has no dropout inside its blocks (proj_drop_rate must be 0)')
         super().__init__()
         self.dim, self.num_heads = dim, num_heads
-        self.head_dim = dim // num_heads
-        self.path = ActivePath()
+        head_dim = dim // num_heads
         self.norm1 = norm_layer(dim)
-        self.attn = SuperGlobalAttention(
-            dim, num_heads, int(self.head_dim * max((*space.qkv_ratios, space.mixed_qkv_ratio))), self.path)
+        self.attn = SuperGlobalAttention(dim, num_heads,
+                                         int(head_dim * max((*space.qkv_ratios, space.mixed_qkv_ratio))))
         self.local = SuperConvModule(dim, int(max(space.expansions)),
-                                     int(max((*space.kernel_sizes, space.mixed_kernel_size))), self.path,
-                                     conv_act_layer)
+                                     int(max((*space.kernel_sizes, space.mixed_kernel_size))), conv_act_layer)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = SuperMlp(dim, int(dim * max((*space.mlp_ratios, space.local_mlp_ratio))), self.path, act_layer)
-        self.arch = arch
+        self.mlp = SuperMlp(dim, int(dim * max((*space.mlp_ratios, space.local_mlp_ratio))), act_layer)
+        self._run(arch)
 
     @property
     def arch(self) -> BlockArch:
         return self._arch
 
-    @arch.setter
-    def arch(self, arch: BlockArch):
-        global_dim = self.dim * arch.global_heads // self.num_heads
-        local_dim = self.dim - global_dim
-        # Updated in place: the layers hold this object.
-        vars(self.path).update(dataclasses.asdict(ActivePath(
-            global_dim=global_dim, heads=arch.global_heads, width=int(self.head_dim * arch.qkv_ratio),
-            local_dim=local_dim, local_hidden=arch.expansion * local_dim, kernel_size=arch.kernel_size,
-            mlp_hidden=int(self.dim * arch.mlp_ratio))))
-        self._arch = arch
+    @property
+    def active(self) -> ActivePath:
+        return self._active
+
+    def _run(self, arch: BlockArch) -> None:
+        # The parts are looked up on every call rather than kept, so that one wrapped or replaced after construction
+        # gets the sizes too.
+        active = ActivePath.of(arch, self.dim, self.num_heads)
+        for module in self.modules():
+            if isinstance(module, PathModule):
+                module.active = active
+        self._arch, self._active = arch, active
+
+    @contextlib.contextmanager
+    def path(self, arch: BlockArch) -> Iterator[BlockArch]:
+        """Within the context the forward computes ``arch``; on exit, an exception's included, the block runs what
+        it ran before. `GLiTSupernet.path` checks ``arch`` against the space; this does not."""
+        previous = self._arch
+        self._run(arch)
+        try:
+            yield arch
+        finally:
+            self._run(previous)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        global_dim = self.path.global_dim
+        global_dim = self.active.global_dim
         if global_dim == self.dim:
             return self.attn(x)
         if global_dim == 0:
@@ -286,9 +409,9 @@ class SuperBlock(nn.Module):
         state = {f'norm{i}.{name}': value for i in (1, 2)
                  for name, value in getattr(self, f'norm{i}').state_dict().items()}
         parts = {'mlp': self.mlp}
-        if self.path.global_dim:
+        if self.active.global_dim:
             parts['mixer.attn'] = self.attn
-        if self.path.local_dim:
+        if self.active.local_dim:
             parts['mixer.local'] = self.local
             state['mixer.local.norm.num_batches_tracked'] = self.local.norm.num_batches_tracked.clone()
         for prefix, part in parts.items():
@@ -299,9 +422,10 @@ class SuperBlock(nn.Module):
 
 class GLiTSupernet(GLiT):
     """GLiT's weight-sharing supernet over a `SearchSpace`: a `GLiT` whose blocks are `SuperBlock` s. It is a normal
-    timm-contract model that computes the architecture it is set to (`set_arch`; by default every block mixed, one
-    third of its heads global, low-level choices in the middle of their ranges, so that the default path uses every
-    module). `PathSampling` (objective ``path_sampling``) trains it; `extract` cuts a candidate out as a `GLiT`.
+    timm-contract model; ``with supernet.path(arch):`` makes it compute ``arch`` inside the ``with`` block, and outside
+    any it computes its default architecture ``arch`` (every block mixed, one third of its heads global, low-level
+    choices in the middle of their ranges, so that the default path uses every module). `PathSampling` (objective
+    ``path_sampling``) trains it; `extract` cuts a candidate out as a `GLiT`.
 
     Args:
         depth: Number of blocks.
@@ -310,36 +434,46 @@ class GLiTSupernet(GLiT):
     """
 
     def __init__(self, depth: int = 12, space: SearchSpace = SearchSpace(), num_heads: int = 3, **kwargs):
+        default = [space.default_block(num_heads // 3, num_heads)] * depth
+        super().__init__(arch=default, num_heads=num_heads, search_space=space,
+                         block_fn=partial(SuperBlock, space=space), **kwargs)
         self.space = space
-        arch = [space.default_block(num_heads // 3, num_heads)] * depth
-        super().__init__(arch=arch, num_heads=num_heads, search_space=space, **kwargs)
-
-    def _block(self, dim: int, num_heads: int, arch: BlockArch, drop_path: float, proj_drop: float, norm_layer,
-               act_layer, conv_act_layer) -> nn.Module:
-        if proj_drop:
-            raise ValueError('the supernet has no dropout inside its blocks (proj_drop_rate must be 0)')
-        return SuperBlock(dim, num_heads, self.space, arch, drop_path, norm_layer, act_layer, conv_act_layer)
 
     @property
     def num_heads(self) -> int:
         return self.blocks[0].num_heads
 
-    def set_arch(self, arch: Sequence[BlockArch | dict]) -> 'GLiTSupernet':
-        """Run ``arch`` from now on (checked against the space: one block per supernet block)."""
+    def path(self, arch: Sequence[BlockArch | dict]) -> contextlib.AbstractContextManager[tuple[BlockArch, ...]]:
+        """A context within which the forward computes ``arch`` (and ``self.arch`` is ``arch``); on exit, an
+        exception's included, the supernet computes what it computed before, so contexts nest.
+
+        Raises:
+            ValueError: ``arch`` has not one block per supernet block, or a choice outside the space (raised here,
+                before the context is entered).
+        """
         arch = load_architecture(arch)
         if len(arch) != len(self.blocks):
             raise ValueError(f'the supernet has {len(self.blocks)} blocks, the architecture {len(arch)}')
         self.space.check(arch, self.num_heads)
-        for block, choice in zip(self.blocks, arch):
-            block.arch = choice
-        self.arch = arch
-        return self
+        return self._running(arch)
+
+    @contextlib.contextmanager
+    def _running(self, arch: tuple[BlockArch, ...]) -> Iterator[tuple[BlockArch, ...]]:
+        previous = self.arch
+        with contextlib.ExitStack() as blocks:
+            for block, choice in zip(self.blocks, arch):
+                blocks.enter_context(block.path(choice))
+            self.arch = arch
+            try:
+                yield arch
+            finally:
+                self.arch = previous
 
     def extract(self, arch: Sequence[BlockArch | dict]) -> GLiT:
         """The `GLiT` of ``arch`` with this supernet's weights (and BatchNorm statistics): it computes what the
         supernet computes on that path."""
+        on_path = self.path(arch)
         arch = load_architecture(arch)
-        self.space.check(arch, self.num_heads)
         model = GLiT(arch=arch, img_size=self.img_size, patch_size=self.patch_embed.patch_size, in_chans=self.in_chans,
                      num_classes=self.num_classes, global_pool=self.global_pool, embed_dim=self.embed_dim,
                      num_heads=self.num_heads, search_space=self.space, norm_layer=type(self.norm),
@@ -349,11 +483,9 @@ class GLiTSupernet(GLiT):
         for block, source in zip(model.blocks, self.blocks):
             block.norm1, block.norm2 = copy.deepcopy(source.norm1), copy.deepcopy(source.norm2)
         state = {k: v for k, v in self.state_dict().items() if not k.startswith('blocks.')}
-        current = self.arch
-        self.set_arch(arch)
-        for i, block in enumerate(self.blocks):
-            state |= {f'blocks.{i}.{k}': v for k, v in block.candidate_state().items()}
-        self.set_arch(current)
+        with on_path:
+            for i, block in enumerate(self.blocks):
+                state |= {f'blocks.{i}.{k}': v for k, v in block.candidate_state().items()}
         model.load_state_dict({k: v.detach().clone() for k, v in state.items()})
         return model.train(self.training)
 
@@ -373,30 +505,44 @@ def sample_architecture(space: SearchSpace, depth: int, num_heads: int, rng: ran
 
 
 class PathSampling:
-    """SPOS path sampling as an engine objective (``objectives: {path_sampling: {}}``): before each training forward
-    of the supernet, one architecture drawn uniformly (`sample_architecture`); after it, the default path again.
+    """SPOS path sampling as an engine objective (``objectives: {path_sampling: {}}``): each training forward of the
+    supernet runs inside the `GLiTSupernet.path` of one architecture drawn uniformly (`sample_architecture`), entered
+    by a forward pre-hook and left by a forward hook that runs even when the forward raises, so the supernet is back
+    on its default path after every forward, failed ones included.
 
     The draws are a function of ``seed`` and the draw count, which the run's checkpoints keep, so a resumed run draws
     what an uninterrupted one would, and every process of a distributed run draws the same path (so that DDP averages
     gradients of one architecture). The objective adds no loss term.
     """
 
+    leaves_parameters_unused = True  # the paths not drawn get no gradient in a step: DDP must search for them
+
     def __init__(self, model: GLiTSupernet, seed: int = 0):
         if not isinstance(model, GLiTSupernet):
             raise ValueError(f'path_sampling trains a GLiT supernet (model glit_supernet), not {type(model).__name__}')
         self.model, self.seed, self.draws = model, seed, 0
-        self.default = model.arch
-        self._hooks = [model.register_forward_pre_hook(self._sample), model.register_forward_hook(self._restore)]
+        self._open: contextlib.AbstractContextManager | None = None
+        self._hooks = [model.register_forward_pre_hook(self._sample),
+                       model.register_forward_hook(self._restore, always_call=True)]
 
     def _sample(self, model: GLiTSupernet, args):
+        # The forward hook does not run when a forward is interrupted by a BaseException (KeyboardInterrupt) or
+        # fails under torch.compile: the next forward leaves that path first.
+        self._leave()
         if model.training:
             rng = random.Random(f'{self.seed}:{self.draws}')
             self.draws += 1
-            model.set_arch(sample_architecture(model.space, len(model.blocks), model.num_heads, rng))
+            on_path = model.path(sample_architecture(model.space, len(model.blocks), model.num_heads, rng))
+            on_path.__enter__()
+            self._open = on_path
 
     def _restore(self, model: GLiTSupernet, args, output):
-        if model.training:
-            model.set_arch(self.default)
+        self._leave()
+
+    def _leave(self) -> None:
+        if self._open is not None:
+            on_path, self._open = self._open, None
+            on_path.__exit__(None, None, None)
 
     def loss(self) -> torch.Tensor:
         return torch.zeros(())
@@ -411,6 +557,7 @@ class PathSampling:
         self.draws = draws
 
     def remove(self) -> None:
+        self._leave()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
