@@ -223,6 +223,16 @@ def test_forward_intermediates_match_features(name, model, x):
 
 
 @over_models
+def test_forward_intermediates_stopping_early_returns_the_first_layer(model, x):
+    """Stopping after the first layer leaves its intermediate unchanged, and the final features are that layer's
+    output: normalised where the final norm fits it (isotropic models), as is where it does not (a narrower stage)."""
+    reference = model.forward_intermediates(x, intermediates_only=True)
+    final, intermediates = model.forward_intermediates(x, indices=[0], stop_early=True)
+    torch.testing.assert_close(intermediates, reference[:1])
+    assert final.shape[get_channel_dim(getattr(model, 'output_fmt', 'NCHW'))] == model.feature_info[0]['num_chs']
+
+
+@over_models
 def test_prune_intermediate_layers_keeps_intermediates(model, x):
     reference = model.forward_intermediates(x, intermediates_only=True)
     keep = list(range(max(len(reference) - 1, 1)))

@@ -1,43 +1,17 @@
-"""MLPs: the transformer MLP over tokens and the MetaFormer MLP over the channels of a feature map.
+"""The MLPs of leanvit's blocks: timm's ``Mlp`` (``fc1`` -> activation -> dropout -> ``fc2`` -> dropout, with an
+identity ``norm`` between), whose parameter names are the official codes' and whose forward calls each layer as a
+module, so hooks, module swaps, ``torch.fx`` and fine-tuning see ``fc1``, ``act`` and ``fc2``.
 
-The forwards call their layers as any PyTorch model does, so hooks, module swaps, ``torch.fx`` and fine-tuning see
-``fc1``, ``act`` and ``fc2``, in training and after ``timm.utils.model.reparameterize_model`` alike.
+- `Mlp`: over tokens (SReT, GLiT, MiniViT, GFNet).
+- `ConvMlp`: the MetaFormer MLP over the channels of a (B, C, H, W) map (PoolFormer, RIFormer), timm's ``Mlp`` with
+  ``use_conv=True`` (1 x 1 convs ``fc1`` and ``fc2``). Not timm's ``ConvMlp``: that one normalises before its
+  activation, has a single dropout (none after ``fc2``) and defaults to ReLU.
 """
 
-import torch
-from torch import nn
+from functools import partial
 
+from timm.layers import Mlp
 
-class Mlp(nn.Module):
-    """fc1 -> activation -> dropout -> fc2 -> dropout, with timm's parameter names (``fc1``, ``fc2``)."""
+__all__ = ['ConvMlp', 'Mlp']
 
-    def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(self.act(self.fc1(x)))
-        return self.drop2(self.fc2(x))
-
-
-class ConvMlp(nn.Module):
-    """MetaFormer MLP on a (B, C, H, W) map: 1 x 1 conv ``fc1`` -> activation -> dropout -> ``fc2`` -> dropout.
-
-    Parameter names and shapes are timm's ``Mlp(use_conv=True)`` and the official PoolFormer/RIFormer ones.
-    """
-
-    def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(self.act(self.fc1(x)))
-        return self.drop2(self.fc2(x))
+ConvMlp = partial(Mlp, use_conv=True)

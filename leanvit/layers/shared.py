@@ -1,16 +1,10 @@
 """A stage whose blocks are applied several times each: depth without parameters, every shared weight stored once."""
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from timm.models import checkpoint
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-
-def linear_drop_path_rates(drop_path_rate: float, num_layers: int) -> list[float]:
-    """The usual stochastic depth rule, 0 at the first layer to ``drop_path_rate`` at the last (``torch.linspace`` in
-    the official codes; plain Python here, so that a model built under ``torch.device('meta')`` needs no values)."""
-    return [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
 
 
 class SharedWeightStage(nn.Module):
@@ -29,7 +23,8 @@ class SharedWeightStage(nn.Module):
 
     A family says how one application runs by overriding `forward_application` (default: the block, then the
     application's module), and may draw fewer applications per block, e.g. for mixed-depth training, by overriding
-    `applications`. With ``grad_checkpointing`` set, each application is checkpointed on its own.
+    `applications`. With ``grad_checkpointing`` set, each application is checkpointed on its own (timm's
+    ``checkpoint``, so timm's re-entrancy setting applies).
 
     Args:
         blocks: The distinct (shared) blocks, in order.
@@ -74,20 +69,19 @@ class SharedWeightStage(nn.Module):
         module = self.application_module(index, repeat)
         return x if module is None else module(x)
 
-    def forward_blocks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Every application in order, block 0 ``applications()`` times, then block 1, and so on; yields the output
-        after each block's last application (the stage's intermediates)."""
-        for index in range(len(self.blocks)):
-            for repeat in range(self.applications()):
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = checkpoint(self.forward_application, x, index, repeat, use_reentrant=False)
-                else:
-                    x = self.forward_application(x, index, repeat)
-            yield x
+    def forward_block(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Block ``index`` applied ``applications()`` times; its output is one of the stage's intermediates."""
+        for repeat in range(self.applications()):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(self.forward_application, x, index, repeat)
+            else:
+                x = self.forward_application(x, index, repeat)
+        return x
 
     def forward_applications(self, x: torch.Tensor) -> torch.Tensor:
-        for x in self.forward_blocks(x):
-            pass
+        """Every application in order: block 0 ``applications()`` times, then block 1, and so on."""
+        for index in range(len(self.blocks)):
+            x = self.forward_block(x, index)
         return x
 
     def truncate(self, num_blocks: int):

@@ -24,23 +24,21 @@ convolutional models do.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, LayerType, calculate_drop_path_rates, get_act_layer, get_norm_layer
+from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
-from leanvit.layers.shared import linear_drop_path_rates
+from leanvit.layers.pos_embed import resample_pos_embed
 from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import LinearHeadClassifier
 
@@ -173,8 +171,12 @@ class _GFNetBase(LinearHeadClassifier):
     """What both GFNet layouts share: final norm, pooled linear head, grad checkpointing, weight init.
 
     Subclasses build ``patch_embed``, ``pos_embed`` and ``blocks``, set ``img_size``, ``in_chans`` and
-    ``feature_info``, then call ``_init_head`` and ``_init_weights``.
+    ``feature_info``, then call ``_init_head`` and ``_init_weights``. Intermediates come as NCHW or NHWC maps;
+    ``forward_features`` gives NCHW.
     """
+
+    layer_fmt = 'NHWC'
+    layers_attr = 'blocks'
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
                    norm_layer: Callable[[int], nn.Module]):
@@ -190,7 +192,7 @@ class _GFNetBase(LinearHeadClassifier):
         # As the official code: N(0, 0.02) Linear weights with zero bias, unit LayerNorms, N(0, 0.02) position
         # embedding; convs keep PyTorch's defaults and filters their N(0, 0.02) draw. The official code calls timm's
         # trunc_normal_(std=.02), whose default bounds are +-2, i.e. +-100 std: the same distribution as normal_,
-        # which draws it in one pass instead of five (building GFNet-H-B takes about half the time).
+        # which draws it in one pass where trunc_normal_ takes several.
         nn.init.normal_(self.pos_embed, std=.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -208,11 +210,6 @@ class _GFNetBase(LinearHeadClassifier):
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 
-    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, H, W) features -> logits; with global_pool='' the head is applied at every location."""
         if self.global_pool == 'avg':
@@ -221,22 +218,8 @@ class _GFNetBase(LinearHeadClassifier):
         x = self.head_drop(x.permute(0, 2, 3, 1))
         return (x if pre_logits else self.head(x)).permute(0, 3, 1, 2)
 
-    def _intermediate(self, x: torch.Tensor, apply_norm: bool, output_fmt: str) -> torch.Tensor:
-        x = self.norm(x) if apply_norm else x
-        return _to_nchw(x) if output_fmt == 'NCHW' else x
-
-    def _prune_norm_and_head(self, pruned_blocks: bool, prune_norm: bool, prune_head: bool):
-        # The final norm was trained on the last block's output: once later blocks are gone it goes too, so the
-        # pruned model's features are the kept block's raw output (and an earlier stage may be narrower anyway).
-        if pruned_blocks or prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-
-
-def _check_fmt(output_fmt: str):
-    if output_fmt not in ('NCHW', 'NHWC'):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    def _format_final(self, x: torch.Tensor) -> torch.Tensor:
+        return _to_nchw(x)
 
 
 def _grid(img_size: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -270,6 +253,8 @@ class GFNet(_GFNetBase):
         act_layer: Activation of the MLPs (a class or a name timm's ``get_act_layer`` knows; default GELU).
     """
 
+    uniform_width = True
+
     def __init__(
             self,
             img_size: int | tuple[int, int] = 224,
@@ -296,7 +281,7 @@ class GFNet(_GFNetBase):
         self.patch_embed = PatchConv(in_chans, embed_dim, patch_size, tokens_in=False)
         self.pos_embed = nn.Parameter(torch.zeros(1, *grid, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        rates = linear_drop_path_rates(drop_path_rate, depth)
+        rates = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
             GlobalFilterBlock(embed_dim, grid, mlp_ratio, proj_drop_rate, rates[i], norm_layer=norm_layer,
                               act_layer=act_layer) for i in range(depth)])
@@ -308,52 +293,20 @@ class GFNet(_GFNetBase):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r'^pos_embed|^patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.pos_drop(self.patch_embed(check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
+
+    def _forward_layer(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x)
+        return block(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final-norm features (B, C, H / patch_size, W / patch_size)."""
-        x = self._embed(x)
+        x = self._forward_stem(x)
         for block in self.blocks:
-            x = self._block(block, x)
+            x = self._forward_layer(block, x)
         return _to_nchw(self.norm(x))
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block outputs at ``indices`` (final norm applied if ``norm``) and, unless ``intermediates_only``, the
-        final features."""
-        _check_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self._embed(x)
-        blocks = self.blocks[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.blocks
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = self._block(block, x)
-            if i in take_indices:
-                intermediates.append(self._intermediate(x, norm, output_fmt))
-        if intermediates_only:
-            return intermediates
-        return _to_nchw(self.norm(x)), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the blocks after the last one in ``indices`` (with the final norm, see ``_prune_norm_and_head``)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        pruned = max_index + 1 < len(self.blocks)
-        self.blocks = self.blocks[:max_index + 1]
-        self._prune_norm_and_head(pruned, prune_norm, prune_head)
-        return take_indices
 
 
 class GFNetHierarchical(_GFNetBase):
@@ -405,7 +358,7 @@ class GFNetHierarchical(_GFNetBase):
         self.in_chans = in_chans
         num_stages = len(depths)
         _grid(self.img_size, 4 * 2 ** (num_stages - 1))
-        rates = linear_drop_path_rates(drop_path_rate, sum(depths))
+        rates = calculate_drop_path_rates(drop_path_rate, sum(depths))
         patch_embed, blocks, self.feature_info = [], [], []
         for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
             stride = 4 * 2 ** i
@@ -435,59 +388,30 @@ class GFNetHierarchical(_GFNetBase):
             (r'^norm', (99999,)),
         ])
 
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if i == 0:
-            x = self.pos_drop(self.patch_embed[0](check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
-        else:
-            x = self.patch_embed[i](x)
-        for block in self.blocks[i]:
-            x = self._block(block, x)
-        return x
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.patch_embed[0](check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
+
+    def _forward_stage(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Stage ``index``: its 2x2 downsampling conv (the first stage's patch embedding is the stem), its blocks."""
+        if index:
+            x = self.patch_embed[index](x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks[index], x)
+        return self.blocks[index](x)
+
+    def _intermediate_layers(self) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
+        return [partial(self._forward_stage, index=i) for i in range(len(self.blocks))]
+
+    def _truncate_layers(self, num_layers: int):
+        self.patch_embed = self.patch_embed[:num_layers]
+        self.blocks = self.blocks[:num_layers]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final-norm features (B, C, H / 32, W / 32) of the last stage."""
+        x = self._forward_stem(x)
         for i in range(len(self.blocks)):
-            x = self._stage(i, x)
+            x = self._forward_stage(x, i)
         return _to_nchw(self.norm(x))
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs at ``indices`` and, unless ``intermediates_only``, the final features.
-
-        ``norm`` applies the final norm to the last stage's output only: earlier stages are narrower.
-        """
-        _check_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        num_stages = max_index + 1 if stop_early and not torch.jit.is_scripting() else len(self.blocks)
-        intermediates = []
-        for i in range(num_stages):
-            x = self._stage(i, x)
-            if i in take_indices:
-                intermediates.append(self._intermediate(x, norm and i == len(self.blocks) - 1, output_fmt))
-        if intermediates_only:
-            return intermediates
-        return _to_nchw(self.norm(x)), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the stages after the last one in ``indices`` (with the final norm, see ``_prune_norm_and_head``)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        pruned = max_index + 1 < len(self.blocks)
-        self.patch_embed = self.patch_embed[:max_index + 1]
-        self.blocks = self.blocks[:max_index + 1]
-        self._prune_norm_and_head(pruned, prune_norm, prune_head)
-        return take_indices
 
 
 @register_converter(GFNet, GFNetHierarchical)
@@ -513,17 +437,17 @@ def checkpoint_filter_fn(state_dict: dict, model: GFNet | GFNetHierarchical) -> 
 
 
 def _resize_pos_embed(pos_embed: torch.Tensor, target: torch.Size) -> torch.Tensor:
+    """An official (1, H*W, C) or a leanvit (1, H, W, C) position embedding as the model's (1, H', W', C)."""
     if pos_embed.ndim == 3:
         side = math.isqrt(pos_embed.shape[1])
         if side * side != pos_embed.shape[1]:
             raise ValueError(f'official pos_embed {tuple(pos_embed.shape)} is not a square token grid; expected '
                              f'(1, H*W, C) with H == W')
         pos_embed = pos_embed.reshape(1, side, side, -1)
-    if pos_embed.shape[1:3] == target[1:3]:
+    grid = tuple(target[1:3])
+    if pos_embed.shape[1:3] == grid:
         return pos_embed
-    resized = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=tuple(target[1:3]), mode='bicubic',
-                            align_corners=False)
-    return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
+    return resample_pos_embed(pos_embed.flatten(1, 2), grid, pos_embed.shape[1:3]).reshape(1, *grid, -1)
 
 
 def _resize_filter(key: str, weight: torch.Tensor, target: torch.Size) -> torch.Tensor:

@@ -28,18 +28,24 @@ from pathlib import Path
 import torch
 import torch.fx
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerType, PatchEmbed, get_act_layer, get_norm_layer, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import (
+    DropPath,
+    LayerType,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    get_act_layer,
+    get_norm_layer,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
 from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.conv import folded_conv
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
-from leanvit.layers.shared import linear_drop_path_rates
 from leanvit.models._registry import PaperCfg
-from leanvit.models._staged import LinearHeadClassifier, prune_sequence
+from leanvit.models._staged import LinearHeadClassifier
 
 __all__ = ['BlockArch', 'ConvModule', 'GLBlock', 'GLIT_TINY', 'GLMixer', 'GLiT', 'GlobalAttention', 'SearchSpace',
            'load_architecture']
@@ -277,16 +283,23 @@ class GLiT(LinearHeadClassifier):
     """GLiT: DeiT's layout (class token, learned position embedding, classification from the final-norm class token)
     with one `GLBlock` per entry of ``arch``.
 
+    Intermediates are the blocks' patch tokens, as NCHW maps or NLC tokens (class token dropped); ``norm`` applies the
+    final norm to them.
+
     Args:
         arch: The blocks' choices: a sequence of `BlockArch` or dicts, or a JSON / YAML file (`load_architecture`).
         search_space: The space ``arch`` must lie in (`SearchSpace()`, GLiT's); None checks nothing.
         global_pool: 'token' (the class token, official) or 'avg' (the mean of the patch tokens).
         conv_act_layer: Activation of the local modules (default Swish, i.e. SiLU).
+        block_fn: Builds each block, called with `GLBlock`'s arguments by keyword (the supernet's blocks are one).
         img_size, patch_size, in_chans, num_classes, embed_dim, num_heads, drop_rate, pos_drop_rate, proj_drop_rate,
         drop_path_rate, norm_layer, act_layer: as timm's VisionTransformer.
     """
 
     POOLS = ('token', 'avg', '')
+    layer_fmt = 'NLC'
+    uniform_width = True
+    layers_attr = 'blocks'
 
     def __init__(
             self,
@@ -306,6 +319,7 @@ class GLiT(LinearHeadClassifier):
             norm_layer: LayerType | None = None,
             act_layer: LayerType | None = None,
             conv_act_layer: LayerType | None = None,
+            block_fn: Callable[..., nn.Module] = GLBlock,
     ):
         super().__init__()
         arch = load_architecture(arch)
@@ -324,14 +338,16 @@ class GLiT(LinearHeadClassifier):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.output_fmt = 'NLC'
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.img_size = self.patch_embed.img_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        rates = linear_drop_path_rates(drop_path_rate, len(arch))
+        rates = calculate_drop_path_rates(drop_path_rate, len(arch))
         self.blocks = nn.Sequential(*[
-            self._block(embed_dim, num_heads, block, rates[i], proj_drop_rate, norm_layer, act_layer, conv_act_layer)
+            block_fn(dim=embed_dim, num_heads=num_heads, arch=block, drop_path=rates[i], proj_drop=proj_drop_rate,
+                     norm_layer=norm_layer, act_layer=act_layer, conv_act_layer=conv_act_layer)
             for i, block in enumerate(arch)])
         self.feature_info = [dict(num_chs=embed_dim, reduction=self.patch_embed.patch_size[0], module=f'blocks.{i}')
                              for i in range(len(arch))]
@@ -341,10 +357,6 @@ class GLiT(LinearHeadClassifier):
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_weights)
-
-    def _block(self, dim: int, num_heads: int, arch: BlockArch, drop_path: float, proj_drop: float, norm_layer,
-               act_layer, conv_act_layer) -> nn.Module:
-        return GLBlock(dim, num_heads, arch, drop_path, proj_drop, norm_layer, act_layer, conv_act_layer)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -359,21 +371,25 @@ class GLiT(LinearHeadClassifier):
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(check_input_size(x, self.in_chans, self.img_size))
         return self.pos_drop(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed)
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            if getattr(self, 'grad_checkpointing', False) and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+    def _forward_layer(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x)
+        return block(x)
+
+    def _format_intermediate(self, x: torch.Tensor, output_fmt: str) -> torch.Tensor:
+        x = x[:, self.num_prefix_tokens:]
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *self.patch_embed.grid_size) if output_fmt == 'NCHW' else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1 + N, C) tokens after the final norm, the class token first."""
-        return self.norm(self._blocks(self._embed(x)))
+        x = self._forward_stem(x)
+        for block in self.blocks:
+            x = self._forward_layer(block, x)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'token':
@@ -382,30 +398,6 @@ class GLiT(LinearHeadClassifier):
             x = x[:, self.num_prefix_tokens:].mean(1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
-        """Patch-token maps (NCHW, or NLC tokens without the class token) after the blocks at ``indices`` and,
-        unless ``intermediates_only``, the final-norm tokens."""
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        grid = self.patch_embed.grid_size
-        x = self._embed(x)
-        blocks = self.blocks[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.blocks
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take_indices:
-                y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]
-                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid) if output_fmt == 'NCHW' else y)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        return prune_sequence(self, 'blocks', indices, prune_norm, prune_head)
 
 
 def _init_weights(module: nn.Module):

@@ -23,24 +23,33 @@ Choices where the official code is silent or differs: docs/minivit.md, "leanvit 
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 import torch.fx
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, LayerType, PatchEmbed, get_act_layer, get_norm_layer, trunc_normal_
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    LayerType,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    get_act_layer,
+    get_norm_layer,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 from torch import nn
 
 from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
-from leanvit.layers.shared import SharedWeightStage, linear_drop_path_rates
+from leanvit.layers.pos_embed import resample_pos_embed
+from leanvit.layers.shared import SharedWeightStage
 from leanvit.models._registry import PaperCfg
-from leanvit.models._staged import LinearHeadClassifier, StagedClassifier, prune_sequence
+from leanvit.models._staged import LinearHeadClassifier, StagedClassifier
 
 __all__ = ['HeadMixing', 'ImageRPE', 'LayerTransforms', 'LocalConv', 'MiniDeiT', 'MiniSwin', 'MultiplexedBlock',
            'MultiplexedStage']
@@ -70,10 +79,9 @@ class HeadMixing(nn.Module):
         return self
 
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        # One batched (H, H) @ (H, N * M) product: on Mini-DeiT-Ti's (16, 3, 196, 196) logits (2 threads) 0.3 ms,
-        # against 99 ms for the official 1 x 1 convolution (oneDNN on a 3-channel image of 196 x 196 pixels), 25 ms
-        # for the official Linear over a permuted map and 8 ms for a broadcast matmul, which torch runs as one
-        # (B * N * M, H) @ (H, H) product with two transposing copies.
+        # One batched (H, H) @ (H, N * M) product over the map as it lies: the official 1 x 1 convolution runs as a
+        # convolution of an H-channel image (slow in oneDNN for so few channels), the official Linear needs the map
+        # permuted, and a broadcast matmul becomes one (B * N * M, H) @ (H, H) product with two transposing copies.
         B, H = attn.shape[:2]
         flat = attn.reshape(B, H, -1)
         weight = self.weight.expand(B, H, H)
@@ -115,9 +123,8 @@ class ImageRPE(nn.Module):
     Why the product is computed here: the per-bucket scores ``q · r`` (B·H, N, buckets) are read for every (query,
     key) pair by one gather whose index is the (N, N) bucket map broadcast over the batch (a stride-0 view, no
     (B, H, N, N) index in memory), and the q kᵀ product is accumulated into that fresh tensor in place (``baddbmm_``):
-    no pass of its own for the term, no copy of it into the product's output. On Mini-DeiT-Ti's logits (batch 16,
-    2 threads) about 5.5 ms a layer against 10.5 ms for an ``index_select`` of flat indices followed by ``baddbmm``.
-    The scale goes to ``r`` (49 x d) and to the product's ``alpha``, not to q.
+    no pass of its own for the term, no copy of it into the product's output (an ``index_select`` of flat indices
+    followed by ``baddbmm`` makes both). The scale goes to ``r`` (49 x d) and to the product's ``alpha``, not to q.
     """
 
     def __init__(self, head_dim: int, grid_size: tuple[int, int], alpha: float = 1.9, beta: float = 3.8,
@@ -400,6 +407,9 @@ class MiniDeiT(LinearHeadClassifier):
             VisionTransformer (``global_pool`` 'avg' or ''; drop path rises linearly over the applied layers).
     """
 
+    layer_fmt = 'NHWC'
+    uniform_width = True
+
     def __init__(
             self,
             img_size: int | tuple[int, int] = 224,
@@ -439,7 +449,7 @@ class MiniDeiT(LinearHeadClassifier):
         grid = self.patch_embed.grid_size
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        rates = linear_drop_path_rates(drop_path_rate, depth)
+        rates = calculate_drop_path_rates(drop_path_rate, depth)
         self.stages = nn.Sequential(MultiplexedStage(
             embed_dim, embed_dim, grid, depth, depth // share, num_heads, mlp_ratio, None,
             separate_norms=separate_norms, attn_transform=attn_transform, local_conv=local_conv, mixing_bias=False,
@@ -468,46 +478,30 @@ class MiniDeiT(LinearHeadClassifier):
     def set_grad_checkpointing(self, enable: bool = True):
         self.stages[0].grad_checkpointing = enable
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(check_input_size(x, self.in_chans, self.img_size))
         return self.pos_drop(x + self.pos_embed.view(1, *self.patch_embed.grid_size, -1))
 
+    def _intermediate_layers(self) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
+        # The distinct blocks, each with all its applications: pruning can only drop whole blocks.
+        stage = self.stages[0]
+        return [partial(stage.forward_block, index=i) for i in range(len(stage.blocks))]
+
+    def _truncate_layers(self, num_layers: int):
+        self.stages[0].truncate(num_layers)
+
+    def _format_final(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1, 2)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) tokens after the final norm."""
-        return self.norm(self.stages(self._embed(x)).flatten(1, 2))
+        return self.norm(self.stages(self._forward_stem(x)).flatten(1, 2))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
             x = x.mean(1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
-        """Maps (NCHW, or NHWC) after the distinct blocks at ``indices`` and, unless ``intermediates_only``, the
-        final-norm tokens; ``norm`` applies the final norm to the intermediates."""
-        _check_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates = []
-        for i, x in enumerate(self.stages[0].forward_blocks(self._embed(x))):
-            if i in take_indices:
-                y = self.norm(x) if norm else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
-            if stop_early and i == max_index and not torch.jit.is_scripting():
-                break
-        if intermediates_only:
-            return intermediates
-        return self.norm(x.flatten(1, 2)), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self.stages[0].truncate(max_index + 1)
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
 
 class MiniSwin(StagedClassifier):
@@ -525,6 +519,8 @@ class MiniSwin(StagedClassifier):
         mlp_ratio, drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate, norm_layer, act_layer: as timm's
             SwinTransformer.
     """
+
+    layer_fmt = 'NHWC'
 
     def __init__(
             self,
@@ -565,7 +561,7 @@ class MiniSwin(StagedClassifier):
                                       output_fmt='NHWC')
         self.img_size = self.patch_embed.img_size
         grid = self.patch_embed.grid_size
-        rates = linear_drop_path_rates(drop_path_rate, sum(depths))
+        rates = calculate_drop_path_rates(drop_path_rate, sum(depths))
         stages, self.feature_info = [], []
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             if i > 0:
@@ -601,36 +597,12 @@ class MiniSwin(StagedClassifier):
             (r'^norm', (99999,)),
         ])
 
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(check_input_size(x, self.in_chans, self.img_size))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) map after the final norm (timm's Swin layout)."""
-        return self.norm(self.stages(self.patch_embed(check_input_size(x, self.in_chans, self.img_size))))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
-        """Stage outputs (NCHW, or NHWC) at ``indices`` and, unless ``intermediates_only``, the final features;
-        ``norm`` applies the final norm to the last stage's output."""
-        _check_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.patch_embed(check_input_size(x, self.in_chans, self.img_size))
-        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == len(self.stages) - 1 else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        return prune_sequence(self, 'stages', indices, prune_norm, prune_head)
-
-
-def _check_fmt(output_fmt: str):
-    if output_fmt not in ('NCHW', 'NHWC'):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        return self.norm(self.stages(self._forward_stem(x)))
 
 
 def _split_applications(key: str, marker: str) -> tuple[str, int, str] | None:
@@ -709,9 +681,7 @@ def _resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int]) -> to
     if side * side != pos_embed.shape[1]:
         raise ValueError(f'pos_embed of {pos_embed.shape[1]} tokens is not a square grid; cannot resize it to '
                          f'{grid_size[0]}x{grid_size[1]}')
-    grid = pos_embed.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=grid_size, mode='bicubic', align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, grid_size[0] * grid_size[1], -1).to(pos_embed.dtype)
+    return resample_pos_embed(pos_embed, grid_size, (side, side))
 
 
 def _create_mini_deit(variant: str, pretrained: bool = False, **kwargs) -> MiniDeiT:

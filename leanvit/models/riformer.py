@@ -26,18 +26,25 @@ from collections.abc import Callable
 
 import torch
 import torch.fx
-from timm.layers import ClassifierHead, DropPath, GroupNorm1, LayerType, get_act_layer, get_norm_layer, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    GroupNorm1,
+    LayerType,
+    calculate_drop_path_rates,
+    get_act_layer,
+    get_norm_layer,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
-from leanvit.layers.mlp import ConvMlp
+from leanvit.layers.mlp import ConvMlp, Mlp
 from leanvit.layers.token_mixers import AffineTokenMixer, PoolingTokenMixer, fold_affine_into_norm
 from leanvit.models._registry import PaperCfg
-from leanvit.models._staged import StagedClassifier, prune_sequence
+from leanvit.models._staged import StagedClassifier
 
 __all__ = ['Layout', 'RIFormer', 'RIFormerBlock', 'detect_layout']
 
@@ -46,7 +53,11 @@ TOKEN_MIXERS = {'affine': AffineTokenMixer, 'pooling': PoolingTokenMixer, 'none'
 
 
 class LayerScale(nn.Module):
-    """Per-channel scale of a residual branch (``scale`` [C], as in timm's MetaFormer)."""
+    """Per-channel scale of a residual branch on a (B, C, H, W) map, ``scale`` [C], as timm's MetaFormer names it.
+
+    timm's ``LayerScale2d`` computes the same but names its parameter ``gamma``; ``layer_scale{1,2}.scale`` is the key
+    leanvit's RIFormer checkpoints and the official layouts' conversion use, so it stays.
+    """
 
     def __init__(self, dim: int, init_value: float):
         super().__init__()
@@ -135,9 +146,7 @@ class RIFormerStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
+            return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
 
@@ -196,7 +205,7 @@ class RIFormer(StagedClassifier):
         self.num_features = self.head_hidden_size = dims[-1]
         self.stem = ConvDownsample(in_chans, dims[0], 7, 4, 2)
         # Stochastic depth grows linearly over all blocks (PoolFormer).
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = calculate_drop_path_rates(drop_path_rate, sum(depths))
         stages, self.feature_info, in_chs = [], [], dims[0]
         for i, dim in enumerate(dims):
             stages.append(RIFormerStage(
@@ -243,55 +252,19 @@ class RIFormer(StagedClassifier):
             (r'^norm', (99999,)),
         ])
 
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(check_input_size(x, self.in_chans, None))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised final map (B, C, H/32, W/32)."""
-        x = self.stem(check_input_size(x, self.in_chans, None))
-        return self.norm(self.stages(x))
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (NCHW) at ``indices``; ``norm`` applies the final norm to the last stage's output."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"RIFormer intermediates are NCHW feature maps; output_fmt must be 'NCHW', got "
-                             f"{output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(check_input_size(x, self.in_chans, None))
-        last = len(self.stages) - 1
-        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last else x)
-        if intermediates_only:
-            return intermediates
-        # The final norm is sized for the last stage: an early stop returns its stage's output as is.
-        return (self.norm(x) if len(stages) == len(self.stages) else x), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the stages after the last one in ``indices``, the head unless told not to, and the final norm if asked
-        or if stages were dropped (it is sized for the last stage's channels)."""
-        return prune_sequence(self, 'stages', indices, prune_norm, prune_head)
+        return self.norm(self.stages(self._forward_stem(x)))
 
 
 def _init_weights(module: nn.Module):
     # PoolFormer's init: truncated normal (std 0.02) and zero biases for the MLP convs and the classifier; the stem
     # and the stage transitions keep PyTorch's default conv init, norms start at weight 1, bias 0, and the affine
     # mixer keeps its own identity-start init (AffineTokenMixer).
-    layers = (module.fc1, module.fc2) if isinstance(module, ConvMlp) else (module,) if isinstance(module, nn.Linear) \
-        else ()
+    layers = (module.fc1, module.fc2) if isinstance(module, Mlp) else (module,) if isinstance(module, nn.Linear) else ()
     for layer in layers:
         trunc_normal_(layer.weight, std=.02)
         nn.init.zeros_(layer.bias)

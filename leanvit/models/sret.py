@@ -30,7 +30,6 @@ from functools import partial
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from timm.layers import (
     ConvNormAct,
     DropPath,
@@ -42,7 +41,6 @@ from timm.layers import (
     trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from leanvit.io.weights import register_converter, unwrap_state_dict
@@ -50,9 +48,10 @@ from leanvit.layers.attention import GroupAttention
 from leanvit.layers.conv import fold_conv_norm_act
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
+from leanvit.layers.pos_embed import resample_pos_embed
 from leanvit.layers.shared import SharedWeightStage
 from leanvit.models._registry import PaperCfg
-from leanvit.models._staged import StagedClassifier, prune_sequence
+from leanvit.models._staged import StagedClassifier
 
 __all__ = ['SReT']
 
@@ -275,6 +274,9 @@ class ConvStem(nn.Sequential):
 class SReT(StagedClassifier):
     """Sliced Recursive Transformer.
 
+    Intermediates are the stages' NCHW maps; ``norm`` in ``forward_intermediates`` has no effect, as SReT has no
+    per-location final norm (it normalises the pooled vector in the head).
+
     Args:
         img_size: Input resolution; fixes the position embedding and the token count of every stage.
         in_chans: Input image channels.
@@ -301,6 +303,8 @@ class SReT(StagedClassifier):
             LayerNorm with eps 1e-6). The conv stem keeps BatchNorm, the head LayerNorm.
         act_layer: Activation of the MLPs (a class, or a name timm's ``get_act_layer`` knows; default GELU).
     """
+
+    has_final_norm = False  # the paper normalises after pooling, in the head
 
     def __init__(
             self,
@@ -353,6 +357,8 @@ class SReT(StagedClassifier):
         for i in range(num_stages):
             if i > 0:
                 grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)  # k3 s2 p1 conv: ceil(size / 2)
+            # The official rule, not timm's calculate_drop_path_rates: it divides by the total application count (not
+            # one less) and indexes shared blocks from the stage's first application, one step per block.
             first_application = sum(depths[:i])
             rates = tuple(drop_path_rate * (first_application + b) / sum(depths) for b in range(num_blocks[i]))
             stages.append(RecursiveStage(
@@ -381,46 +387,12 @@ class SReT(StagedClassifier):
             (r'^head\.norm', (99999,)),
         ])
 
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.stem(check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features (B, C, H/32, W/32) of the last stage; the final norm is applied after pooling."""
-        x = self.pos_drop(self.stem(check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
-        return self.stages(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (NCHW) at ``indices`` and, unless ``intermediates_only``, the final features.
-
-        ``norm`` has no effect: SReT has no per-token final norm (it normalises the pooled vector in the head).
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"SReT intermediates are NCHW feature maps; output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.pos_drop(self.stem(check_input_size(x, self.in_chans, self.img_size)) + self.pos_embed)
-        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the stages after the last one in ``indices`` (and the head unless ``prune_head`` is False)."""
-        return prune_sequence(self, 'stages', indices, prune_norm, prune_head, final_norm=False)
+        return self.stages(self._forward_stem(x))
 
 
 def _init_weights(module: nn.Module):
@@ -437,16 +409,18 @@ def checkpoint_filter_fn(state_dict: dict, model: SReT) -> dict:
 
     The official file stores each shared block once per application (``transformers.{s}.blocks.{j}``, even j =
     block applications, odd j = NLLs); leanvit keeps one copy and checks that the others are equal. A leanvit state_dict
-    passes through. In both cases a position embedding of another resolution is resized bicubically.
+    passes through. In both cases a position embedding of another resolution is resized bicubically
+    (`resample_pos_embed`, the official fine-tuning's interpolation).
     """
     state_dict = unwrap_state_dict(state_dict)
     if 'patch_embed.conv1.weight' in state_dict:
         state_dict = _convert_official(state_dict, model)
     pos_embed = state_dict.get('pos_embed')
     if pos_embed is not None and pos_embed.shape[-2:] != model.pos_embed.shape[-2:]:
-        state_dict['pos_embed'] = F.interpolate(
-            pos_embed.float(), size=model.pos_embed.shape[-2:], mode='bicubic', align_corners=False,
-        ).to(pos_embed.dtype)
+        # (1, C, H, W) here, (1, H * W, C) tokens for the resize
+        grid = model.pos_embed.shape[-2:]
+        tokens = resample_pos_embed(pos_embed.flatten(2).transpose(1, 2), grid, pos_embed.shape[-2:])
+        state_dict['pos_embed'] = tokens.transpose(1, 2).reshape(1, -1, *grid)
     return state_dict
 
 
