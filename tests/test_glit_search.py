@@ -238,6 +238,57 @@ def test_path_sampling_needs_a_supernet():
         build_objectives({'path_sampling': {}}, timm.create_model('glit_tiny_patch16_224', **SMALL), None)
 
 
+def test_path_sampling_trains_with_grad_checkpointing():
+    # Backward recomputes each checkpointed block after PathSampling's forward hook has left the drawn path: the
+    # recomputation must run the path of the forward, so the step succeeds and its gradients are those of the same
+    # draw without checkpointing. Drop path is on, so that the recomputation also replays the forward's random masks.
+    x = torch.randn(4, 3, 32, 32)
+    steps = []
+    for checkpointing in (False, True):
+        supernet = small_supernet(drop_path_rate=0.2).train()
+        supernet.set_grad_checkpointing(checkpointing)
+        sampler = PathSampling(supernet, seed=2)
+        drawn = []
+        supernet.register_forward_pre_hook(lambda m, a, drawn=drawn: drawn.append(m.arch))
+        torch.manual_seed(1)
+        supernet(x).square().sum().backward()
+        sampler.remove()
+        assert len(drawn) == 1 and drawn[0] != supernet.arch  # the step ran a drawn path, not the default one
+        steps.append((drawn[0], {name: p.grad for name, p in supernet.named_parameters()}))
+    (path, grads), (checkpointed_path, checkpointed_grads) = steps
+    assert checkpointed_path == path and checkpointed_grads.keys() == grads.keys()
+    assert sum(grad is not None for grad in grads.values()) > 4 * 10
+    for name, grad in grads.items():
+        if grad is None:  # a part the path does not use (a block without global heads has no attention)
+            assert checkpointed_grads[name] is None, name
+        else:
+            torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_seed_gives_one_supernet_whose_sliced_linears_have_glit_s_init():
+    # The sliced linears are initialised by GLiT's own _init_weights, as its nn.Linear layers (truncated normal, std
+    # 0.02, zero bias); before it they draw PyTorch's nn.Linear default, so the generator runs as it did when they
+    # were nn.Linear subclasses and a seed gives the weights it gave then.
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model('glit_supernet', depth=4, **SMALL)
+    first, second = build().state_dict(), build().state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    linears = [m for m in build().modules() if isinstance(m, SlicedLinear)]
+    assert len(linears) == 4 * 4
+    for layer in linears:
+        assert layer.bias.abs().max() == 0
+        assert 0.018 < layer.weight.std().item() < 0.022  # PyTorch's default would be 0.034 or more here
+    # Built alone, a sliced linear draws what an nn.Linear draws and leaves the generator where it does.
+    layers, next_draws = [], []
+    for cls in (SlicedLinear, torch.nn.Linear):
+        torch.manual_seed(3)
+        layers.append(cls(48, 96))
+        next_draws.append(torch.rand(8))
+    assert torch.equal(layers[0].weight, layers[1].weight) and torch.equal(layers[0].bias, layers[1].bias)
+    assert torch.equal(*next_draws)
+
+
 def test_cost_model_is_the_profile_of_the_built_model():
     cost = CostModel(num_heads=3, **SMALL)
     rng = random.Random(1)

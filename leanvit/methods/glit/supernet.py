@@ -32,8 +32,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
 from leanvit.errors import UsageError
@@ -74,7 +74,8 @@ class PathModule(nn.Module):
 
 
 def _init_like_torch(weight: torch.Tensor, bias: torch.Tensor) -> None:
-    # PyTorch's default init of nn.Conv1d, so that a sliced conv starts as the candidate GLiT's conv does.
+    # PyTorch's default init of nn.Linear and nn.Conv1d (the same draws, in the same order), so that a sliced layer
+    # starts as the candidate GLiT's layer does and draws as many numbers from the generator.
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     bound = 1 / math.sqrt(weight[0].numel())
     nn.init.uniform_(bias, -bound, bound)
@@ -86,16 +87,24 @@ class SlicedLinear(PathModule):
 
     Not an ``nn.Linear``: ``weight`` and ``bias`` hold the layer at its largest size (the names and shapes the
     supernet's checkpoints keep), while ``in_features`` and ``out_features`` are the sizes the forward reads and
-    returns on the active path. Initialised as GLiT initialises its linear layers (truncated normal, std 0.02, zero
-    bias).
+    returns on the active path. Initialised as an ``nn.Linear``: PyTorch's default on construction, then, in a
+    `GLiT`, GLiT's linear init (truncated normal, std 0.02, zero bias), which ``init_as_linear`` asks for.
     """
+
+    # Read by GLiT's `_init_weights`, which initialises nn.Linear by type: so the supernet's linear init is GLiT's own,
+    # applied in GLiT's module order, and a seed gives the weights an nn.Linear-based supernet had.
+    init_as_linear = True
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features))
-        trunc_normal_(self.weight, std=.02)
-        nn.init.zeros_(self.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init of ``nn.Linear``: its random draws keep the generator where an ``nn.Linear`` of this
+        size leaves it, so the layers built after this one start from the same weights whatever the layer's class."""
+        _init_like_torch(self.weight, self.bias)
 
     def sliced(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -469,6 +478,13 @@ class GLiTSupernet(GLiT):
             finally:
                 self.arch = previous
 
+    def _forward_layer(self, block: SuperBlock, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            # Backward recomputes the block after the forward, when the path it ran may have been left (PathSampling
+            # leaves it in a forward hook): the recomputation enters the architecture the forward ran, taken now.
+            return checkpoint(partial(_forward_on_path, block, block.arch), x)
+        return block(x)
+
     def extract(self, arch: Sequence[BlockArch | dict]) -> GLiT:
         """The `GLiT` of ``arch`` with this supernet's weights (and BatchNorm statistics): it computes what the
         supernet computes on that path."""
@@ -488,6 +504,12 @@ class GLiTSupernet(GLiT):
                 state |= {f'blocks.{i}.{k}': v for k, v in block.candidate_state().items()}
         model.load_state_dict({k: v.detach().clone() for k, v in state.items()})
         return model.train(self.training)
+
+
+def _forward_on_path(block: SuperBlock, arch: BlockArch, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` on ``arch``: what a checkpointed block computes, in its forward and in its recomputation."""
+    with block.path(arch):
+        return block(x)
 
 
 @register_converter(GLiTSupernet)
