@@ -126,13 +126,32 @@ def test_official_keys_map_one_to_one():
     official = official_checkpoint()['model']
     model = golden_hierarchical()
     converted = checkpoint_filter_fn({'model': official}, model)
-    assert converted.keys() == official.keys() == model.state_dict().keys()
-    changed = [k for k in official if converted[k].shape != official[k].shape]
+    # The official names, but the classifier's: the head is timm's ClassifierHead, as in the other map models.
+    renamed = {'head.fc.' + k[len('head.'):] if k.startswith('head.') else k: k for k in official}
+    assert list(converted) == list(renamed) and converted.keys() == model.state_dict().keys()
+    assert {k for k in renamed if renamed[k] != k} == {'head.fc.weight', 'head.fc.bias'}
+    changed = [k for k in converted if converted[k].shape != official[renamed[k]].shape]
     assert changed == ['pos_embed']
     assert converted['pos_embed'].shape == model.pos_embed.shape == (1, 8, 8, 8)
     # A leanvit state_dict passes through unchanged.
     own = model.state_dict()
     assert all(torch.equal(v, own[k]) for k, v in checkpoint_filter_fn(own, model).items())
+
+
+@pytest.mark.parametrize('model_fn', [golden_hierarchical, golden_isotropic], ids=['hierarchical', 'isotropic'])
+def test_head_is_the_timm_head_module_of_the_other_map_models(model_fn):
+    model = model_fn()
+    assert isinstance(model.head, timm.layers.ClassifierHead) and model.get_classifier() is model.head.fc
+    x = golden_io()['x' if isinstance(model, GFNetHierarchical) else 'x_isotropic']
+    with torch.no_grad():
+        features = model.forward_features(x)
+        logits = model.forward_head(features)
+        classifier = model.get_classifier().state_dict()
+        model.reset_classifier(model.num_classes, '')
+        model.get_classifier().load_state_dict(classifier)  # the same classifier, now at every location
+        per_location = model.forward_head(features)
+    assert per_location.shape == (x.shape[0], model.num_classes, *features.shape[2:])
+    torch.testing.assert_close(per_location.mean((2, 3)), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_filter_of_other_width_is_refused_with_shapes():

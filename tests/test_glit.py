@@ -10,7 +10,15 @@ from safetensors.torch import load_file
 
 import leanvit
 from leanvit.errors import UsageError
-from leanvit.models.glit import GLIT_TINY, BlockArch, ConvModule, GLiT, SearchSpace, load_architecture
+from leanvit.models.glit import (
+    GLIT_TINY,
+    BlockArch,
+    ConvModule,
+    GLiT,
+    GlobalAttention,
+    SearchSpace,
+    load_architecture,
+)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'glit')
 GOLDEN = json.load(open(os.path.join(FIXTURES, 'glit_official_tiny.json')))
@@ -129,3 +137,14 @@ def test_reparameterized_glit_equals_its_training_form():
         assert len(locals_) == 7 and all(isinstance(m.norm, torch.nn.Identity) for m in locals_)
         assert leanvit.count_params(deployed) == leanvit.count_params(model) - sum(
             2 * m.norm.num_features for m in model.modules() if isinstance(m, ConvModule))
+
+
+def test_global_heads_are_timms_attention_with_their_own_head_width():
+    # A qkv ratio of 2 at DeiT-Tiny widths: one global head of width 128 over 64 channels.
+    torch.manual_seed(0)
+    attn = GlobalAttention(64, num_heads=1, head_dim=128).eval()
+    reference = timm.layers.Attention(64, num_heads=1, attn_head_dim=128, qkv_bias=True).eval()
+    reference.load_state_dict(attn.state_dict())  # strict: the same keys
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), reference(x))

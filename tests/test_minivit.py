@@ -10,7 +10,14 @@ from safetensors.torch import load_file
 
 import leanvit
 from leanvit.errors import UsageError
-from leanvit.models.minivit import MiniDeiT, MiniSwin, product_bucket_ids, shifted_window_mask
+from leanvit.models.minivit import (
+    LayerTransforms,
+    MiniDeiT,
+    MiniSwin,
+    MultiplexedAttention,
+    product_bucket_ids,
+    shifted_window_mask,
+)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'minivit')
 GOLDEN = json.load(open(os.path.join(FIXTURES, 'minivit_official_tiny.json')))
@@ -154,3 +161,15 @@ def test_paper_form_of_mini_deit_trains():
     assert all(layer.rpe is None and layer.local is not None for layer in model.stages[0].layers)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert model.stages[0].layers[3].local.conv.weight.grad.abs().sum() > 0
+
+
+def test_shared_attention_without_layer_transforms_is_timms_attention():
+    torch.manual_seed(0)
+    attn = MultiplexedAttention(16, num_heads=2).eval()
+    none = LayerTransforms(16, 2, separate_norms=False, attn_transform=False, mixing_bias=False, local_conv=False,
+                           rpe_grid=None, drop_path=0., norm_layer=torch.nn.LayerNorm)
+    reference = timm.layers.Attention(16, num_heads=2, qkv_bias=True).eval()
+    reference.load_state_dict(attn.state_dict())  # strict: the same keys
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, none), reference(x))

@@ -1,16 +1,22 @@
-"""timm's generic model checks, run over every model leanvit registers.
+"""timm's generic model checks: the behaviour on one tiny configuration per architecture kind, the published figures
+and metadata on every registered configuration.
 
-The checks follow timm's own tests/test_models.py (forward, backward, default cfg, features, intermediates, FX),
-plus what leanvit promises on top: deterministic evaluation, safetensors checkpoints without aliased weights, an
-ordinary forward (every layer is called as a module: hooks fire, wrapped layers take effect, nothing a hook saw is
-overwritten later), before and after ``timm.utils.model.reparameterize_model``, which folds exactly (same outputs,
-a state_dict that loads into a freshly folded model).
-Every model is parametrized from ``leanvit.list_models()``, so a new family is tested as soon as it registers.
-Architectures are full size, but built at a small resolution (the cfg's ``test_input_size``, else at most
-64 x 64) so that the module runs in a few minutes on a CPU.
+The behavioural checks follow timm's own tests/test_models.py (forward, backward, default cfg, features,
+intermediates, FX), plus what leanvit promises on top: deterministic evaluation, safetensors checkpoints without
+aliased weights, an ordinary forward (every layer is called as a module: hooks fire, wrapped layers take effect,
+nothing a hook saw is overwritten later), before and after ``timm.utils.model.reparameterize_model``, which folds
+exactly (same outputs, a state_dict that loads into a freshly folded model).
+They run over `TINY`: the registered ``test_*`` models (a few blocks, 32-64 px, a forward in milliseconds), one per
+architecture kind, and the GLiT supernet at a tiny size. A full-size configuration differs from its family's tiny one
+in sizes (widths, depths, grids, slices), which these checks do not depend on, and in its drop-path rate, which the
+checks in training vary; `test_every_architecture_kind_has_a_tiny_model` fails when an architecture registers without
+a tiny configuration, so that a new family cannot escape the battery.
+What only the published configurations show (parameter and MAC counts equal to the paper's, pretrained cfgs, names
+and tags) runs over every registered model and tag, built on the meta device: shapes without weights or compute.
 """
 
 import copy
+import functools
 import math
 from collections import defaultdict
 
@@ -25,35 +31,51 @@ from torch import nn
 import leanvit
 from leanvit.models.sret import FoldedResidual
 
-SMALL_SIZE = 64
 BATCH_SIZE = 2
 NUM_CLASSES = 42
 REQUIRED_CFG_KEYS = ('input_size', 'num_classes', 'first_conv', 'classifier', 'mean', 'std', 'crop_pct',
                      'interpolation')
 
 MODEL_NAMES = leanvit.list_models()
+# The behavioural battery's models, name -> constructor arguments: every registered test_ model, and the GLiT supernet,
+# which is registered at full size only (leanvit.methods.glit), at the size tests/test_glit_search.py trains it at.
+TINY = {name: {} for name in leanvit.list_models('test_*')} | {
+    'glit_supernet': dict(depth=2, embed_dim=48, patch_size=8, img_size=32)}
 
 over_models = pytest.mark.parametrize('name', MODEL_NAMES)
+over_tiny = pytest.mark.parametrize('name', sorted(TINY))
 # Every pretrained tag (``arch.tag``): weights of a registered architecture, checked for their cfg only.
 TAGGED_NAMES = [tagged for name in MODEL_NAMES for tagged in get_arch_pretrained_cfgs(name) if '.' in tagged]
+# The tiny models have no drop path; the published configurations that train with it (GFNet-S / B / H) need its
+# random masks to repeat wherever a forward is recomputed or retraced (grad checkpointing, FX), and its modules to be
+# called (hooks): the checks in training run at both rates.
+with_drop_path = pytest.mark.parametrize('drop_path_rate', [0., 0.1], ids=['no_drop_path', 'drop_path'])
 
 
-def small_input_size(name: str) -> tuple[int, int, int]:
-    """(C, H, W) the tests run ``name`` at: the cfg's test_input_size, else its input_size capped at SMALL_SIZE."""
-    cfg = get_pretrained_cfg(name)
-    if cfg.test_input_size:
-        return tuple(cfg.test_input_size)
-    chans, height, width = cfg.input_size
-    return chans, min(height, SMALL_SIZE), min(width, SMALL_SIZE)
+def tiny_input_size(name: str) -> tuple[int, int, int]:
+    """(C, H, W) the battery runs ``name`` at: its cfg's input_size, or the ``img_size`` `TINY` builds it at."""
+    chans, height, width = get_pretrained_cfg(name).input_size
+    size = TINY[name].get('img_size')
+    return (chans, height, width) if size is None else (chans, size, size)
 
 
-def create_small(name: str, seed: int = 0, **kwargs) -> nn.Module:
-    """``name`` built at its test resolution, weights drawn after seeding with ``seed``."""
-    _, height, width = small_input_size(name)
-    if (height, width) != tuple(get_pretrained_cfg(name).input_size[1:]):
-        kwargs.setdefault('img_size', height if height == width else (height, width))
+def create_tiny(name: str, seed: int = 0, **kwargs) -> nn.Module:
+    """``name`` built with its `TINY` arguments (and ``kwargs``), weights drawn after seeding with ``seed``."""
     torch.manual_seed(seed)
-    return timm.create_model(name, **kwargs)
+    return timm.create_model(name, **(TINY[name] | kwargs))
+
+
+def create_meta(name: str, **kwargs) -> nn.Module:
+    """``name`` (an architecture or ``arch.tag``) at full size on the meta device: shapes without weights or compute."""
+    with torch.device('meta'):
+        return leanvit.create_model(name, **kwargs)
+
+
+@functools.cache
+def meta_model(name: str) -> nn.Module:
+    """`create_meta` built once per process: the checks over every configuration only read it (cfg, shapes, types),
+    and six of them look at each name."""
+    return create_meta(name)
 
 
 def feature_grid(x: torch.Tensor, reduction: int) -> tuple[int, int]:
@@ -86,15 +108,15 @@ def num_params(model: nn.Module) -> int:
 
 @pytest.fixture
 def model(name: str) -> nn.Module:
-    return create_small(name).eval()
+    return create_tiny(name).eval()
 
 
 @pytest.fixture
 def x(name: str) -> torch.Tensor:
-    return torch.randn(BATCH_SIZE, *small_input_size(name), generator=torch.Generator().manual_seed(0))
+    return torch.randn(BATCH_SIZE, *tiny_input_size(name), generator=torch.Generator().manual_seed(0))
 
 
-@over_models
+@over_tiny
 def test_forward_is_finite_and_unchanged_by_grad_checkpointing(name, model, x):
     out = model(x)
     assert out.shape == (BATCH_SIZE, get_pretrained_cfg(name).num_classes)
@@ -103,9 +125,10 @@ def test_forward_is_finite_and_unchanged_by_grad_checkpointing(name, model, x):
     torch.testing.assert_close(model(x), out)
 
 
-@over_models
-def test_backward_reaches_every_parameter(name, x):
-    model = create_small(name, num_classes=NUM_CLASSES).train()
+@over_tiny
+@with_drop_path
+def test_backward_reaches_every_parameter(name, x, drop_path_rate):
+    model = create_tiny(name, num_classes=NUM_CLASSES, drop_path_rate=drop_path_rate).train()
     torch.manual_seed(0)
     out = model(x)
     assert out.shape == (BATCH_SIZE, NUM_CLASSES)
@@ -116,16 +139,18 @@ def test_backward_reaches_every_parameter(name, x):
     assert not non_finite, f'parameters with NaN or inf gradient: {non_finite}'
 
 
-@over_models
-def test_grad_checkpointing_gives_same_gradients(model, x):
-    model.train()
+@over_tiny
+@with_drop_path
+def test_grad_checkpointing_gives_same_gradients(name, x, drop_path_rate):
+    model = create_tiny(name, drop_path_rate=drop_path_rate).train()
     reference = parameter_grads(model, x)
     model.set_grad_checkpointing(True)
     torch.testing.assert_close(parameter_grads(model, x), reference)
 
 
 @over_models
-def test_default_cfg_matches_model(name, model):
+def test_default_cfg_matches_model(name):
+    model = meta_model(name)
     cfg = model.pretrained_cfg
     missing = [k for k in REQUIRED_CFG_KEYS if cfg.get(k) is None]
     assert not missing, f'pretrained_cfg lacks {missing}'
@@ -144,23 +169,45 @@ def test_every_pretrained_tag_has_a_complete_cfg_of_its_architecture(tagged):
     cfg = get_pretrained_cfg(tagged)
     missing = [k for k in REQUIRED_CFG_KEYS if getattr(cfg, k) is None]
     assert not missing, f'pretrained_cfg lacks {missing}'
-    model = leanvit.create_model(tagged)
+    model = meta_model(tagged)
     assert model.pretrained_cfg['tag'] == tagged.split('.', 1)[1]
     if cfg.pool_size:
         reduction = model.feature_info[-1]['reduction']
         assert tuple(cfg.pool_size) == feature_grid(torch.empty(cfg.input_size, device='meta'), reduction)
 
 
-@over_models
-def test_cfg_pool_size_matches_feature_reduction(name, model):
+@pytest.mark.parametrize('name', [name for name in MODEL_NAMES if get_pretrained_cfg(name).pool_size])
+def test_cfg_pool_size_matches_feature_reduction(name):
     cfg = get_pretrained_cfg(name)
-    if not cfg.pool_size:
-        pytest.skip('cfg has no pool_size')
-    reduction = model.feature_info[-1]['reduction']
-    assert tuple(cfg.pool_size) == feature_grid(torch.empty(cfg.input_size), reduction)
+    reduction = meta_model(name).feature_info[-1]['reduction']
+    assert tuple(cfg.pool_size) == feature_grid(torch.empty(cfg.input_size, device='meta'), reduction)
 
 
-@over_models
+@pytest.mark.parametrize('tagged', [tagged for tagged in TAGGED_NAMES
+                                    if getattr(get_pretrained_cfg(tagged), 'paper_params', None)])
+def test_published_params_and_macs(tagged):
+    """Every configuration that publishes figures has the paper's exact parameter count, in training form and (for
+    re-parameterizable models) deployed, and its MACs at the cfg's input size. Each family's tests hold the MACs to
+    the precision its paper prints; here every family within the widest of those tolerances (GFNet-H-Ti, 3.5 %)."""
+    model = meta_model(tagged)
+    cfg = model.pretrained_cfg
+    measured = leanvit.profile(model, cfg['input_size'])
+    assert measured.params == cfg['paper_params']
+    if cfg.get('paper_deploy_params') is not None:
+        assert leanvit.count_params(reparameterize_model(model)) == cfg['paper_deploy_params']
+    if cfg.get('paper_gmacs') is not None:
+        assert measured.gmacs == pytest.approx(cfg['paper_gmacs'], rel=0.035)
+
+
+def test_every_architecture_kind_has_a_tiny_model():
+    """The battery covers an architecture through a tiny model of its class: a family registering a new class needs
+    a ``test_`` entrypoint (or a `TINY` entry) before its models are tested for behaviour at all."""
+    tiny = {type(create_meta(name, **kwargs)) for name, kwargs in TINY.items()}
+    untested = sorted(name for name in MODEL_NAMES if type(meta_model(name)) not in tiny)
+    assert not untested, f'architectures without a tiny model in TINY: {untested}'
+
+
+@over_tiny
 def test_feature_and_head_sizes(model, x):
     fmt = getattr(model, 'output_fmt', 'NCHW')
     features = model.forward_features(x)
@@ -172,7 +219,7 @@ def test_feature_and_head_sizes(model, x):
     assert pre_logits.shape == (BATCH_SIZE, model.head_hidden_size)
 
 
-@over_models
+@over_tiny
 def test_reset_classifier_to_features(model, x):
     pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
     model.reset_classifier(0)
@@ -184,7 +231,7 @@ def test_reset_classifier_to_features(model, x):
     torch.testing.assert_close(out, pre_logits)
 
 
-@over_models
+@over_tiny
 def test_reset_classifier_without_pooling(model, x):
     features = model.forward_features(x)
     try:
@@ -196,9 +243,9 @@ def test_reset_classifier_without_pooling(model, x):
     torch.testing.assert_close(model(x), unpooled)
 
 
-@over_models
+@over_tiny
 def test_features_only(name, model, x):
-    features_model = create_small(name, features_only=True).eval()
+    features_model = create_tiny(name, features_only=True).eval()
     info = features_model.feature_info
     expected_channels = [model.feature_info[i]['num_chs'] for i in info.out_indices]
     expected_reductions = [model.feature_info[i]['reduction'] for i in info.out_indices]
@@ -210,19 +257,19 @@ def test_features_only(name, model, x):
         assert out.shape == (BATCH_SIZE, channels, *feature_grid(x, reduction))
 
 
-@over_models
+@over_tiny
 def test_forward_intermediates_match_features(name, model, x):
     final, intermediates = model.forward_intermediates(x)
     torch.testing.assert_close(final, model.forward_features(x))
     intermediates_only = model.forward_intermediates(x, intermediates_only=True)
     assert len(intermediates_only) == len(model.feature_info)
     torch.testing.assert_close(intermediates_only, intermediates)
-    features_model = create_small(name, features_only=True).eval()
+    features_model = create_tiny(name, features_only=True).eval()
     expected = [intermediates[i] for i in features_model.feature_info.out_indices]
     torch.testing.assert_close(features_model(x), expected)
 
 
-@over_models
+@over_tiny
 def test_forward_intermediates_stopping_early_returns_the_first_layer(model, x):
     """Stopping after the first layer leaves its intermediate unchanged, and the final features are that layer's
     output: normalised where the final norm fits it (isotropic models), as is where it does not (a narrower stage)."""
@@ -232,7 +279,7 @@ def test_forward_intermediates_stopping_early_returns_the_first_layer(model, x):
     assert final.shape[get_channel_dim(getattr(model, 'output_fmt', 'NCHW'))] == model.feature_info[0]['num_chs']
 
 
-@over_models
+@over_tiny
 def test_prune_intermediate_layers_keeps_intermediates(model, x):
     reference = model.forward_intermediates(x, intermediates_only=True)
     keep = list(range(max(len(reference) - 1, 1)))
@@ -245,23 +292,24 @@ def test_prune_intermediate_layers_keeps_intermediates(model, x):
                                reference[keep[-1]])
 
 
-@over_models
+@over_tiny
 def test_fx_trace_forward_matches_eager(model, x):
     traced = torch.fx.symbolic_trace(model)
     assert isinstance(traced, torch.fx.GraphModule)
     torch.testing.assert_close(traced(x), model(x))
 
 
-@over_models
-def test_fx_trace_backward_matches_eager(model, x):
-    model.train()
+@over_tiny
+@with_drop_path
+def test_fx_trace_backward_matches_eager(name, x, drop_path_rate):
+    model = create_tiny(name, drop_path_rate=drop_path_rate).train()
     traced = torch.fx.symbolic_trace(model)
     # The traced module shares the model's parameters; parameter_grads clears them before each backward.
     eager = parameter_grads(model, x)
     torch.testing.assert_close(parameter_grads(traced, x), eager)
 
 
-@over_models
+@over_tiny
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
 def test_torchscript_is_not_supported(name, model):
     """leanvit targets FX and torch.compile, not TorchScript (deprecated in PyTorch), so no jit.script check runs.
@@ -275,18 +323,18 @@ def test_torchscript_is_not_supported(name, model):
     pytest.fail(f'{name} now compiles with torch.jit.script: add a TorchScript forward check to this module')
 
 
-@over_models
+@over_tiny
 @torch.no_grad()
 def test_safetensors_round_trip(name, model, x, tmp_path):
     path = tmp_path / 'w.safetensors'
     leanvit.save_weights(model, path)
-    fresh = create_small(name, seed=1).eval()
+    fresh = create_tiny(name, seed=1).eval()
     assert not torch.equal(fresh(x), model(x)), 'seeds 0 and 1 give the same model: the load is not tested'
     leanvit.load_checkpoint(fresh, path)
     assert torch.equal(fresh(x), model(x))
 
 
-@over_models
+@over_tiny
 def test_state_dict_stores_shared_weights_once(model):
     state_dict = model.state_dict()
     keys_by_storage = defaultdict(list)
@@ -300,7 +348,7 @@ def test_state_dict_stores_shared_weights_once(model):
     assert parameter_entries == num_params(model)
 
 
-@over_models
+@over_tiny
 @torch.no_grad()
 def test_eval_is_deterministic(model, x):
     assert torch.equal(model(x), model(x))
@@ -313,8 +361,9 @@ def test_registered_in_timm(name):
 
 @over_models
 def test_leanvit_create_model_builds_timm_architecture(name):
-    from_timm = timm.create_model(name)
-    from_leanvit = leanvit.create_model(name)
+    with torch.device('meta'):
+        from_timm = timm.create_model(name)
+    from_leanvit = meta_model(name)
     assert type(from_leanvit) is type(from_timm)
     shapes = {k: v.shape for k, v in from_timm.state_dict().items()}
     assert {k: v.shape for k, v in from_leanvit.state_dict().items()} == shapes
@@ -324,16 +373,18 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if not next(module.children(), None)}
 
 
-@over_models
+@over_tiny
+@with_drop_path
 @pytest.mark.parametrize('mode', ['eval', 'train', 'folded'])
-def test_forward_hook_fires_on_every_leaf_module(model, x, mode):
-    """Every leaf module is called by the forward, in both modes and folded for inference: identities (drop_path
-    0) and dropouts of rate 0 included, so a hook on any of them sees the tensors it names."""
+def test_forward_hook_fires_on_every_leaf_module(name, x, mode, drop_path_rate):
+    """Every leaf module is called by the forward, in both modes and folded for inference: drop paths (identities at
+    rate 0) and dropouts of rate 0 included, so a hook on any of them sees the tensors it names."""
+    model = create_tiny(name, drop_path_rate=drop_path_rate).eval()
     model = reparameterize_model(model) if mode == 'folded' else model.train(mode == 'train')
     leaves = leaf_modules(model)
     fired = set()
-    for name, module in leaves.items():
-        module.register_forward_hook(lambda module, args, output, name=name: fired.add(name))
+    for leaf, module in leaves.items():
+        module.register_forward_hook(lambda module, args, output, leaf=leaf: fired.add(leaf))
     torch.manual_seed(0)
     model(x)
     assert not leaves.keys() - fired, f'forward hooks that never fired in {mode} mode: {sorted(leaves.keys() - fired)}'
@@ -357,7 +408,7 @@ class AddDelta(nn.Module):
         return out + self.scale * torch.randn(out.shape, generator=torch.Generator().manual_seed(self.seed))
 
 
-@over_models
+@over_tiny
 def test_every_linear_and_conv_output_reaches_the_model_output(model, x):
     """Each nn.Linear and nn.Conv2d is called as a module: a wrapper around any one of them changes the output (to
     first order, through the gradient of each wrapper's scale), and wrapping all of them changes it."""
@@ -378,7 +429,7 @@ def test_every_linear_and_conv_output_reaches_the_model_output(model, x):
         assert not torch.allclose(model(x), reference), 'wrapping every Linear and Conv2d changed nothing'
 
 
-@over_models
+@over_tiny
 @pytest.mark.parametrize('form, context', [('training', torch.no_grad), ('training', torch.inference_mode),
                                            ('folded', torch.inference_mode)])  # inference: where a fold would act
 def test_tensors_seen_by_hooks_are_not_overwritten(model, x, context, form):
@@ -421,7 +472,7 @@ def randomise_folded_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-@over_models
+@over_tiny
 def test_reparameterize_model_keeps_outputs(name, model, x):
     randomise_folded_statistics(model)
     with torch.no_grad():
@@ -435,24 +486,24 @@ def test_reparameterize_model_keeps_outputs(name, model, x):
     with torch.inference_mode():
         torch.testing.assert_close(torch.fx.symbolic_trace(fast)(x), expected, rtol=1e-4, atol=1e-5)
     # The folded model is made of the layers a model is built from: nothing installed only for inference.
-    training_types = {type(m) for m in create_small(name).modules()} | {nn.Sequential, nn.Identity}
+    training_types = {type(m) for m in create_tiny(name).modules()} | {nn.Sequential, nn.Identity}
     assert {type(m) for m in fast.modules()} <= training_types | {FoldedResidual}
 
 
-@over_models
+@over_tiny
 @torch.no_grad()
 def test_folded_state_dict_loads_into_a_freshly_folded_model(name, model, x):
     """The folded architecture depends on the architecture only: its state_dict loads, key for key and shape for
     shape, into another model of the same name folded the same way, which then computes the same outputs."""
     folded = reparameterize_model(randomise_folded_statistics(model))
-    fresh = reparameterize_model(create_small(name, seed=1).eval())
+    fresh = reparameterize_model(create_tiny(name, seed=1).eval())
     fresh.load_state_dict(folded.state_dict())  # strict: same keys, same shapes
     torch.testing.assert_close(fresh(x), folded(x), rtol=0, atol=0)
 
 
 @over_models
 def test_family_registers_a_checkpoint_converter(name):
-    model = timm.create_model(name)
+    model = meta_model(name)
     convert = leanvit.io.weights.converter_for(model)
     assert convert is not None and convert.__module__ == type(model).__module__
     subclass = type('Subclass', (type(model),), {})
@@ -480,7 +531,7 @@ def test_a_class_has_one_converter():
         leanvit.io.weights.register_converter(Family)(other)
 
 
-@over_models
+@over_tiny
 def test_norm_and_act_layers_are_injectable(name, x):
     # timm's convention: the blocks' norm and activation are constructor arguments. A norm factory that returns the
     # identity fits every layout (tokens or maps), so one check serves every family.
@@ -490,8 +541,8 @@ def test_norm_and_act_layers_are_injectable(name, x):
         widths.append(dim)
         return nn.Identity()
 
-    default = create_small(name).eval()
-    injected = create_small(name, norm_layer=no_norm, act_layer=nn.Hardswish).eval()
+    default = create_tiny(name).eval()
+    injected = create_tiny(name, norm_layer=no_norm, act_layer=nn.Hardswish).eval()
     assert widths, f'{name} did not call norm_layer'
     assert not any(isinstance(m, nn.GELU) for m in injected.modules())
     assert sum(isinstance(m, nn.Hardswish) for m in injected.modules()) == \

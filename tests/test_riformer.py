@@ -14,8 +14,14 @@ from torch import nn
 import leanvit
 from leanvit.errors import CheckpointError
 from leanvit.io.weights import unwrap_state_dict
-from leanvit.layers import AffineTokenMixer, PoolingTokenMixer
-from leanvit.models.riformer import Layout, RIFormer, checkpoint_filter_fn, detect_layout
+from leanvit.models.riformer import (
+    AffineTokenMixer,
+    Layout,
+    PoolingTokenMixer,
+    RIFormer,
+    checkpoint_filter_fn,
+    detect_layout,
+)
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 FIXTURE_ARCH = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)

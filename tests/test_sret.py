@@ -13,8 +13,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import leanvit
-from leanvit.layers import GroupAttention
-from leanvit.models.sret import FoldedResidual, LearnableResidual, SReT, checkpoint_filter_fn
+from leanvit.models.sret import FoldedResidual, GroupAttention, LearnableResidual, SReT, checkpoint_filter_fn
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 GOLDEN = json.load(open(os.path.join(FIXTURES, 'sret_official_tiny.json')))
@@ -27,8 +26,8 @@ PUBLISHED = {
     'sret_t_unsliced.in1k': (4_755_979, 1.366), 'sret_t_unsliced.distill_in1k': (4_755_979, 1.366),
     'sret_lt_unsliced.in1k': (4_988_024, 1.418), 'sret_lt_unsliced.distill_in1k': (4_988_024, 1.418),
     'sret_s_unsliced.in1k': (20_899_692, 4.671),
-    'sret_t_unsliced_distill_384.in1k': (None, 6.4), 'sret_s_unsliced_distill_384.in1k': (None, 18.5),
-    'sret_s_unsliced_distill_512.in1k': (None, 42.8),
+    'sret_t_unsliced_384.distill_in1k': (None, 6.4), 'sret_s_unsliced_384.distill_in1k': (None, 18.5),
+    'sret_s_unsliced_512.distill_in1k': (None, 42.8),
 }
 
 
@@ -78,9 +77,17 @@ def test_distilled_weights_are_a_tag_of_the_same_architecture():
     assert 'sret_t_distill' not in leanvit.list_models()
 
 
+def test_high_resolution_fine_tunes_are_their_own_architectures_with_a_distilled_tag():
+    for name in ('sret_t_unsliced_384', 'sret_s_unsliced_384', 'sret_s_unsliced_512'):
+        assert name in leanvit.list_models()
+        assert list(timm.models.get_arch_pretrained_cfgs(name)) == [f'{name}.distill_in1k']
+        assert timm.create_model(name).pretrained_cfg['tag'] == 'distill_in1k'
+    assert not leanvit.list_models('*_distill_*')
+
+
 def test_high_resolution_params_grow_by_the_position_embedding_only():
     base = leanvit.count_params(timm.create_model('sret_s_unsliced'))
-    large = leanvit.count_params(timm.create_model('sret_s_unsliced_distill_512'))
+    large = leanvit.count_params(timm.create_model('sret_s_unsliced_512'))
     assert large - base == 126 * (64 * 64 - 28 * 28)
 
 
@@ -226,6 +233,25 @@ def test_group_attention_permutes_then_restores_token_order():
         torch.testing.assert_close(attn(x, 2, permutation), attn.proj(expected))
 
 
+def test_group_attention_without_slicing_is_timms_attention():
+    torch.manual_seed(0)
+    attn = GroupAttention(16, num_heads=2).eval()
+    reference = timm.layers.Attention(16, num_heads=2, qkv_bias=True).eval()
+    reference.load_state_dict(attn.state_dict())  # strict: the same keys
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), reference(x))
+
+
+def test_group_attention_drops_attention_weights_in_training_only():
+    attn = GroupAttention(16, num_heads=2, attn_drop=0.5)
+    assert not any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in attn.modules())  # a rate, not a module
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        assert not torch.equal(attn.train()(x, 2), attn(x, 2))
+        assert torch.equal(attn.eval()(x, 2), attn(x, 2))
+
+
 def test_shared_blocks_are_stored_once_and_recursion_is_configurable():
     deep = timm.create_model('sret_t', recursion=10, img_size=64, num_classes=10)
     applications = sum(len(stage.blocks) * stage.recursion for stage in deep.stages)
@@ -361,3 +387,10 @@ def test_mixed_depth_samples_shallower_networks_in_training_only():
     assert min(depths) >= sum(len(stage.blocks) for stage in model.stages)
     assert max(depths) <= full_depth and len(set(depths)) > 1
     assert count_projection_calls(model.eval(), x) == full_depth
+
+
+@pytest.mark.parametrize('recursion, mixed_depth, unused', [(4, True, True), (4, False, False), (1, True, False)])
+def test_only_mixed_depth_training_declares_parameters_a_step_leaves_unused(recursion, mixed_depth, unused):
+    # The engine reads this to set DDP's find_unused_parameters: with one application per block nothing is skipped.
+    model = timm.create_model('test_sret', recursion=recursion, mixed_depth=mixed_depth)
+    assert model.leaves_parameters_unused is unused

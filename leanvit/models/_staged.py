@@ -3,9 +3,11 @@
 - `LayeredClassifier`: ``forward_intermediates`` and ``prune_intermediate_layers`` over the sequence of layers
   (stages, or blocks) whose outputs are a model's intermediates; each family says only how to run its stem and each
   layer, and in which layout its layers compute.
-- `StagedClassifier`: stage-based models with a timm head module (SReT, RIFormer, Mini-Swin), as timm's hierarchical
-  models have.
-- `LinearHeadClassifier`: models with a bare ``head`` Linear after their own pooling (GFNet, Mini-DeiT, GLiT), as
+- `PoolingHeadClassifier`: models whose features are maps, classified by a timm head module ``head`` that pools, drops
+  out and applies ``head.fc`` (SReT, RIFormer, Mini-Swin, GFNet), as timm's convolutional and hierarchical models
+  have: official ``head.*`` keys load as ``head.fc.*``.
+- `StagedClassifier`: a `PoolingHeadClassifier` whose layers are stages ``self.stages`` (SReT, RIFormer, Mini-Swin).
+- `LinearHeadClassifier`: token models with a bare ``head`` Linear after their own pooling (Mini-DeiT, GLiT), as
   timm's ``VisionTransformer`` has: official ``head.*`` keys load unchanged.
 """
 
@@ -127,14 +129,9 @@ class LayeredClassifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-class StagedClassifier(LayeredClassifier):
-    """Stages ``self.stages`` (each with a ``grad_checkpointing`` flag) as layers, and the classifier calls of a timm
-    head ``self.head`` (``fc``, ``reset``, ``forward(x, pre_logits)``); subclasses define ``forward_features``."""
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
+class PoolingHeadClassifier(LayeredClassifier):
+    """The classifier calls of a timm head module ``self.head`` (``fc``, ``reset``, ``forward(x, pre_logits)``), which
+    pools the features itself; subclasses define ``forward_features``."""
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -146,6 +143,15 @@ class StagedClassifier(LayeredClassifier):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
+
+
+class StagedClassifier(PoolingHeadClassifier):
+    """Stages ``self.stages`` (each with a ``grad_checkpointing`` flag) as layers, and a timm head module."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
 
 class LinearHeadClassifier(LayeredClassifier):

@@ -18,8 +18,9 @@ The filter has one entry per frequency of the token grid, so its size (and the p
 does it (bicubic, corners aligned, for the filters; bicubic for the position embedding).
 
 Layout: tokens stay a (B, H, W, C) grid inside the network, which both the FFT and the LayerNorms want; the patch
-convs see NCHW. Module names follow the official code, so its checkpoints load key for key (only the position
-embedding changes shape, from (1, H*W, C) to (1, H, W, C)). ``forward_features`` returns NCHW maps, as timm's
+convs see NCHW. Module names follow the official code, so its checkpoints load key for key but two: the position
+embedding changes shape, from (1, H*W, C) to (1, H, W, C), and the classifier ``head`` is ``head.fc`` of timm's
+``ClassifierHead``, the head module of leanvit's other map models. ``forward_features`` returns NCHW maps, as timm's
 convolutional models do.
 """
 
@@ -31,7 +32,14 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerType, calculate_drop_path_rates, get_act_layer, get_norm_layer
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    LayerType,
+    calculate_drop_path_rates,
+    get_act_layer,
+    get_norm_layer,
+)
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
@@ -40,7 +48,7 @@ from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
 from leanvit.layers.pos_embed import resample_pos_embed
 from leanvit.models._registry import PaperCfg
-from leanvit.models._staged import LinearHeadClassifier
+from leanvit.models._staged import PoolingHeadClassifier
 
 __all__ = ['GFNet', 'GFNetHierarchical', 'GlobalFilter', 'GlobalFilterBlock']
 
@@ -167,8 +175,8 @@ class PatchConv(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
-class _GFNetBase(LinearHeadClassifier):
-    """What both GFNet layouts share: final norm, pooled linear head, grad checkpointing, weight init.
+class _GFNetBase(PoolingHeadClassifier):
+    """What both GFNet layouts share: final norm, classifier head, grad checkpointing, weight init.
 
     Subclasses build ``patch_embed``, ``pos_embed`` and ``blocks``, set ``img_size``, ``in_chans`` and
     ``feature_info``, then call ``_init_head`` and ``_init_weights``. Intermediates come as NCHW or NHWC maps;
@@ -182,11 +190,11 @@ class _GFNetBase(LinearHeadClassifier):
                    norm_layer: Callable[[int], nn.Module]):
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = num_features
-        self.global_pool = self.check_pool(global_pool)
         self.grad_checkpointing = False
         self.norm = norm_layer(num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # The blocks' layout: the head pools (or classifies every location) over the channel-last grid.
+        self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                   input_fmt='NHWC')
 
     def _init_weights(self):
         # As the official code: N(0, 0.02) Linear weights with zero bias, unit LayerNorms, N(0, 0.02) position
@@ -211,12 +219,10 @@ class _GFNetBase(LinearHeadClassifier):
         self.grad_checkpointing = enable
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, H, W) features -> logits; with global_pool='' the head is applied at every location."""
-        if self.global_pool == 'avg':
-            x = self.head_drop(x.mean((2, 3)))
-            return x if pre_logits else self.head(x)
-        x = self.head_drop(x.permute(0, 2, 3, 1))
-        return (x if pre_logits else self.head(x)).permute(0, 3, 1, 2)
+        """(B, C, H, W) features -> logits; with global_pool='' the classifier is applied at every location, giving
+        (B, num_classes, H, W)."""
+        x = self.head(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
+        return _to_nchw(x) if self.head.global_pool.is_identity() else x
 
     def _format_final(self, x: torch.Tensor) -> torch.Tensor:
         return _to_nchw(x)
@@ -240,7 +246,8 @@ class GFNet(_GFNetBase):
         patch_size: Patch (and token grid) stride.
         in_chans: Input image channels.
         num_classes: Classifier outputs; 0 gives a model that returns pooled features.
-        global_pool: 'avg' or '' (no pooling, per-location logits).
+        global_pool: 'avg' (official), another pool type of timm's ``ClassifierHead``, or '' (no pooling,
+            per-location logits).
         embed_dim: Token channels.
         depth: Blocks.
         mlp_ratio: MLP hidden width / embed_dim.
@@ -319,7 +326,8 @@ class GFNetHierarchical(_GFNetBase):
         img_size: Input resolution (divisible by 32); fixes the token grids, filters and position embedding.
         in_chans: Input image channels.
         num_classes: Classifier outputs; 0 gives a model that returns pooled features.
-        global_pool: 'avg' or '' (no pooling, per-location logits).
+        global_pool: 'avg' (official), another pool type of timm's ``ClassifierHead``, or '' (no pooling,
+            per-location logits).
         embed_dims: Channels per stage.
         depths: Blocks per stage.
         mlp_ratio: MLP hidden width / stage width.
@@ -418,15 +426,18 @@ class GFNetHierarchical(_GFNetBase):
 def checkpoint_filter_fn(state_dict: dict, model: GFNet | GFNetHierarchical) -> dict:
     """Convert an official GFNet / GFNet-H state_dict (github.com/raoyongming/GFNet) to leanvit's layout.
 
-    Keys map one to one. The official (1, H*W, C) position embedding becomes (1, H, W, C). Position embedding and
-    filters of another resolution are resized to the model's as the official fine-tuning script does (a 224
-    checkpoint into a 384 model): the position embedding bicubically, each complex filter's real and imaginary
-    parts bicubically with aligned corners. A leanvit state_dict passes through (resized likewise).
+    Keys map one to one: the official names but the classifier's, ``head.*`` -> ``head.fc.*``. The official
+    (1, H*W, C) position embedding becomes (1, H, W, C). Position embedding and filters of another resolution are
+    resized to the model's as the official fine-tuning script does (a 224 checkpoint into a 384 model): the position
+    embedding bicubically, each complex filter's real and imaginary parts bicubically with aligned corners. A leanvit
+    state_dict passes through (resized likewise).
     """
     state_dict = unwrap_state_dict(state_dict)
     targets = {name: p.shape for name, p in model.named_parameters()}
     out = {}
     for key, value in state_dict.items():
+        if key.startswith('head.') and not key.startswith('head.fc.'):
+            key = 'head.fc.' + key[len('head.'):]
         target = targets.get(key)
         if key == 'pos_embed' and target is not None:
             value = _resize_pos_embed(value, target)
@@ -460,23 +471,25 @@ def _resize_filter(key: str, weight: torch.Tensor, target: torch.Size) -> torch.
     return resized.permute(0, 2, 3, 1).reshape(target).to(weight.dtype).contiguous()
 
 
-def _build(cls: type, variant: str, pretrained: bool, default_out_indices, **kwargs) -> nn.Module:
-    out_indices = kwargs.pop('out_indices', default_out_indices)
+def _create_gfnet(variant: str, pretrained: bool = False, **kwargs) -> GFNet:
+    # features_only gives every block's output unless out_indices picks some (timm's ViTs take the last 3).
+    out_indices = kwargs.pop('out_indices', None)
     return build_model_with_cfg(
-        cls, variant, pretrained,
+        GFNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
 
 
-def _create_gfnet(variant: str, pretrained: bool = False, **kwargs) -> GFNet:
-    # features_only gives every block's output unless out_indices picks some (timm's ViTs take the last 3).
-    return _build(GFNet, variant, pretrained, None, **kwargs)
-
-
 def _create_gfnet_h(variant: str, pretrained: bool = False, **kwargs) -> GFNetHierarchical:
-    return _build(GFNetHierarchical, variant, pretrained, (0, 1, 2, 3), **kwargs)
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        GFNetHierarchical, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
 
 
 _TSINGHUA = 'https://cloud.tsinghua.edu.cn/f/{}/?dl=1'
@@ -486,7 +499,7 @@ def _cfg(cloud_id: str, hierarchical: bool, **kwargs) -> PaperCfg:
     return PaperCfg(**{
         'input_size': (3, 224, 224), 'pool_size': (7, 7) if hierarchical else (14, 14), 'crop_pct': 0.9,
         'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.0.proj' if hierarchical else 'patch_embed.proj', 'classifier': 'head',
+        'first_conv': 'patch_embed.0.proj' if hierarchical else 'patch_embed.proj', 'classifier': 'head.fc',
         'num_classes': 1000, 'license': 'mit', 'origin_url': _TSINGHUA.format(cloud_id),
         'paper_ids': 'arXiv:2107.00645', 'paper_name': 'Global Filter Networks for Image Classification', **kwargs})
 
@@ -555,3 +568,25 @@ def gfnet_h_s(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
 def gfnet_h_b(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
     """GFNet-H-B (RIFormer's default teacher): 53.7 M params, 8.4 GMACs, stages 3-3-27-3 of widths 96-192-384-768."""
     return _create_gfnet_h('gfnet_h_b', pretrained, **(_H_B | kwargs))
+
+
+# Only appended here (not in the table above): register_model reads a name's cfg when the entrypoint is declared.
+default_cfgs.update(generate_default_cfgs({
+    'test_gfnet': PaperCfg(input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=0.9, first_conv='patch_embed.proj',
+                           classifier='head.fc'),
+    'test_gfnet_h': PaperCfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=0.9, first_conv='patch_embed.0.proj',
+                             classifier='head.fc'),
+}))
+
+
+@register_model
+def test_gfnet(pretrained: bool = False, **kwargs) -> GFNet:
+    """Tiny isotropic GFNet for fast tests: 32 x 32 input, 2 global filter blocks of width 32 on a 4 x 4 map."""
+    return _create_gfnet('test_gfnet', pretrained, **(dict(img_size=32, patch_size=8, embed_dim=32, depth=2) | kwargs))
+
+
+@register_model
+def test_gfnet_h(pretrained: bool = False, **kwargs) -> GFNetHierarchical:
+    """Tiny GFNet-H for fast tests: 64 x 64 input, maps 16 / 8 / 4 / 2, stages 1-1-2-1 of widths 16-24-32-48."""
+    args = dict(img_size=64, embed_dims=(16, 24, 32, 48), depths=(1, 1, 2, 1), layer_scale_init=1e-3)
+    return _create_gfnet_h('test_gfnet_h', pretrained, **(args | kwargs))

@@ -191,18 +191,34 @@ def load_architecture(source: str | Path | Sequence[BlockArch | dict]) -> tuple[
 class GlobalAttention(nn.Module):
     """Multi-head self-attention over ``dim`` channels with ``num_heads`` heads of width ``head_dim``: GLiT's
     global heads (official ``Vit_Attention`` / the global part of ``Mix_Attention``). ``head_dim`` is the model's
-    head width times the qkv ratio, so the qkv ratio widens the heads, not their number."""
+    head width times the qkv ratio, so the qkv ratio widens the heads, not their number.
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
+    How it relates to timm's ``Attention``: it computes ``timm.layers.Attention(dim, num_heads,
+    attn_head_dim=head_dim, qkv_bias=True, attn_drop=attn_drop)`` exactly, with the same state_dict keys (``qkv.*``,
+    ``proj.*``); what is GLiT's own is outside it, in `GLMixer`: ``dim`` is the global heads' share of the block's
+    channels, the rest going to the local module. It is not timm's module for one reason: timm's holds its attention
+    dropout as an ``nn.Dropout`` that the fused kernel bypasses, a leaf module the forward never calls, and leanvit
+    calls every leaf module (so that a hook on any of them fires). Attention dropout is a rate (``attn_drop_rate``)
+    given to the fused kernel, as in leanvit's other attention modules.
+
+    Args:
+        dim: Channels in and out (the global heads' share of the block's channels).
+        num_heads: Attention heads.
+        head_dim: Width of each head, independent of ``dim / num_heads``.
+        attn_drop: Dropout rate on the attention weights (in training).
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, attn_drop: float = 0.):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.attn_drop_rate = attn_drop
         self.proj = nn.Linear(num_heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop_rate if self.training else 0.)
         return self.proj(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
 
@@ -402,8 +418,9 @@ class GLiT(LinearHeadClassifier):
 
 def _init_weights(module: nn.Module):
     # Official init: truncated normal (std 0.02) linear weights with zero biases, unit LayerNorms; convolutions and
-    # BatchNorms keep PyTorch's defaults.
-    if isinstance(module, nn.Linear):
+    # BatchNorms keep PyTorch's defaults. A linear layer that is no nn.Linear (the supernet's sliced layers) sets
+    # init_as_linear, so that its init is this one too, drawn in the order `apply` visits the modules.
+    if isinstance(module, nn.Linear) or getattr(module, 'init_as_linear', False):
         trunc_normal_(module.weight, std=.02)
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -477,3 +494,17 @@ def glit_custom(pretrained: bool = False, **kwargs) -> GLiT:
     """Any architecture of the search space: ``arch=`` a JSON / YAML file or a list of blocks; DeiT-Tiny widths
     unless ``embed_dim`` / ``num_heads`` say otherwise (DeiT-S: 384 / 6, DeiT-B: 768 / 12)."""
     return _create_glit('glit_custom', pretrained, **kwargs)
+
+
+# Only appended here (not in the table above): register_model reads a name's cfg when the entrypoint is declared.
+default_cfgs.update(generate_default_cfgs({
+    'test_glit': PaperCfg(input_size=(3, 32, 32), first_conv='patch_embed.proj', classifier='head'),
+}))
+
+
+@register_model
+def test_glit(pretrained: bool = False, **kwargs) -> GLiT:
+    """Tiny GLiT for fast tests: 32 x 32 input, 4 x 4 tokens of width 48, one global, one local and one mixed block."""
+    args = dict(arch=(_global(0.5, 2), _local(17, 2), _mixed(1, 1, 2)), img_size=32, patch_size=8, embed_dim=48,
+                num_heads=3)
+    return _create_glit('test_glit', pretrained, **(args | kwargs))

@@ -202,11 +202,26 @@ class MultiplexedAttention(nn.Module):
     ``mix_logits``, the window mask, softmax, ``mix_probs``, ``@ v``: the official order of both code bases. Without
     head mixing or iRPE the logits never need materialising and the fused kernel runs (plain Swin and DeiT attention).
 
+    How it differs from timm's ``Attention``: its ``qkv`` and ``proj`` serve several layers, each of which brings its
+    own `LayerTransforms`, whose head mixings act on the attention map itself (before and after the softmax) and
+    whose iRPE adds a term to the logits; a window size adds Swin's relative position bias table and takes the
+    shifted-window mask. With none of these (global attention, no head mixing, no iRPE) it computes
+    ``timm.layers.Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)`` exactly, with
+    the same state_dict keys (``qkv.*``, ``proj.*``).
+
+    Attention dropout is a rate (``attn_drop_rate``), given to the fused kernel or applied to the explicit attention
+    map, not a module: a dropout module the fused kernel bypasses would be a leaf that the forward never calls, and
+    leanvit calls every leaf module.
+
     Args:
+        dim: Token channels; ``num_heads`` must divide it.
+        num_heads: Attention heads.
         window_size: Swin's window (a shared relative position bias table per window offset); None for global
             attention over all tokens (DeiT).
         table_window_size: The window the bias table is sized for, if larger (the configured one, where a small map
             shrinks the window).
+        attn_drop: Dropout rate on the attention weights (in training).
+        proj_drop: Dropout after the output projection.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int | None = None, table_window_size: int | None = None,
@@ -226,7 +241,7 @@ class MultiplexedAttention(nn.Module):
             trunc_normal_(self.relative_position_bias_table, std=.02)
         else:
             self.relative_position_bias_table = None
-        self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_drop_rate = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -247,7 +262,7 @@ class MultiplexedAttention(nn.Module):
                 mask = mask.unsqueeze(1).repeat(B // mask.shape[0], 1, 1, 1)
             attn_bias = bias if mask is None else (mask if bias is None else bias + mask)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                               dropout_p=self.attn_drop.p if self.training else 0.)
+                                               dropout_p=self.attn_drop_rate if self.training else 0.)
         else:
             if transforms.rpe is not None:
                 attn = transforms.rpe(q, k, self.scale)
@@ -263,7 +278,7 @@ class MultiplexedAttention(nn.Module):
             attn = attn.softmax(dim=-1)
             if transforms.mix_probs is not None:
                 attn = transforms.mix_probs(attn)
-            x = self.attn_drop(attn) @ v
+            x = F.dropout(attn, self.attn_drop_rate, self.training) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -693,9 +708,10 @@ def _create_mini_deit(variant: str, pretrained: bool = False, **kwargs) -> MiniD
 
 
 def _create_mini_swin(variant: str, pretrained: bool = False, **kwargs) -> MiniSwin:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
         MiniSwin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'), **kwargs)
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 _ZOO = 'https://github.com/DominickZhang/MiniViT-model-zoo/releases/download/v1.0.0/'
@@ -787,3 +803,28 @@ def mini_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> Min
 def mini_swin_base_patch4_window12_384(pretrained: bool = False, **kwargs) -> MiniSwin:
     return _create_mini_swin('mini_swin_base_patch4_window12_384', pretrained,
                              **(_SWIN_B | dict(img_size=384, window_size=12) | kwargs))
+
+
+# Only appended here (not in the table above): register_model reads a name's cfg when the entrypoint is declared.
+default_cfgs.update(generate_default_cfgs({
+    'test_mini_deit': PaperCfg(input_size=(3, 32, 32), pool_size=(4, 4), first_conv='patch_embed.proj',
+                               classifier='head'),
+    'test_mini_swin': PaperCfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=0.9, first_conv='patch_embed.proj',
+                               classifier='head.fc'),
+}))
+
+
+@register_model
+def test_mini_deit(pretrained: bool = False, **kwargs) -> MiniDeiT:
+    """Tiny Mini-DeiT for fast tests: 32 x 32 input, 4 x 4 tokens of width 48, 4 layers sharing 2 blocks."""
+    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, mlp_ratio=2.)
+    return _create_mini_deit('test_mini_deit', pretrained, **(args | kwargs))
+
+
+@register_model
+def test_mini_swin(pretrained: bool = False, **kwargs) -> MiniSwin:
+    """Tiny Mini-Swin for fast tests: 64 x 64 input, maps 16 / 8 / 4 / 2 in windows of 4 (shifted in the first two
+    stages, clipped in the last), a stage of 4 layers sharing 2 blocks."""
+    args = dict(img_size=64, embed_dim=16, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), window_size=4,
+                distinct_blocks=(1, 1, 2, 1), mlp_ratio=2.)
+    return _create_mini_swin('test_mini_swin', pretrained, **(args | kwargs))

@@ -9,7 +9,7 @@ The idea in one screen (paper Sec. 3):
 - The PoolFormer macro design: a 7 x 7 stride-4 conv stem, four stages of blocks with 3 x 3 stride-2 convs between
   them, GroupNorm(1) everywhere, a GroupNorm on the final map, average pooling and a linear classifier.
 - Training block: ``x + ls1 * (Affine(GN1(x)) - GN1(x))`` then ``x + ls2 * MLP(GN2(x))``. The token mixer is a
-  per-channel affine (`leanvit.layers.AffineTokenMixer`); it sees one position at a time, so no token talks to another.
+  per-channel affine (`AffineTokenMixer`); it sees one position at a time, so no token talks to another.
 - Structural re-parameterization (Sec. 3.3): an affine of a normalised input is a normalisation with other weights, so
   `RIFormer.reparameterize` folds the mixer into GN1 exactly (`fold_affine_into_norm`) and the deploy block is
   ``x + ls1 * GN1'(x)``: no token mixer at all. Optionally the layer scale folds in as well.
@@ -23,9 +23,11 @@ into ``riformer_s12(token_mixer='pooling')`` and a PoolFormer teacher shares eve
 
 import enum
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from timm.layers import (
     ClassifierHead,
     DropPath,
@@ -41,14 +43,87 @@ from torch import nn
 
 from leanvit.io.weights import register_converter, unwrap_state_dict
 from leanvit.layers.input_checks import check_input_size
-from leanvit.layers.mlp import ConvMlp, Mlp
-from leanvit.layers.token_mixers import AffineTokenMixer, PoolingTokenMixer, fold_affine_into_norm
+from leanvit.layers.mlp import Mlp
 from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import StagedClassifier
 
-__all__ = ['Layout', 'RIFormer', 'RIFormerBlock', 'detect_layout']
+__all__ = ['AffineTokenMixer', 'ChannelAffine', 'Layout', 'PoolingTokenMixer', 'RIFormer', 'RIFormerBlock',
+           'detect_layout', 'fold_affine_into_norm']
 
 torch.fx.wrap('check_input_size')
+# The MetaFormer MLP over the channels of a (B, C, H, W) map: timm's ``Mlp`` with 1 x 1 convs ``fc1`` and ``fc2``
+# (``fc1`` -> activation -> dropout -> ``fc2`` -> dropout). Not timm's ``ConvMlp``: that one normalises before its
+# activation, has a single dropout (none after ``fc2``) and defaults to ReLU.
+ConvMlp = partial(Mlp, use_conv=True)
+
+
+# The token mixers (MetaFormer's): each returns ``mix(x) - x``, since the block adds the input back through its
+# residual and a mixer that returned ``x`` would count it twice (PoolFormer, Sec. 3.1).
+class PoolingTokenMixer(nn.Module):
+    """PoolFormer's mixer: 3 x 3 average pooling (padding excluded from the mean) minus the identity."""
+
+    def __init__(self, dim: int | None = None, pool_size: int = 3):
+        super().__init__()
+        self.pool_size = pool_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.pool_size, 1, self.pool_size // 2, count_include_pad=False) - x
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel ``weight * x + bias`` on a (B, C, H, W) map, with the parameters of a depthwise 1 x 1 convolution
+    (``weight`` [C, 1, 1, 1], ``bias`` [C]): what ``nn.Conv2d(C, C, 1, groups=C)`` computes, as one elementwise
+    multiply-add (not a convolution, so it is not counted as MACs either). Starts as the identity."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, 1, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
+
+
+class AffineTokenMixer(nn.Module):
+    """RIFormer's training-time mixer (Sec. 3.3): a per-channel affine ``s * x + t`` minus the identity.
+
+    ``affine.weight`` [C, 1, 1, 1] is s and ``affine.bias`` is t: the official mmpretrain layout, a depthwise 1 x 1
+    convolution (`ChannelAffine`). The mixer exists in training only: the deploy form folds it into the preceding
+    norm (`fold_affine_into_norm`).
+
+    The official code leaves the initial values to a config whose truncated-normal init makes s almost 0 (the mixer
+    starts as -x). leanvit starts at s = 1, t = 0: the mixer adds nothing, so training starts from the
+    token-mixer-free network the paper is about and the affine learns only what helps.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.affine = ChannelAffine(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.affine(x) - x
+
+
+def fold_affine_into_norm(
+        norm_weight: torch.Tensor,
+        norm_bias: torch.Tensor,
+        affine_weight: torch.Tensor,
+        affine_bias: torch.Tensor,
+        layer_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one norm equal to ``AffineTokenMixer(norm(x))`` (times ``layer_scale`` if given).
+
+    With the norm's per-channel weight g and bias b, ``s * (g * n + b) + t - (g * n + b)`` for the normalised n is
+    ``g (s - 1) * n + b (s - 1) + t``: the same normalisation with weight g (s - 1) and bias b (s - 1) + t. A layer
+    scale l multiplies both. Exact up to float rounding, for any input.
+    """
+    scale_minus_one = affine_weight.reshape(-1) - 1
+    weight, bias = norm_weight * scale_minus_one, norm_bias * scale_minus_one + affine_bias.reshape(-1)
+    if layer_scale is not None:
+        weight, bias = weight * layer_scale.reshape(-1), bias * layer_scale.reshape(-1)
+    return weight, bias
+
+
 TOKEN_MIXERS = {'affine': AffineTokenMixer, 'pooling': PoolingTokenMixer, 'none': None}
 
 
@@ -159,8 +234,8 @@ class RIFormer(StagedClassifier):
         mlp_ratio: MLP hidden width over the block width.
         layer_scale_init: initial value of both layer scales (1e-5 for S12/S24, 1e-6 for the deeper models).
         token_mixer: 'affine' (RIFormer training form), 'pooling' (PoolFormer), 'none' (same as deploy=True), or a
-            module class called with the block width, as timm's MetaFormer takes one (returning ``mix(x) - x``, see
-            `leanvit.layers.token_mixers`; only the affine mixer folds away in ``reparameterize()``).
+            module class called with the block width, as timm's MetaFormer takes one (returning ``mix(x) - x``, as
+            `PoolingTokenMixer` and `AffineTokenMixer` do; only the affine mixer folds away in ``reparameterize()``).
         deploy: build the re-parameterized form directly, to load deploy checkpoints (a training-form checkpoint is
             folded on load).
         fold_layer_scale: in the deploy form, the first layer scale is folded into the norm as well.
@@ -406,10 +481,11 @@ def _fold_for(state_dict: dict, model: RIFormer, layout: Layout) -> dict:
 
 
 def _create_riformer(variant: str, pretrained: bool = False, **kwargs) -> RIFormer:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
         RIFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
 

@@ -11,7 +11,7 @@ The idea in one screen (paper Sec. 3):
 - LRC: every residual connection scales its shortcut and its branch by learnable scalars (`LearnableResidual`).
 - Sliced group self-attention: the first application attends inside ``groups`` contiguous slices of tokens; the
   recursive applications permute the tokens first (and restore their order after), attending inside
-  ``recursive_groups`` slices, so tokens still meet tokens from the whole image (`leanvit.layers.GroupAttention`).
+  ``recursive_groups`` slices, so tokens still meet tokens from the whole image (`GroupAttention`).
 - A conv stem (three stride-2 3x3 convs, from DSOD) instead of patchify, no class token, PiT-style depthwise
   stride-2 convs between the three stages, average pooling then LayerNorm then the classifier.
 
@@ -30,6 +30,7 @@ from functools import partial
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from timm.layers import (
     ConvNormAct,
     DropPath,
@@ -44,7 +45,6 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from leanvit.io.weights import register_converter, unwrap_state_dict
-from leanvit.layers.attention import GroupAttention
 from leanvit.layers.conv import fold_conv_norm_act
 from leanvit.layers.input_checks import check_input_size
 from leanvit.layers.mlp import Mlp
@@ -53,12 +53,73 @@ from leanvit.layers.shared import SharedWeightStage
 from leanvit.models._registry import PaperCfg
 from leanvit.models._staged import StagedClassifier
 
-__all__ = ['SReT']
+__all__ = ['GroupAttention', 'SReT']
 
 STEM_STRIDE = 8
 # FX symbolic tracing keeps the input check as one call in the graph instead of failing on its branches.
 torch.fx.wrap('check_input_size')
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class GroupAttention(nn.Module):
+    """Sliced group self-attention (paper Sec. 3.3): multi-head self-attention computed independently inside
+    contiguous groups of tokens.
+
+    The token sequence (B, N, C) is cut into ``groups`` contiguous slices of N / groups tokens each (raster order,
+    not 2-D windows) and attention runs inside each slice: the attention cost drops by the group count. An optional
+    token permutation is applied before slicing and undone before the output projection, so that a second pass of
+    the same weights groups different tokens together and information still mixes across the whole image.
+
+    How it differs from timm's ``Attention``: only by the slicing and the permutation. With ``groups=1`` and no
+    permutation it computes ``timm.layers.Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop,
+    proj_drop=proj_drop)`` exactly, with the same state_dict keys (``qkv.*``, ``proj.*``).
+
+    Attention dropout is a rate (``attn_drop_rate``) given to the fused kernel, not a module: a dropout module the
+    fused kernel bypasses would be a leaf that the forward never calls, and leanvit calls every leaf module.
+
+    Args:
+        dim: Token channels C.
+        num_heads: Attention heads; ``dim`` must be divisible by it.
+        qkv_bias: Bias on the fused query/key/value projection.
+        attn_drop: Dropout rate on the attention weights (in training).
+        proj_drop: Dropout after the output projection.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'attention dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop_rate = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, groups: int = 1, permutation: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend within ``groups`` slices of ``x`` (B, N, C), after gathering tokens by ``permutation`` if given."""
+        B, N, C = x.shape
+        if permutation is not None:
+            x = x.index_select(1, permutation)  # several times faster than x[:, permutation] on CPU
+        # 'b (g n) (three h d) -> three (b g) h n d': the slice index g joins the batch, so one fused
+        # attention call covers every group.
+        qkv = self.qkv(x).reshape(B * groups, N // groups, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop_rate if self.training else 0.)
+        # '(b g) h n d -> b (g n) (h d)'
+        x = x.transpose(1, 2).reshape(B, N, C)
+        if permutation is not None:
+            # The projection acts per token, so restoring the order before it changes nothing numerically
+            # and keeps the module's output aligned with its input.
+            x = x.index_select(1, torch.argsort(permutation))
+        return self.proj_drop(self.proj(x))
 
 
 class LearnableResidual(nn.Module):
@@ -375,6 +436,11 @@ class SReT(StagedClassifier):
         trunc_normal_(self.pos_embed, std=.02)
         self.apply(_init_weights)
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Mixed-depth training skips the projections of the applications it does not draw: DDP must search for them."""
+        return any(stage.mixed_depth and stage.recursion > 1 for stage in self.stages)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {'pos_embed'}
@@ -416,6 +482,9 @@ def checkpoint_filter_fn(state_dict: dict, model: SReT) -> dict:
     if 'patch_embed.conv1.weight' in state_dict:
         state_dict = _convert_official(state_dict, model)
     pos_embed = state_dict.get('pos_embed')
+    if pos_embed is not None and pos_embed.ndim != 4:
+        raise ValueError(f'pos_embed of shape {tuple(pos_embed.shape)} is not a (1, C, H, W) map as SReT keeps it: '
+                         'a checkpoint of another architecture')
     if pos_embed is not None and pos_embed.shape[-2:] != model.pos_embed.shape[-2:]:
         # (1, C, H, W) here, (1, H * W, C) tokens for the resize
         grid = model.pos_embed.shape[-2:]
@@ -476,10 +545,11 @@ def _convert_official(state_dict: dict, model: SReT) -> dict:
 
 
 def _create_sret(variant: str, pretrained: bool = False, **kwargs) -> SReT:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2))
     return build_model_with_cfg(
         SReT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2), feature_cls='getter'),
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
 
@@ -519,16 +589,16 @@ default_cfgs = generate_default_cfgs({
                                           paper_gmacs=1.418, paper_top1=77.9),
     'sret_s_unsliced.in1k': _cfg('1vlsxJieKhfnw-F6xFiwczvXBuk7ugXxm', paper_params=20_899_692, paper_gmacs=4.671,
                                  paper_top1=82.0),
-    # Fine-tuned at higher resolution: a larger position embedding, so other architectures with their own names (as
-    # timm's ViT *_384). The README rounds the parameter counts (4.9 M, 21.0 M, 21.3 M), the exact
-    # figures here are the 224 counts plus the larger position embedding.
-    'sret_t_unsliced_distill_384.in1k': _cfg('11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be', input_size=(3, 384, 384),
+    # Distilled, then fine-tuned at higher resolution: a larger position embedding, so other architectures with their
+    # own names (as timm's ViT *_384), the distillation a tag. The README rounds the parameter counts (4.9 M, 21.0 M,
+    # 21.3 M), the exact figures here are the 224 counts plus the larger position embedding.
+    'sret_t_unsliced_384.distill_in1k': _cfg('11mWAktu6LrNa0Qt61WJGA0eTWoKYD1Be', input_size=(3, 384, 384),
                                              pool_size=(12, 12), crop_pct=1.0, paper_params=4_853_259,
                                              paper_gmacs=6.4, paper_top1=79.7),
-    'sret_s_unsliced_distill_384.in1k': _cfg('1z5whJpXbbtFdjLpS1pCPvKcJhVnYCeo-', input_size=(3, 384, 384),
+    'sret_s_unsliced_384.distill_in1k': _cfg('1z5whJpXbbtFdjLpS1pCPvKcJhVnYCeo-', input_size=(3, 384, 384),
                                              pool_size=(12, 12), crop_pct=1.0, paper_params=21_091_212,
                                              paper_gmacs=18.5, paper_top1=83.8),
-    'sret_s_unsliced_distill_512.in1k': _cfg('1AZXIGMiGboI-nkoKuPnHnhDlBwZumuiB', input_size=(3, 512, 512),
+    'sret_s_unsliced_512.distill_in1k': _cfg('1AZXIGMiGboI-nkoKuPnHnhDlBwZumuiB', input_size=(3, 512, 512),
                                              pool_size=(16, 16), crop_pct=1.0, paper_params=21_317_004,
                                              paper_gmacs=42.8, paper_top1=84.3),
     'test_sret': PaperCfg(input_size=(3, 64, 64), pool_size=(2, 2), first_conv='stem.0.conv', classifier='head.fc'),
@@ -576,19 +646,19 @@ def sret_s_unsliced(pretrained: bool = False, **kwargs) -> SReT:
 
 
 @register_model
-def sret_t_unsliced_distill_384(pretrained: bool = False, **kwargs) -> SReT:
-    """Distilled un-sliced SReT-T fine-tuned at 384 x 384 (position embedding 48 x 48)."""
-    return _create_sret('sret_t_unsliced_distill_384', pretrained, **(_T | UNSLICED | dict(img_size=384) | kwargs))
+def sret_t_unsliced_384(pretrained: bool = False, **kwargs) -> SReT:
+    """Un-sliced SReT-T at 384 x 384 (position embedding 48 x 48); weights: the distilled fine-tune (distill_in1k)."""
+    return _create_sret('sret_t_unsliced_384', pretrained, **(_T | UNSLICED | dict(img_size=384) | kwargs))
 
 
 @register_model
-def sret_s_unsliced_distill_384(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_s_unsliced_distill_384', pretrained, **(_S | UNSLICED | dict(img_size=384) | kwargs))
+def sret_s_unsliced_384(pretrained: bool = False, **kwargs) -> SReT:
+    return _create_sret('sret_s_unsliced_384', pretrained, **(_S | UNSLICED | dict(img_size=384) | kwargs))
 
 
 @register_model
-def sret_s_unsliced_distill_512(pretrained: bool = False, **kwargs) -> SReT:
-    return _create_sret('sret_s_unsliced_distill_512', pretrained, **(_S | UNSLICED | dict(img_size=512) | kwargs))
+def sret_s_unsliced_512(pretrained: bool = False, **kwargs) -> SReT:
+    return _create_sret('sret_s_unsliced_512', pretrained, **(_S | UNSLICED | dict(img_size=512) | kwargs))
 
 
 @register_model
