@@ -78,10 +78,12 @@ def model_rows(pattern: str = '', include_test: bool = False) -> list[dict]:
         for name in get_arch_pretrained_cfgs(arch) or [arch]:
             if pattern and not (fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(arch, pattern)):
                 continue
-            model = leanvit.create_model(name)
+            # Counting needs shapes, not values: on the meta device building a model and a 40-GMAC forward cost
+            # nothing.
+            with torch.device('meta'):
+                model = leanvit.create_model(name)
             cfg = model.pretrained_cfg
-            # Counting needs shapes, not values: on the meta device a 40-GMAC forward costs nothing.
-            measured = leanvit.profile(model.to('meta'), cfg['input_size'])
+            measured = leanvit.profile(model, cfg['input_size'])
             # Re-parameterizable models (RIFormer) also report their inference form.
             deployed = leanvit.count_params(model.reparameterize()) if hasattr(model, 'reparameterize') else None
             rows.append(dict(
