@@ -32,3 +32,15 @@ def test_importing_timm_alone_loads_nothing_of_leanvit():
 def test_any_leanvit_module_imported_first_registers_the_models(first):
     script = f'import {first}, timm\nprint(timm.is_model("sret_t"), timm.is_model("glit_supernet"))'
     assert run(script) == ['True', 'True']
+
+
+def test_every_module_and_the_help_work_without_the_optional_export_packages():
+    script = ('import pkgutil, sys\n'
+              'for name in ("onnx", "onnxruntime", "onnxscript", "onnx_ir"):\n'
+              '    sys.modules[name] = None  # as if not installed: importing it raises ImportError\n'
+              'import leanvit\n'
+              'for module in pkgutil.walk_packages(leanvit.__path__, "leanvit."):\n'
+              '    __import__(module.name)\n'
+              'from leanvit.cli import main\n'
+              'try:\n    main(["export", "--help"])\nexcept SystemExit as e:\n    print("exit", e.code)')
+    assert run(script)[-2:] == ['exit', '0']

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from leanvit.errors import LeanvitError
 from leanvit.io.exported import onnx_module, onnx_session
@@ -88,7 +87,8 @@ def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike,
     Returns:
         The method used (``'static'`` or ``'dynamic'``) and why, in words.
     """
-    import onnx
+    import onnx  # onnx and onnxruntime are the optional [export] packages
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in ('auto', *METHODS):
         raise ValueError(f'method must be auto, static or dynamic, got {method!r}')
