@@ -274,9 +274,14 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
     choose_threads(args.threads)
     teacher, name, kwargs = load_trained_model(args.checkpoint, args.model, args.model_kwargs,
                                                trust=args.trust_checkpoint)
-    # The evaluation transform on the training split: one deterministic view per image, in the split's order.
-    data = build_datasets(args.data, data_config(teacher, kwargs.get('img_size')), val_split=args.val_split,
-                          augment='none', seed=args.seed)
+    # The evaluation transform on the training split: one deterministic view per image, in the split's order. Without
+    # --data, the images the run trained on, as eval and export read them.
+    cfg = data_config(teacher, kwargs.get('img_size'))
+    if args.data is None and args.val_split is None:
+        recorded = run_metadata(Path(args.checkpoint)).get('config') or {}
+        data, _ = run_datasets(args.checkpoint, name, teacher.num_classes, cfg, recorded, augment='none')
+    else:
+        data = build_datasets(args.data, cfg, val_split=args.val_split, augment='none', seed=args.seed)
     logits = compute_teacher_logits(teacher, data.train, args.batch_size)
     save_teacher_logits(args.output, logits, dict(teacher=name, teacher_kwargs=kwargs,
                                                   checkpoint=str(args.checkpoint), data=data.description))
@@ -669,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     logits = sub.add_parser('teacher-logits', help="store a teacher's logits for the training split once, so that "
                                                    "students train with --teacher-logits instead of a live teacher")
-    _add_checkpoint_args(logits, data_default='the bundled digits')
+    _add_checkpoint_args(logits, data_default="the data the run trained on, else the bundled digits")
     logits.add_argument('--val-split', type=fraction, default=None, help='as the student run will use it (in (0, 1))')
     logits.add_argument('--seed', type=non_negative_int, default=0,
                         help='as the student run will use it (val-split order)')

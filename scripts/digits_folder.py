@@ -7,7 +7,7 @@ the bundled digits see the same images; each 8 x 8 scan is saved as an 8-bit gre
 with nearest-neighbour so that the pixels stay the scanner's.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,6 @@ def main(out: Path) -> None:
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('out', type=Path, help='folder to write train/ and val/ into')
+    main(parser.parse_args().out)

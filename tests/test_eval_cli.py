@@ -7,12 +7,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import leanvit
 from leanvit.cli import main
 from leanvit.io.data import build_datasets
 from leanvit.train.evaluation import data_config, evaluation_files
+from leanvit.train.teacher_logits import load_teacher_logits
 
 KWARGS = dict(img_size=32, num_classes=10)
 DIGITS_VAL_IMAGES = 360
@@ -143,7 +145,6 @@ def test_plots_leave_the_callers_matplotlib_state_alone(tmp_path):
 
 
 def test_eval_uses_the_data_the_run_trained_on(tmp_path, capsys):
-    from PIL import Image
 
     from leanvit.train import TrainConfig, train
 
@@ -217,3 +218,20 @@ def test_the_patch_grid_note_covers_every_patch_embedding(name, kwargs, note):
     notes = input_size_notes(model, data_config(model, kwargs['img_size']), None, kwargs['img_size'])
     assert [n for n in notes if 'grid of tokens' in n] == ([] if note is None else [notes[0]])
     assert note is None or note in notes[0]
+
+
+def test_teacher_logits_default_to_the_data_the_run_trained_on(tmp_path, capsys):
+    """A run trained on a folder gets its logits over that folder's training split, as eval reads its val split."""
+    for split, count in (('train', 3), ('val', 2)):
+        for label in ('a', 'b'):
+            (tmp_path / 'data' / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new('RGB', (16, 16), (40 * i,) * 3).save(tmp_path / 'data' / split / label / f'{i}.png')
+    _, checkpoint = save_run_checkpoint(tmp_path / 'run', dict(img_size=32, num_classes=2))
+    sidecar = checkpoint.with_suffix('.json')
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), 'config': {'data': str(tmp_path / 'data')}}))
+    output = tmp_path / 'logits.safetensors'
+    assert main(['teacher-logits', '--checkpoint', str(checkpoint), '--output', str(output)]) == 0
+    assert 'for 6 training images x 2 classes' in capsys.readouterr().out
+    _, metadata = load_teacher_logits(output, 6, 2)
+    assert str(tmp_path / 'data') in metadata['data']
