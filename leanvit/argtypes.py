@@ -79,6 +79,19 @@ def metric_amount(text: str) -> float:
     return value
 
 
+def milliseconds(text: str) -> float:
+    """A duration in milliseconds: '12ms', '0.8ms', '1.5s', '250us', or a plain number of milliseconds."""
+    units = (('us', 1e-3), ('µs', 1e-3), ('ms', 1.), ('s', 1e3))
+    unit, scale = next(((u, f) for u, f in units if text.strip().endswith(u)), ('', 1.))
+    try:
+        value = float(text.strip()[:len(text.strip()) - len(unit)]) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a duration such as 12ms, 0.8ms or 1.5s, got {text!r}') from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'must be a positive finite duration, got {text}')
+    return value
+
+
 def json_object(text: str) -> dict:
     """An argparse type: a JSON object (keyword arguments), e.g. '{"num_classes": 10}'."""
     try:

@@ -27,6 +27,7 @@ from leanvit.argtypes import (
     fraction,
     json_object,
     metric_amount,
+    milliseconds,
     non_negative_float,
     non_negative_int,
     number_in,
@@ -231,9 +232,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Every value EvolutionSettings checks was range-checked by the parser: a ValueError here would be a bug.
     settings = EvolutionSettings(population=args.population, parents=args.parents, mutation_prob=args.mutation_prob,
                                  crossover_share=args.crossover_share, generations=args.generations, seed=config.seed)
-    summary = search(config, space=args.space, budget=Budget(args.budget_macs, args.budget_params),
+    if args.sandwich:  # a path_sampling option: the supernet's run records it with its other objectives
+        config = dataclasses.replace(config, objectives=config.objectives | {
+            'path_sampling': {'seed': config.seed, **config.objectives.get('path_sampling', {}),
+                              'sandwich': args.sandwich}})
+    summary = search(config, space=args.space,
+                     budget=Budget(args.budget_macs, args.budget_params, args.budget_latency),
                      strategy=args.strategy, settings=settings, calib_batches=args.calib_batches,
-                     resume_anyway=args.resume_anyway)
+                     resume_anyway=args.resume_anyway, backend=args.backend, latency_batch=args.latency_batch,
+                     random_baselines=args.random_baselines, rank_check=args.rank_check,
+                     rank_check_epochs=args.rank_check_epochs)
+    if 'latency' in summary:  # every measured architecture is in search.json; the terminal gets the figures
+        summary['latency'] = {k: v for k, v in summary['latency'].items() if k != 'measured'}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -623,6 +633,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help='hierarchical (GLiT) or flat over the joint space (default: hierarchical)')
     search.add_argument('--budget-macs', type=metric_amount, metavar='N', help='most MACs per image, e.g. 1.5G')
     search.add_argument('--budget-params', type=metric_amount, metavar='N', help='most parameters, e.g. 8M')
+    search.add_argument('--budget-latency', type=milliseconds, metavar='T',
+                        help='most time per call on this machine in --backend, e.g. 12ms: a latency table is measured '
+                             'here first (OUTPUT/latency/), and the best and Pareto-front architectures are timed')
+    search.add_argument('--backend', default='onnx', choices=('onnx', 'onnx-int8', 'eager'),
+                        help='runtime the latency budget holds in, as `leanvit export` / `leanvit quantize` write it '
+                             '(default: onnx)')
+    search.add_argument('--latency-batch', type=positive_int, default=1, metavar='N',
+                        help='images per call the latency budget is for (default: 1)')
+    search.add_argument('--random-baselines', type=non_negative_int, default=5, metavar='N',
+                        help='random architectures within the latency budget scored and timed beside the searched '
+                             'ones (default: 5)')
+    search.add_argument('--rank-check', type=non_negative_int, default=0, metavar='N',
+                        help='after the search, retrain N architectures drawn within the budget alone and report '
+                             'Kendall tau / Spearman rho between the supernet\'s scores and their top-1')
+    search.add_argument('--rank-check-epochs', type=positive_int, metavar='N',
+                        help='epochs of each --rank-check retraining (default: --epochs)')
+    search.add_argument('--sandwich', type=non_negative_int, default=0, metavar='N',
+                        help='train the supernet with the sandwich rule: each step the largest path on the labels, '
+                             'the smallest and N random paths distilled from it (BigNAS); 0: one random path a '
+                             'step (SPOS, default)')
     search.add_argument('--population', type=positive_int, default=50, help='candidates per generation (default: 50)')
     search.add_argument('--parents', type=positive_int, default=10, help='best candidates that breed (default: 10)')
     search.add_argument('--generations', type=positive_int, default=20,

@@ -34,16 +34,20 @@ STAGES = ('high', 'low', 'flat')
 
 @dataclass(frozen=True)
 class Budget:
-    """Upper bounds a candidate must meet: multiply-accumulates per image and parameters (None: no bound)."""
+    """Upper bounds a candidate must meet: multiply-accumulates per image, parameters and predicted milliseconds
+    per call on this machine (`leanvit.methods.glit.latency`) (None: no bound)."""
     macs: float | None = None
     params: int | None = None
+    latency_ms: float | None = None
 
-    def admits(self, macs: float, params: int) -> bool:
-        return (self.macs is None or macs <= self.macs) and (self.params is None or params <= self.params)
+    def admits(self, macs: float, params: int, latency_ms: float | None = None) -> bool:
+        return (self.macs is None or macs <= self.macs) and (self.params is None or params <= self.params) and \
+            (self.latency_ms is None or (latency_ms is not None and latency_ms <= self.latency_ms))
 
     def __str__(self) -> str:
         parts = ([f'{self.macs / 1e9:.4g} GMACs'] if self.macs is not None else []) + \
-            ([f'{self.params / 1e6:.4g} M params'] if self.params is not None else [])
+            ([f'{self.params / 1e6:.4g} M params'] if self.params is not None else []) + \
+            ([f'{self.latency_ms:.4g} ms'] if self.latency_ms is not None else [])
         return ' and '.join(parts) or 'no budget'
 
 
@@ -83,13 +87,15 @@ class EvolutionSettings:
 @dataclass(frozen=True)
 class Candidate:
     """An architecture and its score; ``score`` is None for a candidate whose score was not finite (a forward that
-    overflowed): it is logged so that a resume does not score it again, and never ranked."""
+    overflowed): it is logged so that a resume does not score it again, and never ranked. ``latency_ms`` is the
+    latency table's prediction, None in a search without one."""
     arch: Arch
     score: float | None
     macs: float
     params: int
     stage: str
     generation: int
+    latency_ms: float | None = None
 
     def to_json(self) -> dict:
         return dict(dataclasses.asdict(self), arch=[dataclasses.asdict(b) for b in self.arch])
@@ -98,7 +104,8 @@ class Candidate:
     def from_json(cls, record, where: str = 'candidate') -> 'Candidate':
         """The candidate of a log record, every field checked; a ValueError names ``where`` and the field."""
         fields = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(record, dict) or set(record) != set(fields):
+        # Logs of searches without a latency budget, written before candidates had a latency, lack the field.
+        if not isinstance(record, dict) or set(record) not in (set(fields), set(fields) - {'latency_ms'}):
             got = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f'{where} must be a JSON object with the fields {fields}, got {got}')
         arch = record['arch']
@@ -106,9 +113,9 @@ class Candidate:
             raise ValueError(f'{where}: field "arch" must be a non-empty list of blocks, got {arch!r}')
         blocks = tuple(BlockArch.from_dict(block, f'{where}: arch block {i}') for i, block in enumerate(arch))
         for name, kind, low in (('score', float, None), ('macs', float, 0), ('params', int, 0),
-                                ('generation', int, 0)):
-            value = record[name]
-            if value is None and name == 'score':
+                                ('generation', int, 0), ('latency_ms', float, 0)):
+            value = record.get(name)
+            if value is None and name in ('score', 'latency_ms'):
                 continue
             # Bounded (1e30 is far above any model's MACs), so that a crafted integer never overflows a float.
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e30 \
@@ -116,7 +123,8 @@ class Candidate:
             if not number or (kind is int and not isinstance(value, int)) or (low is not None and value < low):
                 expected = ('an integer' if kind is int else 'a finite number') + (f' >= {low}' if low is not None
                                                                                   else '')
-                raise ValueError(f'{where}: field "{name}" must be {expected}' + (' or null' if name == 'score' else '')
+                raise ValueError(f'{where}: field "{name}" must be {expected}'
+                                 + (' or null' if name in ('score', 'latency_ms') else '')
                                  + f', got {value!r:.40}')
         if record['stage'] not in STAGES:
             raise ValueError(f'{where}: field "stage" must be one of {list(STAGES)}, got {record["stage"]!r}')
@@ -202,7 +210,7 @@ class EvolutionSearch:
         depth: Blocks per architecture.
         num_heads: Heads per block.
         score: Scores of a list of architectures (higher is better), e.g. held-out top-1 of the supernet on each.
-        cost: ``(macs, params)`` of an architecture.
+        cost: ``(macs, params)`` of an architecture, or ``(macs, params, predicted milliseconds)``.
         budget: The bounds every candidate meets.
         settings: The loop's hyper-parameters.
         log: Where scores are kept (and found again on resume).
@@ -277,9 +285,10 @@ class EvolutionSearch:
             part = population[start:start + self.chunk]
             new = [arch for arch in part if arch not in self.log]
             for arch, score in zip(new, self.score(new) if new else []):
-                macs, params = self.cost(arch)
+                macs, params, *latency_ms = self.cost(arch)
                 score = float(score)
-                self.log.add(Candidate(arch, score if math.isfinite(score) else None, macs, params, stage, generation))
+                self.log.add(Candidate(arch, score if math.isfinite(score) else None, macs, params, stage, generation,
+                                       *latency_ms))
             for _ in part:
                 self.progress()
         return [self.log[arch] for arch in population]

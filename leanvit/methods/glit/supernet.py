@@ -19,7 +19,9 @@ path, while their parameters are the largest layer's.
 
 `PathSampling` trains it single-path (SPOS, Guo et al., ECCV 2020): each training forward runs inside the path of one
 architecture drawn uniformly (per block: the number of global heads, then each low-level choice of that block type);
-evaluation sees the default path.
+evaluation sees the default path. With ``sandwich: n`` it trains by the sandwich rule with in-place distillation
+instead (BigNAS, Yu et al., ECCV 2020): per step the largest path on the labels, and the smallest path and ``n`` drawn
+ones on the largest path's predictions (`extreme_architectures` says which paths are the largest and smallest).
 """
 
 import contextlib
@@ -27,10 +29,11 @@ import copy
 import math
 import random
 from collections.abc import Iterator, Sequence
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
@@ -38,11 +41,11 @@ from torch import nn
 
 from leanvit.errors import UsageError
 from leanvit.io.weights import register_converter, unwrap_state_dict
-from leanvit.models.glit import BlockArch, GLiT, SearchSpace, _cfg, load_architecture
+from leanvit.models.glit import BlockArch, GLBlock, GLiT, SearchSpace, _cfg, load_architecture
 from leanvit.train.objectives import register_objective
 
 __all__ = ['ActivePath', 'GLiTSupernet', 'PathModule', 'PathSampling', 'SlicedBatchNorm', 'SlicedConv1d',
-           'SlicedLinear', 'SuperBlock', 'glit_supernet', 'sample_architecture']
+           'SlicedLinear', 'SuperBlock', 'extreme_architectures', 'glit_supernet', 'sample_architecture']
 
 
 class ActivePath(NamedTuple):
@@ -526,6 +529,29 @@ def sample_architecture(space: SearchSpace, depth: int, num_heads: int, rng: ran
     return tuple(space.sample_block(g, num_heads, rng) for g in heads)
 
 
+@cache
+def extreme_architectures(space: SearchSpace, depth: int, embed_dim: int,
+                          num_heads: int) -> tuple[tuple[BlockArch, ...], tuple[BlockArch, ...]]:
+    """``(smallest, largest)``: the architectures of ``depth`` blocks that repeat the block of ``space`` with the
+    fewest / the most parameters, in a block ``embed_dim`` wide with ``num_heads`` heads.
+
+    The parameters are counted exactly, on the `GLBlock` of each choice built on the meta device (so nothing is
+    allocated and no random number drawn). A block's count depends on its own choices only, so these are also the
+    architectures of the space with the fewest and the most parameters. Among choices of equal count the first in
+    ``space.all_blocks(num_heads)`` wins: fewer global heads first, then the space's order of low-level choices.
+    """
+    blocks = space.all_blocks(num_heads)
+    with torch.device('meta'):
+        counts = [sum(p.numel() for p in GLBlock(embed_dim, num_heads, block).parameters()) for block in blocks]
+    # list.index finds the first of equal counts: the documented tie-break.
+    smallest, largest = blocks[counts.index(min(counts))], blocks[counts.index(max(counts))]
+    return (smallest,) * depth, (largest,) * depth
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class PathSampling:
     """SPOS path sampling as an engine objective (``objectives: {path_sampling: {}}``): each training forward of the
     supernet runs inside the `GLiTSupernet.path` of one architecture drawn uniformly (`sample_architecture`), entered
@@ -534,32 +560,73 @@ class PathSampling:
 
     The draws are a function of ``seed`` and the draw count, which the run's checkpoints keep, so a resumed run draws
     what an uninterrupted one would, and every process of a distributed run draws the same path (so that DDP averages
-    gradients of one architecture). The objective adds no loss term.
+    gradients of one architecture). Without ``sandwich`` the objective adds no loss term.
+
+    ``sandwich=n > 0`` trains by the sandwich rule with in-place distillation (BigNAS, Yu et al., ECCV 2020; the
+    rule is from slimmable networks, Yu & Huang, ICCV 2019): each step trains the largest architecture, the smallest
+    and ``n`` drawn uniformly (BigNAS draws 2), as `extreme_architectures` defines the first two. The engine's forward
+    runs the largest path, so the label loss trains it: it is the one path that can fit the labels best, and its
+    predictions then teach the others, which is what distillation needs of a teacher. The forward hook keeps that
+    forward's input and its detached logits; `loss` runs the smallest and the ``n`` drawn paths on the same input and
+    returns the sum of their cross-entropies to the softmax of the largest path's logits (temperature 1), so the
+    step's one backward trains all ``n + 2`` paths. Draws count one per drawn path, so the ``n`` paths of a step are
+    the next ``n`` paths plain sampling would draw, and resuming draws the same ones. The option is not in the state:
+    a run resumes only with the objectives it was started with. Single process only: `loss`'s forwards are not DDP's,
+    so DDP would not average their gradients across processes.
     """
 
     leaves_parameters_unused = True  # the paths not drawn get no gradient in a step: DDP must search for them
 
-    def __init__(self, model: GLiTSupernet, seed: int = 0):
+    def __init__(self, model: GLiTSupernet, seed: int = 0, sandwich: int = 0):
         if not isinstance(model, GLiTSupernet):
             raise ValueError(f'path_sampling trains a GLiT supernet (model glit_supernet), not {type(model).__name__}')
-        self.model, self.seed, self.draws = model, seed, 0
+        if not _is_count(sandwich):
+            raise ValueError(f'sandwich must be an integer >= 0 (drawn paths per step besides the largest and the '
+                             f'smallest; 0: one drawn path per step), got {sandwich!r}')
+        if sandwich and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(f'sandwich={sandwich} trains on one process only: the smallest and drawn paths run in '
+                             f'the objective\'s loss, outside the DistributedDataParallel forward, so their gradients '
+                             f'would not be averaged across the {dist.get_world_size()} processes; use sandwich=0 or '
+                             f'one process')
+        self.model, self.seed, self.sandwich, self.draws = model, seed, sandwich, 0
+        self.smallest = self.largest = None
+        if sandwich:
+            self.smallest, self.largest = extreme_architectures(model.space, len(model.blocks), model.embed_dim,
+                                                                model.num_heads)
         self._open: contextlib.AbstractContextManager | None = None
+        # loss() runs forwards of its own, on paths it enters itself: the hooks must neither draw nor keep for them.
+        self._distilling = False
+        self._keep = False  # the running forward is a sandwich step's forward of the largest path
+        self._kept: tuple[tuple, torch.Tensor] | None = None  # its input and detached logits, until loss()
         self._hooks = [model.register_forward_pre_hook(self._sample),
                        model.register_forward_hook(self._restore, always_call=True)]
 
+    def _draw(self) -> tuple[BlockArch, ...]:
+        rng = random.Random(f'{self.seed}:{self.draws}')
+        self.draws += 1
+        return sample_architecture(self.model.space, len(self.model.blocks), self.model.num_heads, rng)
+
     def _sample(self, model: GLiTSupernet, args):
+        if self._distilling:
+            return
         # The forward hook does not run when a forward is interrupted by a BaseException (KeyboardInterrupt) or
         # fails under torch.compile: the next forward leaves that path first.
         self._leave()
+        # Whatever an earlier forward left is not this forward's: loss() after an evaluation forward gives zero.
+        self._kept, self._keep = None, False
         if model.training:
-            rng = random.Random(f'{self.seed}:{self.draws}')
-            self.draws += 1
-            on_path = model.path(sample_architecture(model.space, len(model.blocks), model.num_heads, rng))
+            self._keep = bool(self.sandwich)
+            on_path = model.path(self.largest if self.sandwich else self._draw())
             on_path.__enter__()
             self._open = on_path
 
     def _restore(self, model: GLiTSupernet, args, output):
+        if self._distilling:
+            return
         self._leave()
+        if self._keep and isinstance(output, torch.Tensor):  # None when the forward raised
+            self._kept = (args, output.detach())
+        self._keep = False
 
     def _leave(self) -> None:
         if self._open is not None:
@@ -567,7 +634,23 @@ class PathSampling:
             on_path.__exit__(None, None, None)
 
     def loss(self) -> torch.Tensor:
-        return torch.zeros(())
+        # Taken, not read: the kept tensors are freed after this, and a second call has nothing to distil.
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return torch.zeros(())
+        args, largest_logits = kept
+        soft_targets = largest_logits.float().softmax(-1)
+        paths = [self.smallest, *(self._draw() for _ in range(self.sandwich))]
+        losses = []
+        self._distilling = True
+        try:
+            for arch in paths:
+                with self.model.path(arch):
+                    logits = self.model(*args)
+                losses.append(F.cross_entropy(logits.float(), soft_targets))
+        finally:
+            self._distilling = False
+        return torch.stack(losses).sum()
 
     def state_dict(self) -> dict:
         return {'draws': self.draws, 'seed': self.seed}
@@ -580,6 +663,7 @@ class PathSampling:
 
     def remove(self) -> None:
         self._leave()
+        self._kept, self._keep = None, False
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -598,9 +682,14 @@ def glit_supernet(pretrained: bool = False, **kwargs) -> GLiTSupernet:
 
 
 @register_objective('path_sampling')
-def path_sampling(student: nn.Module, teacher: nn.Module | None, *, seed: int = 0) -> PathSampling:
-    """The training objective ``path_sampling``: one architecture drawn uniformly per step."""
+def path_sampling(student: nn.Module, teacher: nn.Module | None, *, seed: int = 0,
+                  sandwich: int = 0) -> PathSampling:
+    """The training objective ``path_sampling``: one architecture drawn uniformly per step, or with ``sandwich: n``
+    the largest, the smallest and ``n`` drawn ones (`PathSampling`)."""
+    if not _is_count(sandwich):
+        raise UsageError(f'path_sampling.sandwich must be an integer >= 0 (drawn paths per step besides the largest '
+                         f'and the smallest; 0: one drawn path per step), got {sandwich!r}')
     try:
-        return PathSampling(student, seed)
-    except ValueError as e:  # not a supernet
+        return PathSampling(student, seed, sandwich)
+    except ValueError as e:  # not a supernet, or sandwich under several processes
         raise UsageError(f'path_sampling: {e}') from None
