@@ -232,6 +232,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Every value EvolutionSettings checks was range-checked by the parser: a ValueError here would be a bug.
     settings = EvolutionSettings(population=args.population, parents=args.parents, mutation_prob=args.mutation_prob,
                                  crossover_share=args.crossover_share, generations=args.generations, seed=config.seed)
+    if args.budget_latency is None and (args.backend or args.latency_batch):
+        raise UsageError('--backend and --latency-batch say where a latency budget holds: give --budget-latency '
+                         '(e.g. --budget-latency 12ms) too')
     if args.sandwich:  # a path_sampling option: the supernet's run records it with its other objectives
         config = dataclasses.replace(config, objectives=config.objectives | {
             'path_sampling': {'seed': config.seed, **config.objectives.get('path_sampling', {}),
@@ -239,7 +242,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     summary = search(config, space=args.space,
                      budget=Budget(args.budget_macs, args.budget_params, args.budget_latency),
                      strategy=args.strategy, settings=settings, calib_batches=args.calib_batches,
-                     resume_anyway=args.resume_anyway, backend=args.backend, latency_batch=args.latency_batch,
+                     resume_anyway=args.resume_anyway, backend=args.backend or 'onnx',
+                     latency_batch=args.latency_batch or 1,
                      random_baselines=args.random_baselines, rank_check=args.rank_check,
                      rank_check_epochs=args.rank_check_epochs)
     if 'latency' in summary:  # every measured architecture is in search.json; the terminal gets the figures
@@ -636,10 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument('--budget-latency', type=milliseconds, metavar='T',
                         help='most time per call on this machine in --backend, e.g. 12ms: a latency table is measured '
                              'here first (OUTPUT/latency/), and the best and Pareto-front architectures are timed')
-    search.add_argument('--backend', default='onnx', choices=('onnx', 'onnx-int8', 'eager'),
+    search.add_argument('--backend', choices=('onnx', 'onnx-int8', 'eager'),
                         help='runtime the latency budget holds in, as `leanvit export` / `leanvit quantize` write it '
                              '(default: onnx)')
-    search.add_argument('--latency-batch', type=positive_int, default=1, metavar='N',
+    search.add_argument('--latency-batch', type=positive_int, metavar='N',
                         help='images per call the latency budget is for (default: 1)')
     search.add_argument('--random-baselines', type=non_negative_int, default=5, metavar='N',
                         help='random architectures within the latency budget scored and timed beside the searched '

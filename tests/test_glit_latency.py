@@ -163,3 +163,11 @@ def test_search_under_a_latency_budget_with_rank_check(tmp_path, quick_timing):
     check = summary['rank_check']
     assert check['architectures'] == 2 and -1 <= check['kendall_tau'] <= 1
     assert len(json.loads((tmp_path / 'search' / 'rank_check' / 'rank_check.json').read_text())['rows']) == 2
+
+
+def test_cli_refuses_latency_options_without_a_latency_budget(capsys, tmp_path):
+    from leanvit.cli import main
+    for option in (['--backend', 'eager'], ['--latency-batch', '4']):
+        assert main(['search', *option, '--output', str(tmp_path / 's')]) == 2
+        assert 'give --budget-latency' in capsys.readouterr().err
+    assert not (tmp_path / 's').exists()
