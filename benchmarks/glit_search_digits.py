@@ -46,8 +46,8 @@ def main() -> None:
     tables = {backend: load_or_measure(output / 'latency' / f'{backend}-batch1.json', SearchSpace(), GEOMETRY, DEPTH,
                                        backend, 1, threads) for backend in ('onnx', 'onnx-int8', 'eager')}
     budget = Budget(latency_ms=tables['onnx'].predict(shaped))
-    config = TrainConfig(img_size=32, output=str(output), epochs=args.supernet_epochs, batch_size=64, lr=2e-3,
-                         progress=False, model_kwargs=dict(WIDTH, depth=DEPTH))
+    config = TrainConfig(data='digits', img_size=32, output=str(output), epochs=args.supernet_epochs, batch_size=64,
+                         lr=2e-3, progress=False, model_kwargs=dict(WIDTH, depth=DEPTH))
     settings = EvolutionSettings(population=args.population, parents=max(args.population // 4, 2),
                                  generations=args.generations)
     summary = search(config, budget=budget, settings=settings, calib_batches=10, backend='onnx', random_baselines=5)

@@ -72,6 +72,9 @@ def test_table_is_measured_once_and_refused_on_another_machine(tmp_path, quick_t
     with pytest.raises(UsageError, match='batch_size 1 .here: 4.'):
         load_or_measure(path, SPACE, TINY, 2, 'eager', 4, threads=1)
     record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, blocks=record['blocks'][1:])))
+    with pytest.raises(RunDirectoryError, match='lacks 1 block choice'):
+        load_or_measure(path, SPACE, TINY, 2, 'eager', 1, threads=1)
     record['machine']['cpu'] = 'Another CPU 9000'
     path.write_text(json.dumps(record))
     with pytest.raises(UsageError, match="cpu 'Another CPU 9000'.*on the machine, runtime and model"):

@@ -397,6 +397,9 @@ def test_random_architectures_are_distinct_and_within_budget():
     budget = Budget(params=cost((SPACE.default_block(1, 3),) * 3)[1])
     found = random_architectures(SPACE, 3, 3, cost, budget, 5, seed=0)
     assert len(set(found)) == 5 and all(cost(a)[1] <= budget.params for a in found)
+    cheapest = min(cost((block,) * 3)[1] for block in SPACE.all_blocks(3))
+    with pytest.raises(UsageError, match=r'only [01] of 2 architectures drawn at random .2000 draws. meet the budget'):
+        random_architectures(SPACE, 3, 3, cost, Budget(params=cheapest), 2, seed=0)
 
 
 def test_search_end_to_end_resumes_and_retrains(tmp_path):

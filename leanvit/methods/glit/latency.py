@@ -158,6 +158,11 @@ def load_or_measure(path: Path, space: SearchSpace, geometry: dict, depth: int, 
     machine = this_machine(backend, threads)
     if path.exists():
         table = LatencyTable.from_json(read_sidecar(path), str(path))
+        missing = set(space.all_blocks(geometry['num_heads'])) - set(table.blocks)
+        if missing:
+            raise RunDirectoryError(f'{path} lacks {len(missing)} block choice(s) of the space, such as '
+                                    f'{next(iter(missing))}; the file is corrupt or was not written by leanvit (delete '
+                                    f'it to measure again)')
         asked = dict(backend=backend, batch_size=batch_size, geometry=geometry, depth=depth)
         differs = [f'{name} {table.to_json()[name]!r} (here: {value!r})' for name, value in asked.items()
                    if table.to_json()[name] != value]

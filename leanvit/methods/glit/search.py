@@ -359,8 +359,9 @@ def _measure_latency(scored: list[Candidate], supernet: GLiTSupernet, scorer: Su
     chosen += [('random', arch, scorer(arch)) for arch in randoms]
     shaped = glit_tiny_shaped(depth, num_heads)
     chosen.append(('glit-tiny-shaped', shaped, scorer(shaped)))
-    print(f'latency    measuring {len(chosen)} architectures in {table.backend} (the best, {len(front)} on the Pareto '
-          f'front, {len(randoms)} random, GLiT-Tiny-shaped)', flush=True)
+    on_front = sum(role == 'front' for role, _, _ in chosen)
+    print(f'latency    measuring {len(chosen)} architectures in {table.backend} (the best, {on_front} more on the '
+          f'Pareto front, {len(randoms)} random, GLiT-Tiny-shaped)', flush=True)
     measured = measure_architectures([arch for _, arch, _ in chosen], table)
     records = []
     for (role, arch, score), ms in zip(chosen, measured):
@@ -465,4 +466,5 @@ def random_architectures(space: SearchSpace, depth: int, num_heads: int, cost: C
             found.append(arch)
             if len(found) == count:
                 return found
-    raise ValueError(f'found {len(found)} of {count} random architectures within {budget}')
+    raise UsageError(f'only {len(found)} of {count} architectures drawn at random ({1000 * count} draws) meet the '
+                     f'budget {budget}: loosen it, or ask for fewer (--random-baselines, --rank-check)')
