@@ -174,3 +174,11 @@ def test_cli_refuses_latency_options_without_a_latency_budget(capsys, tmp_path):
         assert main(['search', *option, '--output', str(tmp_path / 's')]) == 2
         assert 'give --budget-latency' in capsys.readouterr().err
     assert not (tmp_path / 's').exists()
+
+
+def test_other_processes_wait_for_rank_zeros_table(tmp_path):
+    from leanvit.methods.glit.search import _wait_for
+    with pytest.raises(TimeoutError, match='rank 0'):
+        _wait_for(tmp_path / 'onnx-batch1.json', timeout_s=0.05)
+    (tmp_path / 'onnx-batch1.json').write_text('{}')
+    _wait_for(tmp_path / 'onnx-batch1.json', timeout_s=0.05)

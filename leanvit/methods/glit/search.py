@@ -19,7 +19,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import random
+import time
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -202,8 +204,13 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
         geometry = dict(cost.kwargs, embed_dim=probe.embed_dim)
         folder = output / 'latency'
         folder.mkdir(parents=True, exist_ok=True)
-        table = load_or_measure(folder / f'{backend}-batch{latency_batch}.json', probe.space, geometry,
-                                len(probe.blocks), backend, latency_batch, config.threads or usable_cpus())
+        path = folder / f'{backend}-batch{latency_batch}.json'
+        # Under torchrun (no process group yet: the engine starts it) one process measures, on a CPU the others
+        # leave idle, and the others read its table.
+        if int(os.environ.get('RANK', 0)) != 0:
+            _wait_for(path)
+        table = load_or_measure(path, probe.space, geometry, len(probe.blocks), backend, latency_batch,
+                                config.threads or usable_cpus())
     # Before the supernet trains: a budget that no architecture (or every one) meets at this size is a mistake that
     # should cost seconds, not the supernet's training.
     _check_budget(budget, cost, probe, space, table)
@@ -329,6 +336,14 @@ def _check_budget(budget: Budget, cost: CostModel, supernet: GLiTSupernet, space
             where = 'below the cheapest' if value < low else 'above the dearest'
             raise UsageError(f'budget-{name} {value / scale:.4g}{unit} is {where} architecture of {space_name} at '
                              f'{size}: choose one in {low / scale:.4g}{unit}..{high / scale:.4g}{unit}')
+
+
+def _wait_for(path: Path, timeout_s: float = 3600.) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'{path} was not written within {timeout_s:.0f} s by the process of rank 0')
+        time.sleep(1.)
 
 
 def _describe_arch(arch) -> str:
