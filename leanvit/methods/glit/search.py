@@ -249,7 +249,9 @@ def _search_stage(folder: Path, strategy: str, space: str, budget: Budget, setti
                   calib_batches: int, resume_anyway: bool, tag: str, run_dir: Path, supernet: GLiTSupernet,
                   scorer: SupernetScorer, cost: CostModel, rank: int, world_size: int, table: LatencyTable | None,
                   random_baselines: int) -> dict:
-    settings_record = dict(dataclasses.asdict(settings), space=space, budget=dataclasses.asdict(budget),
+    # Without a latency budget the record is what it was before latency budgets: older searches still resume.
+    budget_record = {k: v for k, v in dataclasses.asdict(budget).items() if k != 'latency_ms' or v is not None}
+    settings_record = dict(dataclasses.asdict(settings), space=space, budget=budget_record,
                            calib_batches=calib_batches, supernet_checkpoint=tag)
     if table is not None:  # predicted latencies are in the log: another runtime or batch size is another search
         settings_record.update(latency_backend=table.backend, latency_batch=table.batch_size)
