@@ -17,7 +17,6 @@ import json
 import statistics
 from pathlib import Path
 
-
 from leanvit.methods.glit.evolution import Budget, EvolutionSettings
 from leanvit.methods.glit.latency import load_or_measure, measure_architectures, prediction_errors
 from leanvit.methods.glit.search import glit_tiny_shaped, search

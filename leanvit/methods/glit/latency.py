@@ -28,13 +28,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from leanvit.deploy.bench import (BenchModel, Runner, eager, export_onnx, machine_facts, onnxruntime_session,
-                                  time_rounds, warm_up)
+from leanvit.deploy.bench import (
+    BenchModel,
+    Runner,
+    eager,
+    export_onnx,
+    machine_facts,
+    onnxruntime_session,
+    time_rounds,
+    warm_up,
+)
 from leanvit.deploy.quantize import quantize_onnx
 from leanvit.errors import RunDirectoryError, UsageError
 from leanvit.io.exported import require_packages
 from leanvit.io.files import write_json
-from leanvit.models.glit import GLiT, BlockArch, SearchSpace
+from leanvit.models.glit import BlockArch, GLiT, SearchSpace
+from leanvit.threads import busy_cpus
 from leanvit.train.run_directory import read_sidecar
 
 __all__ = ['BACKENDS', 'LatencyTable', 'load_or_measure', 'measure_architectures', 'prediction_errors']
@@ -176,7 +185,12 @@ def load_or_measure(path: Path, space: SearchSpace, geometry: dict, depth: int, 
         return table
     print(f'latency    measuring {len(space.all_blocks(geometry["num_heads"]))} block choices and the fixed part in '
           f'{backend} at batch {batch_size} on {threads} thread(s) ({machine["cpu"]})', flush=True)
+    busy = busy_cpus()
+    if busy >= 0.5:
+        print(f'latency    warning: {busy:.1f} CPU(s) busy with other processes: what is measured now is slower than '
+              f'this machine is when quiet, and every prediction from this table will be', flush=True)
     table = measure_table(space, geometry, depth, backend, batch_size, threads)
+    table.machine['busy_cpus'] = round(busy, 2)  # a record of the conditions, not compared when the table is reused
     write_json(path, table.to_json())
     print(f'latency    fixed part {table.fixed_ms:.3f} ms, blocks {min(table.blocks.values()):.3f}-'
           f'{max(table.blocks.values()):.3f} ms each -> {path}', flush=True)
