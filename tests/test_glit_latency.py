@@ -182,3 +182,12 @@ def test_other_processes_wait_for_rank_zeros_table(tmp_path):
         _wait_for(tmp_path / 'onnx-batch1.json', timeout_s=0.05)
     (tmp_path / 'onnx-batch1.json').write_text('{}')
     _wait_for(tmp_path / 'onnx-batch1.json', timeout_s=0.05)
+
+
+def test_rank_check_refused_under_torchrun_before_anything_trains(tmp_path, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    config = TrainConfig(img_size=32, output=str(tmp_path / 'search'), epochs=1, progress=False,
+                         model_kwargs=dict(patch_size=8, embed_dim=12, depth=2))
+    with pytest.raises(UsageError, match='--rank-check.*without torchrun'):
+        search(config, rank_check=3)
+    assert not (tmp_path / 'search' / 'supernet').exists()

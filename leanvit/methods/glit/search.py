@@ -196,7 +196,7 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
     cost = CostModel(img_size=probe.img_size[0], num_classes=data.num_classes, **cost_kwargs)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if rank_check and world_size > 1:
+    if rank_check and int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun's processes, before the engine joins them
         raise UsageError('rank check (--rank-check) retrains architectures one after another in one process: run it '
                          'without torchrun (the search in --output is resumed, not repeated)')
     table = None
