@@ -35,6 +35,7 @@ from leanvit.deploy.bench import (
     export_onnx,
     machine_facts,
     onnxruntime_session,
+    progress,
     time_rounds,
     warm_up,
 )
@@ -261,7 +262,8 @@ def _time_parts(parts: list[tuple[str, GLiT]], backend: str, batch_size: int, in
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix='leanvit-latency-') as folder, _restore_threads(before):
-        runners = [_runner(part, backend, Path(folder), batch_size, int8_method) for part in parts]
+        runners = [_runner(part, backend, Path(folder), batch_size, int8_method)
+                   for part in progress(parts, f'building ({backend})')]
         generator = torch.Generator().manual_seed(0)
         inputs = {part.label: {batch_size: torch.randn(batch_size, *part.input_size, generator=generator)}
                   for part in parts}
