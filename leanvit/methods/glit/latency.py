@@ -10,9 +10,11 @@ search checks the prediction on the candidates it reports.
 
 Every part is timed the way `leanvit bench` times models (built first, then interleaved rounds, medians), in the
 same runtime: ONNX files exported and folded as `leanvit export` writes them, quantized by one method for every part
-(the method ONNX Runtime runs fastest for the whole default architecture), or the PyTorch modules as created. A part
-timed alone pays one runtime call that a block inside a model does not: a trivial graph on the blocks' tokens
-measures that call, and it is subtracted from each block.
+(the method ONNX Runtime runs fastest for the whole default architecture), or the PyTorch modules as created. A
+block is timed where it runs, inside a model: the fixed part is the model without blocks, and a block choice's share
+is what a model of `BLOCK_COPIES` copies of it takes beyond the fixed part, divided by the copies. (A block timed
+alone, as a graph of its own, came out 14 % below its share of whole models in ONNX Runtime on the CPU this was
+written on: the call's own cost and a model's memory traffic are not a lone block's.)
 
 A table holds only on the machine and runtime it was measured with: it records the CPU, the threads and the library
 versions, and `load_or_measure` refuses a table measured elsewhere, naming what differs.
@@ -53,6 +55,9 @@ BACKENDS = ('onnx', 'onnx-int8', 'eager')
 # What a table's figures depend on besides the model: a table measured with other values is refused.
 MACHINE_FIELDS = ('cpu', 'threads', 'torch', 'onnxruntime')
 ROUNDS, ITERS = 15, 10
+# Each block choice is timed inside a model of this many copies of it: inside a model, as it will run, and few enough
+# that the 37 models of a table fit in memory for the widest space (GLiT-Base's 768 channels).
+BLOCK_COPIES = 4
 # Seeded noise calibrates the INT8 activation ranges: the latency of a quantized graph does not depend on them.
 CALIBRATION_BATCHES = 2
 
@@ -68,7 +73,7 @@ class LatencyTable:
             channels, classes).
         machine: CPU, threads, torch and onnxruntime versions it was measured with.
         int8_method: The quantization of every part (``'static'`` or ``'dynamic'``; None unless onnx-int8).
-        depth: Blocks of the architectures it predicts (each block choice is timed as ``depth`` copies of it).
+        depth: Blocks of the architectures it predicts.
         fixed_ms: The model without blocks, its runtime call included.
         blocks: Each block choice's milliseconds inside a model.
     """
@@ -200,21 +205,22 @@ def load_or_measure(path: Path, space: SearchSpace, geometry: dict, depth: int, 
 
 def measure_table(space: SearchSpace, geometry: dict, depth: int, backend: str, batch_size: int,
                   threads: int) -> LatencyTable:
-    """Time the fixed part and, for every block choice of ``space``, the GLiT of ``depth`` copies of it (see the
-    module docstring)."""
+    """Time the fixed part and, for every block choice of ``space``, the GLiT of `BLOCK_COPIES` copies of it (at most
+    ``depth``; see the module docstring)."""
+    copies = min(depth, BLOCK_COPIES)
     num_heads = geometry['num_heads']
     choices = space.all_blocks(num_heads)
     int8_method = _int8_method(space, geometry, batch_size) if backend == 'onnx-int8' else None
     fixed = GLiT(arch=(choices[0],), search_space=None, **geometry).eval()
     fixed.blocks = nn.Sequential()  # the stem and the head: what every architecture has
     parts = [('fixed', fixed)]
-    parts += [(f'block{i}', GLiT(arch=(block,) * depth, search_space=None, **geometry).eval())
+    parts += [(f'block{i}', GLiT(arch=(block,) * copies, search_space=None, **geometry).eval())
               for i, block in enumerate(choices)]
     ms = _time_parts(parts, backend, batch_size, int8_method, threads)
     return LatencyTable(backend=backend, batch_size=batch_size, geometry=geometry, depth=depth,
                         machine=this_machine(backend, threads), int8_method=int8_method, fixed_ms=ms['fixed'],
                         # A block can time below nothing by noise where it costs little; no block is free.
-                        blocks={block: max((ms[f'block{i}'] - ms['fixed']) / depth, 0.)
+                        blocks={block: max((ms[f'block{i}'] - ms['fixed']) / copies, 0.)
                                 for i, block in enumerate(choices)})
 
 
@@ -289,4 +295,9 @@ def _runner(part: BenchModel, backend: str, folder: Path, batch_size: int, int8_
         int8_file = folder / f'{part.file_stem}.int8.onnx'
         quantize_onnx(onnx_file, int8_file, _calibration(part.input_size, batch_size), method=int8_method)
         onnx_file = int8_file
-    return Runner(part, backend, onnxruntime_session(onnx_file), 0, onnx_file)
+    session = onnxruntime_session(onnx_file)
+    # The session holds the graph: the files go now, so that a table's dozens of them never fill the disk together,
+    # and a kill leaves one behind at most.
+    for path in folder.glob(f'{part.file_stem}.*'):
+        path.unlink()
+    return Runner(part, backend, session, 0)
