@@ -42,6 +42,7 @@ from leanvit.errors import LeanvitError, UsageError
 from leanvit.io.data import build_datasets
 from leanvit.io.exported import exported_format
 from leanvit.methods.glit.evolution import Budget, EvolutionSettings
+from leanvit.methods.glit.latency import BACKENDS as LATENCY_BACKENDS
 from leanvit.methods.glit.search import search
 from leanvit.methods.minivit.diagnostics import analyze_cka, analyze_gradient_norms
 from leanvit.methods.minivit.multiplex import compress
@@ -235,6 +236,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.budget_latency is None and (args.backend or args.latency_batch):
         raise UsageError('--backend and --latency-batch say where a latency budget holds: give --budget-latency '
                          '(e.g. --budget-latency 12ms) too')
+    if args.rank_check_epochs and not args.rank_check:
+        raise UsageError('--rank-check-epochs sets the retraining of --rank-check N: give --rank-check too')
     if args.sandwich:  # a path_sampling option: the supernet's run records it with its other objectives
         config = dataclasses.replace(config, objectives=config.objectives | {
             'path_sampling': {'seed': config.seed, **config.objectives.get('path_sampling', {}),
@@ -640,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument('--budget-latency', type=milliseconds, metavar='T',
                         help='most time per call on this machine in --backend, e.g. 12ms: a latency table is measured '
                              'here first (OUTPUT/latency/), and the best and Pareto-front architectures are timed')
-    search.add_argument('--backend', choices=('onnx', 'onnx-int8', 'eager'),
+    search.add_argument('--backend', choices=LATENCY_BACKENDS,
                         help='runtime the latency budget holds in, as `leanvit export` / `leanvit quantize` write it '
                              '(default: onnx)')
     search.add_argument('--latency-batch', type=positive_int, metavar='N',

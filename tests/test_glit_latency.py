@@ -191,3 +191,15 @@ def test_rank_check_refused_under_torchrun_before_anything_trains(tmp_path, monk
     with pytest.raises(UsageError, match='--rank-check.*without torchrun'):
         search(config, rank_check=3)
     assert not (tmp_path / 'search' / 'supernet').exists()
+
+
+def test_cli_search_takes_a_latency_budget_and_refuses_one_outside_the_space(capsys, tmp_path, quick_timing):
+    from leanvit.cli import main
+    output = tmp_path / 's'
+    code = main(['search', '--budget-latency', '1000s', '--backend', 'eager', '--img-size', '16', '--threads', '1',
+                 '--model-kwargs', '{"patch_size": 8, "embed_dim": 12, "depth": 2}', '--output', str(output)])
+    assert code == 2
+    assert 'budget-latency 1e+06ms is above the dearest architecture' in capsys.readouterr().err
+    assert (output / 'latency' / 'eager-batch1.json').exists() and not (output / 'supernet').exists()
+    assert main(['search', '--rank-check-epochs', '2', '--output', str(output)]) == 2
+    assert 'give --rank-check too' in capsys.readouterr().err

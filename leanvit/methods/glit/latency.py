@@ -180,8 +180,9 @@ def load_or_measure(path: Path, space: SearchSpace, geometry: dict, depth: int, 
                                     f'{next(iter(missing))}; the file is corrupt or was not written by leanvit (delete '
                                     f'it to measure again)')
         asked = dict(backend=backend, batch_size=batch_size, geometry=geometry, depth=depth)
-        differs = [f'{name} {table.to_json()[name]!r} (here: {value!r})' for name, value in asked.items()
-                   if table.to_json()[name] != value]
+        recorded = table.to_json()
+        differs = [f'{name} {recorded[name]!r} (here: {value!r})' for name, value in asked.items()
+                   if recorded[name] != value]
         differs += [f'{name} {table.machine.get(name)!r} (here: {value!r})' for name, value in machine.items()
                     if table.machine.get(name) != value]
         if differs:

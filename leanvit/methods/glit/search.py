@@ -369,7 +369,7 @@ def _measure_latency(scored: list[Candidate], supernet: GLiTSupernet, scorer: Su
     predicted latency, ``random_baselines`` random architectures within the budget and the GLiT-Tiny-shaped one
     (the last two scored on the supernet like candidates). One record each, best first."""
     depth, num_heads = len(supernet.blocks), supernet.num_heads
-    front = {point for point in pareto_front([(c.latency_ms, c.score) for c in scored])}
+    front = set(pareto_front([(c.latency_ms, c.score) for c in scored]))
     chosen = [('best', scored[0].arch, scored[0].score)]
     chosen += [('front', c.arch, c.score) for c in scored[1:] if (c.latency_ms, c.score) in front]
     randoms = random_architectures(supernet.space, depth, num_heads, cost, budget, random_baselines, seed='baseline')
