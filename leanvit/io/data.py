@@ -1,4 +1,5 @@
-"""Datasets for training and evaluation: the bundled digits, any image folder, timm's offline torchvision datasets.
+"""Datasets for training and evaluation: the bundled digits, Fashion-MNIST, any image folder, timm's offline
+torchvision datasets.
 
 Every split returns ``(image_tensor, label)`` pairs made by timm's transforms, configured from the model's pretrained
 cfg (mean, std, interpolation, crop_pct) through ``timm.data.resolve_data_config``, so a model sees images the way it
@@ -15,6 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +50,8 @@ AUGMENTATIONS = {
                              "timm's ImageNet training transform: crop of 8-100 %, aspect 3/4-4/3, horizontal flip, "
                              'colour jitter 0.4; for large sets of natural photos, many epochs'),
 }
+# The name that selects Fashion-MNIST (leanvit.io.fashion_mnist), alone or as 'fashion-mnist:FOLDER'.
+FASHION_MNIST = 'fashion-mnist'
 # The fixed digits split: 1,437 train / 360 val images, stratified by class.
 DIGITS_SPLIT = dict(test_size=0.2, random_state=0)
 BAD_IMAGE_POLICIES = ('stop', 'skip')
@@ -148,6 +152,7 @@ def build_datasets(
         bad_images: str = 'stop',
         seed: int = 0,
         holdout: float = 0.,
+        train_images: int | None = None,
 ) -> DataBundle:
     """Train and validation datasets, transformed for the model described by ``model_cfg``.
 
@@ -162,6 +167,9 @@ def build_datasets(
             symbolic links never loop or list one file twice under a class (see ``_list_images``); each path not
             followed is named in one warning and in ``DataBundle.skipped_links``. Class names that are not valid
             UTF-8 are shown with ``display_name``.
+            ``'fashion-mnist'`` or ``'fashion-mnist:FOLDER'``: Fashion-MNIST (70,000 28x28 greyscale clothing
+            photos, 10 classes, the official 60,000 / 10,000 split) as RGB, from the folder that
+            ``python -m leanvit.io.fashion_mnist`` fills once (see ``leanvit.io.fashion_mnist``) or from FOLDER.
             ``'torch/NAME:ROOT'``: timm's torchvision dataset NAME (e.g. ``torch/cifar10``) already stored in ROOT.
         model_cfg: The model's ``pretrained_cfg``: ``input_size``, ``mean``, ``std``, ``interpolation`` and
             ``crop_pct`` configure the transforms. A model created with another ``img_size`` needs
@@ -178,6 +186,9 @@ def build_datasets(
             (in parallel threads), so a bad file is found before training starts.
         seed: Seed of the ``val_split`` and ``holdout`` splits; the same seed and data give the same splits.
         holdout: Fraction of each class of the training split held out of ``train`` into ``held_out`` (0: none).
+        train_images: Train on a stratified subset of this many images of the training split, drawn by ``seed``
+            after the ``holdout`` (None: all). The validation split and ``held_out`` stay whole, so runs on subsets
+            of different sizes are scored on the same images.
 
     Returns:
         The splits, the class names and a one-line description.
@@ -194,8 +205,11 @@ def build_datasets(
         raise UsageError(f'val_split must be a fraction between 0 and 1, got {val_split}')
     if not 0 <= holdout < 1:
         raise UsageError(f'holdout must be a fraction in [0, 1), got {holdout}')
+    if train_images is not None and train_images < 1:
+        raise UsageError(f'train_images must be a positive number of images, got {train_images}')
     bundle = _build(data, model_cfg, val_split, auto_augment, re_prob, augment, bad_images, seed)
-    return _hold_out(bundle, holdout, seed) if holdout else bundle
+    bundle = _hold_out(bundle, holdout, seed) if holdout else bundle
+    return _subset(bundle, train_images, seed) if train_images is not None else bundle
 
 
 def _build(data: str | None, model_cfg: dict, val_split: float | None, auto_augment: str | None, re_prob: float,
@@ -207,10 +221,13 @@ def _build(data: str | None, model_cfg: dict, val_split: float | None, auto_augm
     train_tf, val_tf = _transforms(model_cfg, auto_augment, re_prob, **(preset or {}))
     if preset is None:
         train_tf = val_tf
-    if is_digits or data.startswith('torch/'):
+    is_fashion = data is not None and (data == FASHION_MNIST or data.startswith(FASHION_MNIST + ':'))
+    if is_digits or is_fashion or data.startswith('torch/'):
         if val_split is not None:
             raise UsageError(f'{data or "digits"} has its own validation split; val_split applies to a folder of '
                              f'class folders only')
+        if is_fashion:
+            return _fashion_mnist_datasets(data.partition(':')[2], train_tf, val_tf)
         return _digits_datasets(train_tf, val_tf) if is_digits else _torchvision_datasets(data, train_tf, val_tf)
     if data.lower().startswith(_NETWORK_PREFIXES):
         raise UsageError(f'{data}: leanvit reads local data only; export it as an image folder or use a torch/ name')
@@ -234,6 +251,28 @@ def _hold_out(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
     return replace(bundle, train=kept, held_out=held_out,
                                description=f'{bundle.description}; {len(held_out)} training images held out '
                                            f'(holdout={fraction}, seed={seed}), {len(kept)} trained on')
+
+
+def _subset(bundle: DataBundle, size: int, seed: int) -> DataBundle:
+    """``bundle`` training on a stratified ``size`` of its training images (the rest unused)."""
+    train = bundle.train
+    if not isinstance(train, LabelledImages):
+        raise UsageError('train_images applies to the bundled data sets and to image folders, not to torch/ datasets')
+    if size >= len(train.labels):
+        if size > len(train.labels):
+            raise UsageError(f'train_images is {size}, but the training split holds {len(train.labels)} images')
+        return bundle
+    from sklearn.model_selection import train_test_split
+
+    try:
+        keep, _ = train_test_split(np.arange(len(train.labels)), train_size=size, stratify=train.labels,
+                                   random_state=seed)
+    except ValueError as e:  # fewer images than classes
+        raise UsageError(f'cannot draw {size} training images with every class in them: {e}') from None
+    keep = np.sort(keep)  # the data order is the sampler's, not the draw's
+    subset = LabelledImages([train.images[i] for i in keep], [train.labels[i] for i in keep], train.transform)
+    return replace(bundle, train=subset, description=f'{bundle.description}; trained on a stratified {size} of '
+                                                     f'its {len(train.labels)} training images (seed {seed})')
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
@@ -270,6 +309,21 @@ def _digits_datasets(train_tf: Callable, val_tf: Callable) -> DataBundle:
     return DataBundle(train, val, 10, [str(d) for d in range(10)],
                       f'digits (scikit-learn, 8x8 grayscale): {len(train)} train / {len(val)} val images, 10 classes, '
                       f'fixed stratified split (random_state={DIGITS_SPLIT["random_state"]})')
+
+
+def _fashion_mnist_datasets(folder: str, train_tf: Callable, val_tf: Callable) -> DataBundle:
+    from leanvit.io import fashion_mnist
+
+    root = Path(folder) if folder else fashion_mnist.default_folder()
+    splits = {}
+    for split, transform in (('train', train_tf), ('val', val_tf)):
+        images, labels = fashion_mnist.load_split(root, split)
+        # Greyscale as RGB, like the digits: timm's transforms and the models' 3-channel stems want RGB.
+        splits[split] = LabelledImages([Image.fromarray(x).convert('RGB') for x in images], labels.tolist(), transform)
+    train, val = splits['train'], splits['val']
+    return DataBundle(train, val, len(fashion_mnist.CLASSES), list(fashion_mnist.CLASSES),
+                      f'Fashion-MNIST (28x28 greyscale clothing, from {root}): {len(train)} train / {len(val)} val '
+                      f'images, 10 classes, the official split')
 
 
 def typical_image_size(dataset: Dataset, samples: int = 64) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from leanvit.errors import UsageError
+from leanvit.io.data import FASHION_MNIST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,8 @@ class TrainConfig:
                                      high_open=True)
     holdout: float = option(0., 'data', 'fraction of each class of the training split never trained on, held out '
                             'for architecture search (0: none)', low=0., high=1., high_open=True)
+    train_images: int | None = option(None, 'data', 'train on a stratified subset of this many training images '
+                                      '(none: all); validation stays whole', low=1)
     bad_images: str = option('stop', 'data', 'unreadable images: stop (naming them) or skip (and count them)')
     output: str = option('runs/train', 'checkpoints', 'run directory; running again resumes the run in it')
     epochs: int = option(10, 'optimisation', 'training epochs', low=1)
@@ -208,11 +211,12 @@ def read_architecture_file(path: str) -> object:
 
 
 def absolute_data(data: str | None) -> str | None:
-    """``data`` with its folder made absolute (an image folder, or the ROOT of ``torch/NAME:ROOT``), so that a run
+    """``data`` with its folder made absolute (an image folder, or the ROOT of ``torch/NAME:ROOT`` and
+    ``fashion-mnist:ROOT``), so that a run
     records where its images are, not where they were from the folder it was started in."""
-    if data is None or data == 'digits' or '://' in data:
+    if data is None or data in ('digits', FASHION_MNIST) or '://' in data:
         return data
-    if data.startswith('torch/'):
+    if data.startswith(('torch/', FASHION_MNIST + ':')):
         name, colon, root = data.partition(':')
         return f'{name}:{os.path.abspath(root)}' if root else data
     return os.path.abspath(data)

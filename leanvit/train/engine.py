@@ -308,7 +308,8 @@ def build_data(config: TrainConfig, input_config: dict) -> tuple[DataBundle, Mix
     CutMix) if the run asks for it, and the loss against the labels."""
     data = build_datasets(config.data, input_config, val_split=config.val_split, augment=config.augment,
                           auto_augment=config.auto_augment, re_prob=config.re_prob, bad_images=config.bad_images,
-                          seed=config.seed, holdout=config.holdout)
+                          seed=config.seed, holdout=config.holdout,
+                          train_images=config.train_images)
     mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
                   num_classes=data.num_classes) if config.mixup or config.cutmix else None
     # Mixup's targets are distributions that already carry the label smoothing.
