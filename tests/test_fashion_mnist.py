@@ -159,3 +159,15 @@ def test_the_real_data_set_has_the_official_split():
     bundle = build_datasets('fashion-mnist', CFG)
     assert (len(bundle.train), len(bundle.val)) == (60_000, 10_000)
     assert np.bincount(bundle.val.labels).tolist() == [1000] * 10
+
+
+def test_the_fetch_command_without_the_network_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    def offline():
+        raise urllib.error.URLError('no route to host')
+    monkeypatch.setattr(fashion_mnist, '_download', offline)
+    assert fashion_mnist.main([str(tmp_path / 'data')]) == 1
+    err = capsys.readouterr().err
+    assert 'no route to host' in err and '--data fashion-mnist:FOLDER' in err
+    assert fashion_mnist.main(['--help']) == 2

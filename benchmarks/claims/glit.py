@@ -4,10 +4,10 @@ how well the supernet ranks architectures (Chen et al., "GLiT: Neural Architectu
 Transformer", ICCV 2021; docs/glit.md).
 
 One supernet of GLiT's space (width 48, 3 heads, 6 blocks, 4 x 4 patches, 32 x 32 inputs) is trained single-path on
-a stratified 4,000 training images, with 1,500 other training images held out for scoring. The budget is the MACs of
+a stratified 3,000 training images, with 1,500 other training images held out for scoring. The budget is the MACs of
 the all-attention baseline (every head global, MLP ratio 4: a DeiT at this size). Both searches score the same number
 of candidates on the held-out images (`leanvit search`, population 16, 6 generations). Then, with one recipe (the
-supernet's: 4,000 images, 4 epochs of AdamW, lr 2e-3, batch 64) and for each seed, the hierarchical winner, the flat
+supernet's: 3,000 images, 4 epochs of AdamW, lr 2e-3, batch 64) and for each seed, the hierarchical winner, the flat
 winner, 5 random architectures within the budget and the all-attention baseline are retrained from scratch and scored
 on the 10,000 test images, which the search never sees. The rank check retrains 8 further random architectures and
 correlates their held-out top-1 with the supernet's scores (Kendall's tau), as `leanvit search --rank-check 8` does.
@@ -29,9 +29,9 @@ from leanvit.threads import usable_cpus
 from leanvit.train import TrainConfig
 from leanvit.train.comparison import arms_table, claim_parser, publish, train_once
 
-IMG, TRAIN_IMAGES, EPOCHS, SUPERNET_EPOCHS, DEPTH = 32, 4_000, 4, 10, 6
+IMG, TRAIN_IMAGES, EPOCHS, SUPERNET_EPOCHS, DEPTH = 32, 3_000, 4, 10, 6
 WIDTH = dict(patch_size=4, embed_dim=48, num_heads=3)
-# 1,500 of the 60,000 training images, held out before the 4,000 are drawn from the rest.
+# 1,500 of the 60,000 training images, held out before the 3,000 are drawn from the rest.
 HOLDOUT = 0.025
 RECIPE = dict(img_size=IMG, train_images=TRAIN_IMAGES, batch_size=64, lr=2e-3, warmup_epochs=1, holdout=HOLDOUT)
 ALL_ATTENTION = tuple(BlockArch(global_heads=WIDTH['num_heads'], mlp_ratio=4., qkv_ratio=1.) for _ in range(DEPTH))

@@ -150,6 +150,21 @@ def _download() -> bytes:
         return response.read()
 
 
+def main(argv: list[str]) -> int:
+    if len(argv) > 1 or (argv and argv[0].startswith('-')):
+        print(f'usage: python -m leanvit.io.fashion_mnist [FOLDER]  (default {default_folder()})', file=sys.stderr)
+        return 2
+    try:
+        folder = fetch(Path(argv[0]) if argv else None)
+    except (DataError, OSError) as e:  # OSError: urllib's network errors, a folder that cannot be written
+        print(f'error: {e}', file=sys.stderr)
+        if not isinstance(e, DataError):
+            print('Without access to PyPI, put the official Fashion-MNIST files (*-ubyte.gz) in a folder and use '
+                  '--data fashion-mnist:FOLDER', file=sys.stderr)
+        return 1
+    print(f'Fashion-MNIST is in {folder}')
+    return 0
+
+
 if __name__ == '__main__':
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    print(f'Fashion-MNIST is in {fetch(target)}')
+    sys.exit(main(sys.argv[1:]))
