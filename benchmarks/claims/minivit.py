@@ -3,17 +3,17 @@
 from scratch; with and without weight distillation, at equal epochs (Zhang et al., "MiniViT: Compressing Vision
 Transformers with Weight Multiplexing", CVPR 2022; docs/minivit.md).
 
-Per seed: a DeiT-style teacher (timm ViT, no class token, average pooling; width 64, depth 8, 2 heads, 4 x 4 patches)
-trained on labels, then four students of the same multiplexed architecture (`leanvit compress`'s: blocks shared in
-pairs, per-layer norms and attention transformations, 2 heads, no relative positions):
+Per seed: a DeiT-style teacher (timm ViT, no class token, average pooling; width 64, depth 8, 2 heads, 8 x 8
+patches, so 4 x 4 tokens) trained on labels, then four students of the same multiplexed architecture (`leanvit
+compress`'s: blocks shared in pairs, per-layer norms and attention transformations, 2 heads, no relative positions):
   - compressed + weight distillation: started from the multiplexed teacher, trained with prediction (soft
     cross-entropy, alpha 0.5) and attention-relation and hidden-state distillation (`leanvit compress`'s default);
   - compressed, labels only: the same start, no teacher while training;
   - scratch + weight distillation: random start, the same distillation;
   - scratch, labels only: random start, labels alone (`leanvit compress --from-scratch`).
 
-One recipe: 32 x 32 inputs, a stratified 2,000 of the 60,000 training images, the whole 10,000-image test split for
-validation, 4 epochs for every model (teacher included) of AdamW (lr 1e-3, one warm-up epoch, cosine, weight decay
+One recipe: 32 x 32 inputs, a stratified 6,000 of the 60,000 training images, the whole 10,000-image test split for
+validation, 5 epochs for every model (teacher included) of AdamW (lr 2e-3, one warm-up epoch, cosine, weight decay
 0.05), batch 64. About 25 minutes on one core; a killed script resumes, skipping finished runs.
 
     python -m leanvit.io.fashion_mnist          # once: the data
@@ -28,10 +28,10 @@ from leanvit.threads import usable_cpus
 from leanvit.train import TrainConfig
 from leanvit.train.comparison import arms_table, claim_parser, publish, run_once, train_once
 
-IMG, TRAIN_IMAGES, EPOCHS = 32, 2_000, 4
-RECIPE = dict(img_size=IMG, train_images=TRAIN_IMAGES, batch_size=64, opt='adamw', lr=1e-3, warmup_epochs=1,
+IMG, TRAIN_IMAGES, EPOCHS = 32, 6_000, 5
+RECIPE = dict(img_size=IMG, train_images=TRAIN_IMAGES, batch_size=64, opt='adamw', lr=2e-3, warmup_epochs=1,
               weight_decay=0.05, sched='cosine')
-TEACHER = dict(model='vit_tiny_patch16_224', model_kwargs=dict(patch_size=4, embed_dim=64, depth=8, num_heads=2,
+TEACHER = dict(model='vit_tiny_patch16_224', model_kwargs=dict(patch_size=8, embed_dim=64, depth=8, num_heads=2,
                                                                 class_token=False, global_pool='avg', fc_norm=False))
 DISTILLATION = dict(kd='soft_ce', kd_alpha=0.5, objectives={'weight_distillation': {}})
 TEACHER_ROW = 'teacher (DeiT-style)'
