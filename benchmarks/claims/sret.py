@@ -11,8 +11,6 @@ weight decay 0.05, label smoothing 0.1), batch 64. The arms:
 - DeiT-shaped: a DeiT (class token, 16 x 16 patches, so 4 x 4 tokens at 64 px) of width 80 and depth 14, chosen for
   the same parameters and MACs as the SReT arm (the script prints both ratios).
 - full attention: the SReT arm with one slice everywhere (same parameters).
-- no recursion: the SReT arm with each shared block applied once (no NLLs): what recursion adds to the same blocks
-  (fewer parameters: the NLLs; half the MACs).
 - soft-label KD: the SReT arm distilled, soft labels only (SReT's recipe: soft cross-entropy, no ground truth, no
   temperature), from one PoolFormer teacher (S12 layout, half width) trained 8 epochs on the same images (seed 0),
   shared by every seed.
@@ -41,14 +39,13 @@ ARMS = {
     'SReT, full attention (no slices)': dict(SRET, model_kwargs=dict(SRET['model_kwargs'], groups=[1, 1, 1],
                                                                      recursive_groups=[1, 1, 1])),
     'SReT, soft-label KD': dict(SRET, kd='soft_ce', kd_alpha=1.0, kd_tau=1.0),
-    'SReT, no recursion': dict(SRET, model_kwargs=dict(SRET['model_kwargs'], recursion=1)),
 }
-FOLDERS = dict(zip(ARMS, ('sret', 'deit', 'sret_full_attention', 'sret_kd', 'sret_no_recursion')))
+FOLDERS = dict(zip(ARMS, ('sret', 'deit', 'sret_full_attention', 'sret_kd')))
 # PoolFormer-S12's layout at half width: a stronger model of another kind (pooling, convolutional stem).
 TEACHER = dict(model='riformer_s12', model_kwargs=dict(token_mixer='pooling', dims=[32, 64, 160, 256]))
 BASE = 'SReT-T-shaped (recursion 2, sliced)'
 PAIRS = [(BASE, 'DeiT-shaped, same params and MACs'), (BASE, 'SReT, full attention (no slices)'),
-         ('SReT, soft-label KD', BASE), (BASE, 'SReT, no recursion')]
+         ('SReT, soft-label KD', BASE)]
 
 
 def macs(arm: dict) -> int:
