@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,export]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,export,tensorboard,mlflow]'
 	touch $@
 
 DEMO := runs/demo

@@ -11,7 +11,6 @@ import dataclasses
 import fnmatch
 import io
 import json
-import os
 import sys
 import time
 import warnings
@@ -36,6 +35,7 @@ from leanvit.argtypes import (
 )
 from leanvit.deploy import bench
 from leanvit.deploy.export import DEFAULT_ATOL, FORMATS, export_model
+from leanvit.deploy.hub import write_model_folder
 from leanvit.deploy.predict import format_predictions, predict, write_predictions_csv
 from leanvit.deploy.quantize import quantize_export
 from leanvit.errors import LeanvitError, UsageError
@@ -213,7 +213,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     final = train(config, resume_anyway=args.resume_anyway)
     print(json.dumps(final, indent=2))
+    write_run_model_folder(args, config)
     return 0
+
+
+def write_run_model_folder(args: argparse.Namespace, config: TrainConfig) -> None:
+    """``--hub``: the run's best checkpoint as a timm / Hub model folder, OUTPUT/hub (as `export --format hub`)."""
+    if not args.hub:
+        return
+    best = Path(config.output) / 'best.safetensors'
+    if not best.is_file():
+        raise UsageError(f'--hub: {config.output} has no best.safetensors to write as a model folder')
+    record = write_model_folder(best, Path(config.output) / 'hub')
+    print(f'wrote      {Path(config.output) / "hub"}: timm model folder (top-1 {record["metrics"]["top1"]:.2f} % on '
+          f'{record["metrics"]["images"]} validation images)')
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -224,6 +237,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      local_conv=args.local_conv, rpe=args.rpe, from_scratch=args.from_scratch,
                      resume_anyway=args.resume_anyway)
     print(json.dumps(final, indent=2))
+    write_run_model_folder(args, config)
     return 0
 
 
@@ -258,7 +272,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
 
     threads, why = choose_threads(args.threads)
-    output = args.output or os.path.dirname(args.checkpoint) or '.'
+    # Beside the checkpoint; beside a model folder, not in it (what is in it is what gets uploaded).
+    output = args.output or str(Path(args.checkpoint).parent)
     report = evaluate_checkpoint(args.checkpoint, output, model_name=args.model, model_kwargs=args.model_kwargs,
                                  data=args.data, batch_size=args.batch_size,
                                  trust=args.trust_checkpoint)
@@ -310,6 +325,8 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
 
     choose_threads(args.threads)
+    if args.format == 'hub':
+        return export_model_folder(args)
     # leanvit eval and predict tell an ONNX file by its extension, so the name and the format must agree.
     suffix = Path(args.output).suffix.lower()
     fmt = args.format or {'.onnx': 'onnx', '.pt': 'torchscript', '.pth': 'torchscript'}.get(suffix)
@@ -348,6 +365,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f'wrote      {report.path} ({report.path.stat().st_size / 2 ** 20:.1f} MiB)')
     if args.quantize:
         quantize_run_export(args, report.path, *datasets)
+    return 0
+
+
+def export_model_folder(args: argparse.Namespace) -> int:
+    """``export --format hub``: a timm / Hugging Face Hub model folder with its model card (leanvit.deploy.hub)."""
+    if args.quantize:
+        raise UsageError('--quantize int8 quantizes an ONNX file; --format hub writes the float model folder')
+    if args.model or args.model_kwargs or args.img_size:
+        raise UsageError('--format hub writes the model as its run built it: --model, --model-kwargs and --img-size '
+                         'do not apply')
+    record = write_model_folder(args.checkpoint, args.output, data=args.data, trust=args.trust_checkpoint)
+    metrics, speed = record['metrics'], record['speed']
+    print(f'model      {record["model"]} from {args.checkpoint}: {record["params"]:,} parameters, '
+          f'{record["macs"] / 1e6:.2f} MMACs')
+    print(f'measured   top-1 {metrics["top1"]:.2f} %, top-5 {metrics["top5"]:.2f} % on {metrics["images"]} images of '
+          f'{record["data"]}; {speed["images_per_s"]:.0f} images/s at batch {speed["batch"]} on {speed["cpu"]}')
+    print(f'verified   timm.create_model(\'local-dir:{args.output}\', pretrained=True) gives the same outputs and '
+          f'evaluation transform')
+    print(f'wrote      {args.output}: config.json, model.safetensors, README.md')
     return 0
 
 
@@ -511,6 +547,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
+def _add_hub_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--hub', action='store_true',
+                        help='at the end, also write the best checkpoint as a timm / Hugging Face Hub model folder, '
+                             'OUTPUT/hub, with a model card of measured numbers (as `leanvit export --format hub`)')
+
+
 def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=positive_int, default=None,
                         help='compute threads (default: OMP_NUM_THREADS if set, else the CPUs not busy with other '
@@ -585,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='resume the run in --output even if its settings differ from these (default: a '
                             'difference is an error that names it)')
     _add_config_flags(train)
+    _add_hub_flag(train)
     train.set_defaults(func=cmd_train)
 
     compress = sub.add_parser(
@@ -616,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument('--resume-anyway', action='store_true',
                           help='resume the run in --output even if its settings differ from these')
     _add_config_flags(compress, refused=COMPRESS_SETS)
+    _add_hub_flag(compress)
     compress.set_defaults(func=cmd_compress)
 
     search = sub.add_parser(
@@ -727,11 +771,13 @@ def build_parser() -> argparse.ArgumentParser:
                     'script, and a trace records one path through the code, so it is verified like the ONNX file; '
                     'torch deprecates TorchScript, prefer ONNX. ONNX export needs pip install "leanvit[export]".')
     _add_checkpoint_args(export)
-    export.add_argument('--format', choices=FORMATS, default=None,
-                        help='onnx (dynamic batch axis, verified in ONNX Runtime) or torchscript (torch.jit.trace) '
+    export.add_argument('--format', choices=(*FORMATS, 'hub'), default=None,
+                        help='onnx (dynamic batch axis, verified in ONNX Runtime), torchscript (torch.jit.trace), or '
+                             'hub: a timm / Hugging Face Hub model folder (config.json, model.safetensors, a model '
+                             "card README.md) that timm.create_model('local-dir:FOLDER', pretrained=True) loads "
                              '(default: from --output: .onnx, or .pt for TorchScript)')
-    export.add_argument('--output', required=True, metavar='FILE',
-                        help='output file; replaced only once the new one passes')
+    export.add_argument('--output', required=True, metavar='PATH',
+                        help='output file (a folder for --format hub); replaced only once the new one passes')
     export.add_argument('--reparam', action=argparse.BooleanOptionalAction, default=True,
                         help='re-parameterize for inference first (timm.utils.model.reparameterize_model: each '
                              "module's reparameterize()/fuse(), e.g. RIFormer's folded mixers, SReT's folded stem); "

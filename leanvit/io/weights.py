@@ -24,6 +24,7 @@ from torch import nn
 from leanvit.errors import CheckpointError, UnsafeCheckpointError
 from leanvit.io.exported import exported_format
 from leanvit.io.files import atomic_write
+from leanvit.io.model_folder import weights_of
 
 FORMATS = {
     'safetensors': 'a .safetensors file',
@@ -217,7 +218,8 @@ def _require_tensors(state_dict: dict, source: str) -> None:
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, trust: bool = False) -> nn.Module:
-    """Load weights from ``path`` into ``model`` (in place) and return it.
+    """Load weights from ``path`` (a file, or a model folder: `leanvit.io.model_folder`) into ``model`` (in place)
+    and return it.
 
     ``filter_fn(state_dict, model)`` converts another layout first; by default the converter its family registered
     for the model's class (`register_converter`) is used, so official checkpoints load directly.
@@ -228,6 +230,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn=None, t
         CheckpointError: ``path`` cannot be read (see `read_checkpoint`), holds other values than tensors, or does
             not fit ``model``.
     """
+    path = weights_of(path)  # a model folder's model.safetensors
     state_dict = unwrap_state_dict(read_checkpoint(path, trust=trust))
     # Before the converter, which takes every value for a tensor.
     _require_tensors(state_dict, str(path))

@@ -58,7 +58,7 @@ GROUPS = {'data': 'data', 'model': 'model', 'optimisation': 'optimisation', 'dis
           'checkpoints': 'checkpoints and output', 'hardware': 'hardware'}
 # Settings a resumed run may change: they change how it runs, not what it computes.
 RESUMABLE = frozenset({'output', 'progress', 'num_workers', 'threads', 'save_every_steps', 'keep_last', 'device',
-                       'compile'})
+                       'compile', 'log'})
 FRACTION = dict(low=0., high=1., high_open=True)   # a probability-like rate that must stay below 1
 
 
@@ -144,6 +144,9 @@ class TrainConfig:
                                                      'only)', low=0)
     keep_last: int = option(2, 'checkpoints', 'step checkpoints kept (best.* is kept apart)', low=1)
     progress: bool = option(True, 'checkpoints', 'progress bar')
+    log: str | None = option(None, 'checkpoints', 'also log the run to tensorboard, mlflow or both '
+                                                  '(tensorboard,mlflow): losses, accuracy, learning rate, gradient '
+                                                  'norm, images, settings (docs/tracking.md)')
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

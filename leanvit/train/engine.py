@@ -10,6 +10,7 @@ import contextlib
 import csv
 import dataclasses
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -40,11 +41,12 @@ from leanvit.profiler import count_params
 from leanvit.threads import choose_threads
 from leanvit.train.config import TrainConfig, absolute_data, as_recorded, read_architecture_file
 from leanvit.train.distillation import KD_LOSSES, distillation_loss
-from leanvit.train.evaluation import data_config, evaluate_model, trained_model_spec
+from leanvit.train.evaluation import data_config, evaluate_model, plot_confusion_matrix, trained_model_spec
 from leanvit.train.initialization import init_from_checkpoint, init_from_teacher
 from leanvit.train.objectives import Objective, build_objectives, check_objective_names
 from leanvit.train.run_directory import CheckpointManager, RunLock, read_sidecar, rng_state, set_rng_state
 from leanvit.train.teacher_logits import load_teacher_logits
+from leanvit.train.tracking import Tracker, parse_backends, versions
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # Progress is printed, and losses checked for NaN, every this many steps (and before each checkpoint): reading the
@@ -117,6 +119,8 @@ class Run:
         scheduler: timm's learning-rate schedule, updated after every optimizer step.
         scaler: The fp16 gradient scaler (a pass-through under other ``amp`` modes).
         checkpoints: Writes the checkpoints on rank 0; None on the other ranks.
+        tracker: Logs to TensorBoard / MLflow (``--log``) on rank 0, once the run has resumed; logs nothing
+            elsewhere.
     """
     config: TrainConfig
     output: Path
@@ -144,6 +148,7 @@ class Run:
     scheduler: Scheduler
     scaler: torch.amp.GradScaler
     checkpoints: CheckpointManager | None
+    tracker: Tracker = dataclasses.field(default_factory=Tracker)
 
     @property
     def is_main(self) -> bool:
@@ -196,6 +201,7 @@ def check_choices(config: TrainConfig) -> None:
             raise UsageError(f'{name} (--{name.replace("_", "-")}) must be one of {", ".join(choices)}, '
                              f'got {value!r}')
     check_objective_names(config.objectives)
+    parse_backends(config.log)
     if config.opt.lower() not in list_optimizers():
         raise UsageError(f"opt (--opt) {config.opt!r} is not a timm optimizer, such as 'adamw', 'sgd' or 'lamb' "
                          f'(timm.optim.list_optimizers() lists all)')
@@ -219,10 +225,13 @@ def _train(config: TrainConfig, rank: int, world_size: int, resume_anyway: bool)
     forward_model = wrap_for_training(run)
     if progress.epoch >= run.config.epochs and run.is_main:
         print(f'{run.output} already finished its {run.config.epochs} epochs; nothing to train', flush=True)
-    while progress.epoch < run.config.epochs:
-        epoch_training = train_one_epoch(run, forward_model, progress)
-        validate_and_checkpoint(run, progress, epoch_training)
-    return finish(run, progress)
+    if run.is_main:
+        run.tracker = open_tracker(run, progress)
+    with run.tracker:
+        while progress.epoch < run.config.epochs:
+            epoch_training = train_one_epoch(run, forward_model, progress)
+            validate_and_checkpoint(run, progress, epoch_training)
+        return finish(run, progress)
 
 
 # Building a run: the steps draw from the random generators in this order, so that a seed gives the same run every
@@ -555,6 +564,17 @@ def print_header(run: Run, resumed_from: str | None) -> None:
     ]), flush=True)
 
 
+def open_tracker(run: Run, progress: Progress) -> Tracker:
+    """The run's TensorBoard / MLflow logs (``--log``), continued where the run resumes; the settings and versions
+    are logged once per run folder."""
+    resumed_at = progress.epoch * run.steps_per_epoch + progress.step
+    tracker = Tracker.open(run.config.log, run.output, name='/'.join(run.output.resolve().parts[-2:]),
+                           purge_from=resumed_at + 1)
+    if tracker.active:
+        tracker.params(dict(run.config.applicable(), **versions()), yaml.safe_dump(run.config.applicable()))
+    return tracker
+
+
 def wrap_for_training(run: Run) -> nn.Module:
     """The module the training step calls: the model, under DDP when the run has several processes, compiled if the
     run asks."""
@@ -583,35 +603,41 @@ def ddp_options(model: nn.Module, objectives: Iterable[Objective]) -> dict:
 # Training.
 
 def micro_batch_loss(run: Run, forward_model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                     indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and loss of one micro-batch: labels, or distillation, plus every auxiliary objective's term."""
+                     indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and loss terms of one micro-batch, which sum to its loss: ``labels`` or ``distillation``, plus one term
+    per auxiliary objective, by its name."""
     config = run.config
     with torch.autocast(run.device.type, dtype=AMP_DTYPES[config.amp], enabled=config.amp != 'none'):
         logits = forward_model(images).float()
         if run.teacher is None and run.stored_teacher_logits is None:
-            loss = run.label_loss(logits, targets)
+            terms = {'labels': run.label_loss(logits, targets)}
         else:
             if run.stored_teacher_logits is not None:
                 teacher_logits = run.stored_teacher_logits[indices].to(run.device)
             else:
                 with torch.no_grad():
                     teacher_logits = run.teacher(run.teacher_input(images) if run.teacher_input else images).float()
-            loss = distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha, config.kd_tau)
-        for objective in run.objectives.values():
-            loss = loss + objective.loss()
-    return logits, loss
+            terms = {'distillation': distillation_loss(logits, targets, teacher_logits, config.kd, config.kd_alpha,
+                                                       config.kd_tau)}
+        for name, objective in run.objectives.items():
+            terms[name] = objective.loss()
+    return logits, terms
 
 
-def train_step(run: Run, forward_model: nn.Module,
-               batches: Iterator) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``accum_steps`` micro-batches of ``batches``.
+class Step(NamedTuple):
+    """One optimizer step's metrics, as tensors on the device (read by the host only when logged)."""
+    seen: int
+    correct: torch.Tensor
+    loss_sum: torch.Tensor
+    losses: torch.Tensor  # each micro-batch's loss, for the finiteness check
+    term_sums: dict[str, torch.Tensor]  # each loss term summed over the step's images
+    grad_norm: torch.Tensor | None  # the gradients' total norm, where measured (clipping, or asked for)
 
-    Returns:
-        The images seen, the correct predictions and the summed loss, as tensors on the device (no host sync), and
-        each micro-batch's loss for the finiteness check.
-    """
+
+def train_step(run: Run, forward_model: nn.Module, batches: Iterator, measure_grad_norm: bool = False) -> Step:
+    """One optimizer step over ``accum_steps`` micro-batches of ``batches``, without a host sync."""
     config = run.config
-    seen, correct, loss_sum, losses = 0, 0, 0, []
+    seen, correct, loss_sum, losses, term_sums = 0, 0, 0, [], {}
     for micro_step in range(config.accum_steps):
         images, targets, indices = next(batches)
         images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
@@ -623,23 +649,55 @@ def train_step(run: Run, forward_model: nn.Module,
         # Gradients are averaged across processes only on the last micro-step of an accumulation.
         sync = micro_step == config.accum_steps - 1 or run.world_size == 1
         with contextlib.nullcontext() if sync else forward_model.no_sync():
-            logits, loss = micro_batch_loss(run, forward_model, images, targets, indices)
+            logits, terms = micro_batch_loss(run, forward_model, images, targets, indices)
+            loss = sum(terms.values())
             run.scaler.scale(loss / config.accum_steps).backward()
         seen += labels.numel()
         correct = correct + (logits.argmax(-1) == labels).sum()
         loss_sum = loss_sum + loss.detach().double() * labels.numel()
+        for name, term in terms.items():
+            term_sums[name] = term_sums.get(name, 0) + term.detach().double() * labels.numel()
         losses.append(loss.detach())
     if run.world_size > 1:  # DDP averages the model's gradients only
         for param in (p for p in run.objective_params if p.grad is not None):
             dist.all_reduce(param.grad)
             param.grad /= run.world_size
-    if config.clip_grad:
+    grad_norm = None
+    if config.clip_grad or measure_grad_norm:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_([*run.model.parameters(), *run.objective_params], config.clip_grad)
+        params = [*run.model.parameters(), *run.objective_params]
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.clip_grad) if config.clip_grad else
+                     torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return seen, correct, loss_sum, torch.stack(losses)
+    return Step(seen, correct, loss_sum, torch.stack(losses), term_sums, grad_norm)
+
+
+@dataclasses.dataclass
+class LogWindow:
+    """The training metrics of this process since the last logged step, for ``--log``: loss terms, speed, norm."""
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    seen: int = 0
+    term_sums: dict = dataclasses.field(default_factory=dict)
+    grad_norm: torch.Tensor | None = None
+
+    def add(self, step: Step) -> None:
+        self.seen += step.seen
+        for name, value in step.term_sums.items():
+            self.term_sums[name] = self.term_sums.get(name, 0) + value
+        self.grad_norm = step.grad_norm if step.grad_norm is not None else self.grad_norm
+
+    def scalars(self, run: Run) -> dict[str, float]:
+        """The window's values by tag (one host sync): the loss and each of its terms, by image."""
+        now = time.perf_counter()
+        values = {f'train/loss/{name}': value.item() / self.seen for name, value in self.term_sums.items()}
+        values['train/loss'] = sum(values.values())
+        values['train/lr'] = run.optimizer.param_groups[0]['lr']
+        values['train/images_per_s'] = run.world_size * self.seen / (now - self.start)
+        if self.grad_norm is not None:
+            values['train/grad_norm'] = self.grad_norm.item()
+        return values
 
 
 def train_one_epoch(run: Run, forward_model: nn.Module, progress: Progress) -> EpochTraining:
@@ -662,11 +720,14 @@ def train_one_epoch(run: Run, forward_model: nn.Module, progress: Progress) -> E
     correct = torch.tensor(progress.epoch_stats['correct'], device=run.device)
     loss_sum = torch.tensor(progress.epoch_stats['loss_sum'], dtype=torch.float64, device=run.device)
     unchecked, start, start_seen = [], time.perf_counter(), seen
+    window = LogWindow()
     while progress.step < run.steps_per_epoch:
-        step_seen, step_correct, step_loss_sum, losses = train_step(run, forward_model, batches)
-        seen, correct, loss_sum = seen + step_seen, correct + step_correct, loss_sum + step_loss_sum
+        logs_now = (progress.step + 1) % LOG_EVERY_STEPS == 0 or progress.step + 1 == run.steps_per_epoch
+        step = train_step(run, forward_model, batches, measure_grad_norm=logs_now and run.tracker.active)
+        seen, correct, loss_sum = seen + step.seen, correct + step.correct, loss_sum + step.loss_sum
+        window.add(step)
         progress.step += 1
-        unchecked.append((progress.step, losses))
+        unchecked.append((progress.step, step.losses))
         run_step = progress.epoch * run.steps_per_epoch + progress.step
         run.scheduler.step_update(run_step)
         if run.ema is not None:
@@ -674,10 +735,13 @@ def train_one_epoch(run: Run, forward_model: nn.Module, progress: Progress) -> E
         bar.update()
         to_save = (config.save_every_steps and progress.step % config.save_every_steps == 0
                    and progress.step < run.steps_per_epoch)
-        if to_save or progress.step % LOG_EVERY_STEPS == 0 or progress.step == run.steps_per_epoch:
+        if to_save or logs_now:
             check_finite(unchecked, progress.epoch, progress.last_checkpoint, run.output)
             bar.set_postfix(loss=f'{loss_sum.item() / seen:.4f}', acc=f'{100 * correct.item() / seen:.1f}',
                             img_s=f'{run.world_size * (seen - start_seen) / (time.perf_counter() - start):.0f}')
+        if logs_now and run.tracker.active:
+            run.tracker.scalars(window.scalars(run), run_step)
+            window = LogWindow()
         if to_save:
             progress.last_checkpoint = save_checkpoint(
                 run, progress, dict(seen=seen, correct=correct.item(), loss_sum=loss_sum.item()))
@@ -692,13 +756,16 @@ def train_one_epoch(run: Run, forward_model: nn.Module, progress: Progress) -> E
 
 def validate_and_checkpoint(run: Run, progress: Progress, training: EpochTraining) -> None:
     """Validate the model at the end of epoch ``progress.epoch``, record the epoch, and checkpoint and report it."""
-    metrics = evaluate_model(run.evaluated_model, run.val_loader, run.device).metrics()
+    evaluation = evaluate_model(run.evaluated_model, run.val_loader, run.device)
+    metrics = evaluation.metrics()
     seen = max(training.seen, 1)
     progress.history.append(dict(epoch=progress.epoch + 1, train_loss=training.loss_sum / seen,
                                  train_top1=100 * training.correct / seen, val_loss=metrics['loss'],
                                  val_top1=metrics['top1'], val_top5=metrics['top5'],
                                  lr=run.optimizer.param_groups[0]['lr'],
                                  train_images_per_s=round(training.images_per_s, 1)))
+    if run.tracker.active:  # before the checkpoint: a run killed in between logs this epoch again, see tracking.py
+        log_epoch(run, progress.history[-1], evaluation, (progress.epoch + 1) * run.steps_per_epoch)
     progress.epoch, progress.step, progress.epoch_stats = progress.epoch + 1, 0, dict(seen=0, correct=0, loss_sum=0.)
     progress.last_checkpoint = save_checkpoint(run, progress, progress.epoch_stats, metrics)
     if run.is_main:
@@ -707,6 +774,17 @@ def validate_and_checkpoint(run: Run, progress: Progress, training: EpochTrainin
         print(f'epoch {progress.epoch}/{run.config.epochs}: train loss {last["train_loss"]:.4f}, train top-1 '
               f'{last["train_top1"]:.2f}%, val top-1 {metrics["top1"]:.2f}%, val loss {metrics["loss"]:.4f}, '
               f'{last["train_images_per_s"]:.0f} train images/s', flush=True)
+
+
+def log_epoch(run: Run, row: dict, evaluation, step: int) -> None:
+    """An epoch's row of ``summary.csv`` and its validation confusion matrix, to the run's ``--log`` backends."""
+    run.tracker.scalars({'epoch': row['epoch'], 'train/epoch_loss': row['train_loss'],
+                         'train/epoch_top1': row['train_top1'], 'val/loss': row['val_loss'],
+                         'val/top1': row['val_top1'], 'val/top5': row['val_top5']}, step)
+    with tempfile.TemporaryDirectory() as folder:
+        png = Path(folder) / 'confusion_matrix.png'
+        plot_confusion_matrix(evaluation.confusion, run.data.class_names, png)
+        run.tracker.image('val/confusion_matrix', png, step)
 
 
 def save_checkpoint(run: Run, progress: Progress, epoch_stats: dict, metrics: dict | None = None) -> str:
@@ -741,9 +819,23 @@ def finish(run: Run, progress: Progress) -> dict:
     if run.is_main:
         plot_curves(run.output, progress.history)
         write_json(run.output / 'final.json', final)
+        log_files(run, progress)
     if run.world_size > 1:
         dist.barrier()
     return final
+
+
+def log_files(run: Run, progress: Progress) -> None:
+    """The run's plots as images, and its best checkpoint, summary and settings as files (MLflow's artifacts)."""
+    if not run.tracker.active:
+        return
+    step = progress.epoch * run.steps_per_epoch
+    for name in ('accuracy', 'loss'):
+        if (run.output / f'{name}.png').is_file():
+            run.tracker.image(f'curves/{name}', run.output / f'{name}.png', step)
+    for name in ('best.safetensors', 'best.json', 'summary.csv', 'config.yaml', 'final.json'):
+        if (run.output / name).is_file():
+            run.tracker.artifact(run.output / name, 'run')
 
 
 def input_size_notes(model: nn.Module, cfg: dict, image_size: tuple[int, int] | None,

@@ -23,6 +23,7 @@ from leanvit.errors import CheckpointError, DataError, TrainingDivergedError, Us
 from leanvit.io.data import DataBundle, build_datasets, display_name
 from leanvit.io.exported import exported_format, load_exported
 from leanvit.io.files import atomic_write, write_json
+from leanvit.io.model_folder import is_model_folder, read_model_folder
 from leanvit.io.weights import load_checkpoint
 from leanvit.models import create_model
 from leanvit.train.config import TrainConfig
@@ -162,11 +163,14 @@ def trained_model_spec(checkpoint: str | os.PathLike, model_name: str | None = N
 
 
 def run_metadata(checkpoint: Path) -> dict:
-    """The validated ``{tag}.json`` beside a leanvit run's ``{tag}.safetensors`` (model, model_kwargs, config), or
-    {} for any other checkpoint."""
+    """The validated ``{tag}.json`` beside a leanvit run's ``{tag}.safetensors`` (model, model_kwargs, config), the
+    same record of a model folder's ``config.json`` (`leanvit.io.model_folder`), or {} for any other checkpoint."""
+    if is_model_folder(checkpoint):
+        return read_model_folder(checkpoint)
     if checkpoint.is_dir():
-        raise CheckpointError(f'checkpoint {checkpoint} is a folder; give a checkpoint file such as '
-                              f'{checkpoint / "best.safetensors"}')
+        raise CheckpointError(f'checkpoint {checkpoint} is a folder without a config.json; give a checkpoint file '
+                              f'such as {checkpoint / "best.safetensors"}, or a model folder (`leanvit export '
+                              f'--format hub`)')
     if not checkpoint.is_file():
         raise FileNotFoundError(f'checkpoint {checkpoint} does not exist')
     sidecar = checkpoint.with_suffix('.json')

@@ -48,6 +48,7 @@ from leanvit.train import train
 from leanvit.train.config import TrainConfig
 from leanvit.train.evaluation import data_config
 from leanvit.train.run_directory import CheckpointManager, RunLock, read_sidecar
+from leanvit.train.tracking import Tracker
 
 __all__ = ['SPACES', 'STRATEGIES', 'CostModel', 'PredictedCost', 'SupernetScorer', 'glit_tiny_shaped', 'search']
 
@@ -232,6 +233,8 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
     with RunLock(folder) if rank == 0 else contextlib.nullcontext():  # one search per folder at a time
         summary = _search_stage(folder, strategy, space, budget, settings, calib_batches, resume_anyway, tag,
                                 run_dir, supernet, scorer, cost, rank, world_size, table, random_baselines)
+        if rank == 0:
+            log_search(config.log, folder, f'{output.name}/{strategy}', summary)
     if rank_check:
         archs = random_architectures(supernet.space, len(supernet.blocks), supernet.num_heads, cost, budget,
                                      rank_check, seed=f'rank-check:{config.seed}')
@@ -243,6 +246,41 @@ def search(config: TrainConfig, space: str = 'glit_tiny', budget: Budget = Budge
         if rank == 0:
             write_json(folder / 'search.json', summary)
     return summary
+
+
+def log_search(log: str | None, folder: Path, name: str, summary: dict) -> None:
+    """Every candidate of the search in ``folder`` (``candidates.jsonl``) to the ``--log`` backends, step ``i`` the
+    ``i``-th candidate scored (held-out top-1, MACs, params, predicted and measured latency), the settings as
+    parameters, the plots as images and the outputs as files. A search run again logs the same steps again, which
+    the backends show once (``leanvit.train.tracking``)."""
+    if not log:
+        return
+    scored = [c for c in CandidateLog(folder / 'candidates.jsonl', persist=False).candidates.values()
+              if c.score is not None]
+    timed = (summary.get('latency') or {}).get('measured', [])
+    measured = {json.dumps(row['arch']): row['measured_ms'] for row in timed}
+    # Step 0 holds the settings; candidates count from 1, so a rerun's TensorBoard purge keeps the settings.
+    with Tracker.open(log, folder, name, purge_from=1) as tracker:
+        tracker.params(read_sidecar(folder / 'search_settings.json'), (folder / 'search_settings.json').read_text())
+        for step, candidate in enumerate(scored, 1):
+            values = {'candidate/held_out_top1': candidate.score, 'candidate/macs': candidate.macs,
+                      'candidate/params': candidate.params}
+            if candidate.latency_ms is not None:
+                values['candidate/predicted_latency_ms'] = candidate.latency_ms
+            arch = json.dumps([dataclasses.asdict(b) for b in candidate.arch])
+            if arch in measured:
+                values['candidate/measured_latency_ms'] = measured[arch]
+            tracker.scalars(values, step)
+        best = summary['best']
+        tracker.scalars({'best/held_out_top1': best['score'], 'best/macs': best['macs'], 'best/params': best['params'],
+                         **({'best/predicted_latency_ms': best['latency_ms']} if best.get('latency_ms') else {})},
+                        len(scored))
+        for plot in ('candidates', 'pareto'):
+            if (folder / f'{plot}.png').is_file():
+                tracker.image(f'search/{plot}', folder / f'{plot}.png', len(scored))
+        for output in ('candidates.csv', 'best_arch.json', 'search.json', 'search_settings.json'):
+            if (folder / output).is_file():
+                tracker.artifact(folder / output, 'search')
 
 
 def _search_stage(folder: Path, strategy: str, space: str, budget: Budget, settings: EvolutionSettings,
