@@ -19,7 +19,9 @@ evaluation transform, and only then moved into place: ``DIR`` is the old folder 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
+import json
 import os
 import shutil
 import statistics
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import PretrainedCfg
 from timm.models._hub import save_config_for_hf
 from timm.utils.model import reparameterize_model
 from torch.utils.data import DataLoader
@@ -85,9 +88,13 @@ def write_model_folder(checkpoint: str | os.PathLike, output: str | os.PathLike,
     try:
         save_weights(model, staging / WEIGHTS)
         # timm's writer: the layout stays the one timm's reader expects, release after release.
-        model_args = {k: v for k, v in kwargs.items() if k not in ('num_classes', 'pretrained', 'checkpoint_path')}
+        # The folder's pretrained_cfg carries what an overlay set (a compressed student's mean and std): timm takes
+        # one or the other, not both.
+        model_args = {k: v for k, v in kwargs.items()
+                      if k not in ('num_classes', 'pretrained', 'checkpoint_path', 'pretrained_cfg_overlay')}
         save_config_for_hf(model, str(staging / CONFIG), data_config=cfg, model_args=model_args,
                            model_config=dict(label_names=list(bundle.class_names), **{RECORD: record}))
+        keep_timm_fields(staging / CONFIG)
         (staging / 'README.md').write_text(model_card(model, name, cfg, record, output))
         verify(staging, model, cfg)
         replace_folder(staging, output)
@@ -95,6 +102,15 @@ def write_model_folder(checkpoint: str | os.PathLike, output: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return record
+
+
+def keep_timm_fields(config_file: Path) -> None:
+    """Drop the pretrained cfg fields timm's ``PretrainedCfg`` does not know (leanvit's published figures,
+    ``paper_params``...): timm refuses a cfg with an unknown field."""
+    known = {field.name for field in dataclasses.fields(PretrainedCfg)}
+    config = json.loads(config_file.read_text())
+    config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items() if k in known}
+    config_file.write_text(json.dumps(config, indent=2))
 
 
 def check_output(output: Path) -> None:
@@ -184,7 +200,9 @@ def model_card(model: torch.nn.Module, name: str, cfg: dict, record: dict, outpu
     if record['params_reparameterized'] != record['params']:
         params += f' ({record["params_reparameterized"]:,} after `reparameterize()`)'
     recipe = record['recipe']
-    recipe_rows = [f'| {key} | {recipe[key]} |' for key in CARD_RECIPE if recipe.get(key) not in (None, {}, '')]
+    distilled = recipe.get('teacher') or recipe.get('teacher_logits')
+    recipe_rows = [f'| {key} | {recipe[key]} |' for key in CARD_RECIPE if recipe.get(key) not in (None, {}, '')
+                   and (distilled or not key.startswith('kd'))]
     paper_line = (f'{paper}' + (f' ([{paper_ids}](https://arxiv.org/abs/{paper_ids.removeprefix("arXiv:")}))'
                                 if paper_ids and paper_ids.startswith('arXiv:') else '')
                   if paper else 'see the architecture\'s source')
@@ -221,7 +239,8 @@ def model_card(model: torch.nn.Module, name: str, cfg: dict, record: dict, outpu
         'classifies images, `leanvit export --checkpoint DIR --format onnx --output model.onnx` exports it.', '',
         '## Paper', '', paper_line + (f'; official code: {code}' if code else '') + '.', '',
         '## License', '',
-        f'leanvit is Apache-2.0; the architecture\'s official code is {pretrained.get("license", "unknown")}. The '
-        f'weights were trained by leanvit on {data_terms(record["recipe"].get("data"))}.', '',
+        'leanvit is Apache-2.0' + (f'; the architecture\'s official code is {pretrained["license"]}'
+                                   if pretrained.get('license') else '')
+        + f'. The weights were trained by leanvit on {data_terms(record["recipe"].get("data"))}.', '',
     ]
     return '\n'.join(lines)

@@ -18,6 +18,7 @@ from leanvit.errors import CheckpointError
 CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
 RECORD = 'leanvit'   # leanvit's own entry in config.json: the run's data and the measured numbers
+PIPELINE = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')  # the evaluation transform's pretrained cfg
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
@@ -28,7 +29,8 @@ def is_model_folder(path: str | os.PathLike) -> bool:
 
 def read_model_folder(path: str | os.PathLike) -> dict:
     """The sidecar-like record of the model folder ``path``: ``model`` (the architecture), ``model_kwargs``
-    (``model_args`` and ``num_classes``), ``config`` (the run's settings: its data, split and seed among them; {}
+    (``model_args``, ``num_classes``, and the pretrained cfg's input pipeline as ``pretrained_cfg_overlay``),
+    ``config`` (the run's settings: its data, split and seed among them; {}
     for a folder not written by leanvit) and ``leanvit`` (leanvit's whole record, or {}).
 
     Raises:
@@ -52,7 +54,8 @@ def read_model_folder(path: str | os.PathLike) -> dict:
         raise CheckpointError(f'{config_file}: field "architecture" must name a model, got {architecture!r}')
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise CheckpointError(f'{config_file}: field "num_classes" must be a non-negative integer, got {num_classes!r}')
-    for key, value in (('model_args', model_args), (RECORD, record)):
+    pretrained_cfg = cfg.get('pretrained_cfg', {})
+    for key, value in (('model_args', model_args), (RECORD, record), ('pretrained_cfg', pretrained_cfg)):
         if not isinstance(value, dict):
             raise CheckpointError(f'{config_file}: field "{key}" must be a JSON object, got {value!r}')
     run_config = record.get('recipe', {})
@@ -62,8 +65,11 @@ def read_model_folder(path: str | os.PathLike) -> dict:
     if not (path / WEIGHTS).is_file():
         raise CheckpointError(f'model folder {path} has no {WEIGHTS}')
     _check_finite(model_args, config_file)
-    return dict(model=architecture, model_kwargs=dict(model_args, num_classes=num_classes), config=run_config,
-                leanvit=record)
+    # The folder's input pipeline (a compressed student keeps its teacher's mean and std), as timm applies it when
+    # it loads the folder.
+    pipeline = {key: pretrained_cfg[key] for key in PIPELINE if key in pretrained_cfg}
+    kwargs = dict(model_args, num_classes=num_classes) | ({'pretrained_cfg_overlay': pipeline} if pipeline else {})
+    return dict(model=architecture, model_kwargs=kwargs, config=run_config, leanvit=record)
 
 
 def weights_of(path: str | os.PathLike) -> Path:

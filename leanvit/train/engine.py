@@ -566,10 +566,13 @@ def print_header(run: Run, resumed_from: str | None) -> None:
 
 def open_tracker(run: Run, progress: Progress) -> Tracker:
     """The run's TensorBoard / MLflow logs (``--log``), continued where the run resumes; the settings and versions
-    are logged once per run folder."""
+    are logged once per run folder. A backend added to a resumed run logs from there on (its settings included)."""
     resumed_at = progress.epoch * run.steps_per_epoch + progress.step
     tracker = Tracker.open(run.config.log, run.output, name='/'.join(run.output.resolve().parts[-2:]),
                            purge_from=resumed_at + 1)
+    if progress.epoch >= run.config.epochs and not tracker.settings_due:
+        tracker.close()  # a finished run started again: its curves and files are logged already
+        return Tracker()
     if tracker.active:
         tracker.params(dict(run.config.applicable(), **versions()), yaml.safe_dump(run.config.applicable()))
     return tracker
