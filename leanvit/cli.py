@@ -372,10 +372,11 @@ def export_model_folder(args: argparse.Namespace) -> int:
     """``export --format hub``: a timm / Hugging Face Hub model folder with its model card (leanvit.deploy.hub)."""
     if args.quantize:
         raise UsageError('--quantize int8 quantizes an ONNX file; --format hub writes the float model folder')
-    if args.model or args.model_kwargs or args.img_size:
-        raise UsageError('--format hub writes the model as its run built it: --model, --model-kwargs and --img-size '
-                         'do not apply')
-    record = write_model_folder(args.checkpoint, args.output, data=args.data, trust=args.trust_checkpoint)
+    if args.img_size:
+        raise UsageError('--format hub writes the model at the size it was built for: to build it at another, pass '
+                         'img_size in --model-kwargs')
+    record = write_model_folder(args.checkpoint, args.output, model_name=args.model, model_kwargs=args.model_kwargs,
+                                data=args.data, trust=args.trust_checkpoint)
     metrics, speed = record['metrics'], record['speed']
     print(f'model      {record["model"]} from {args.checkpoint}: {record["params"]:,} parameters, '
           f'{record["macs"] / 1e6:.2f} MMACs')

@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -83,7 +84,6 @@ def test_a_run_logs_its_curves_settings_images_and_checkpoint(tmp_path, mlflow_s
     content = events(output).PluginTagToContent('hparams')['_hparams_/session_start_info']
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert hparams['model'].string_value == 'test_sret' and hparams['lr'].number_value == TINY['lr']
-    import torch
     assert hparams['version.torch'].string_value == torch.__version__
     run = client.get_run(run_id)
     assert run.data.params['model'] == 'test_sret' and float(run.data.params['lr']) == TINY['lr']
@@ -102,6 +102,15 @@ def test_a_run_logs_its_curves_settings_images_and_checkpoint(tmp_path, mlflow_s
     # The best checkpoint, byte for byte.
     kept = client.download_artifacts(run_id, 'run/best.safetensors', str(tmp_path / 'download'))
     assert open(kept, 'rb').read() == (output / 'best.safetensors').read_bytes()
+
+
+def test_logging_changes_nothing_the_run_computes(tmp_path):
+    from safetensors.torch import load_file
+
+    for log in (None, 'tensorboard'):
+        train(TrainConfig(**dict(TINY, epochs=1), output=str(tmp_path / str(log)), log=log))
+    plain, logged = (load_file(tmp_path / name / 'best.safetensors') for name in ('None', 'tensorboard'))
+    assert plain.keys() == logged.keys() and all(torch.equal(plain[k], logged[k]) for k in plain)
 
 
 def test_a_killed_run_resumes_its_curves_without_duplicate_steps(tmp_path, mlflow_store, monkeypatch):

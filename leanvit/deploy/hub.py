@@ -53,12 +53,14 @@ TRANSFORM_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'cro
 SPEED_BATCH = 32
 
 
-def write_model_folder(checkpoint: str | os.PathLike, output: str | os.PathLike, *, data: str | None = None,
-                       batch_size: int = 64, trust: bool = False) -> dict:
+def write_model_folder(checkpoint: str | os.PathLike, output: str | os.PathLike, *, model_name: str | None = None,
+                       model_kwargs: dict | None = None, data: str | None = None, batch_size: int = 64,
+                       trust: bool = False) -> dict:
     """Write the model of ``checkpoint`` (a run's checkpoint with its sidecar, or another model folder) as a model
     folder at ``output`` (see the module docstring) and return leanvit's record in its ``config.json``.
 
     Args:
+        model_name, model_kwargs: For a checkpoint without a sidecar (``leanvit.train.evaluation.trained_model_spec``).
         data: The images to measure top-1 on (default: the run's own, as its sidecar records them).
         batch_size: Images per evaluation batch.
         trust: Unpickle a ``.pth`` checkpoint fully (``leanvit.io.weights.read_checkpoint``).
@@ -69,7 +71,7 @@ def write_model_folder(checkpoint: str | os.PathLike, output: str | os.PathLike,
     """
     output = Path(output)
     check_output(output)
-    model, name, kwargs = load_trained_model(checkpoint, trust=trust)
+    model, name, kwargs = load_trained_model(checkpoint, model_name, model_kwargs, trust=trust)
     model.eval()
     cfg = data_config(model, kwargs.get('img_size'))
     recorded = run_metadata(Path(checkpoint)).get('config') or {}

@@ -670,7 +670,8 @@ def train_step(run: Run, forward_model: nn.Module, batches: Iterator, measure_gr
         run.scaler.unscale_(run.optimizer)
         params = [*run.model.parameters(), *run.objective_params]
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.clip_grad) if config.clip_grad else
-                     torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                     torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
+                                                           if p.grad is not None])))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
