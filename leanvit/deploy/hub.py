@@ -38,7 +38,7 @@ from timm.utils.model import reparameterize_model
 from torch.utils.data import DataLoader
 
 from leanvit.deploy.bench import cpu_name
-from leanvit.errors import ExportVerificationError, UsageError
+from leanvit.errors import ExportVerificationError, RunDirectoryError, UsageError
 from leanvit.io.data import FASHION_MNIST
 from leanvit.io.model_folder import CONFIG, RECORD, WEIGHTS, is_model_folder
 from leanvit.io.weights import save_weights
@@ -130,12 +130,16 @@ def check_output(output: Path) -> None:
 def replace_folder(staging: Path, output: Path) -> None:
     """Move the checked folder ``staging`` to ``output``, replacing a model folder there (two renames: a kill in
     between leaves the old folder as ``.NAME.old-*`` beside it)."""
-    if not output.exists():
+    try:
+        if not output.exists():
+            os.replace(staging, output)
+            return
+        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f'.{output.name}.old-'))
+        os.replace(output, old / output.name)
         os.replace(staging, output)
-        return
-    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f'.{output.name}.old-'))
-    os.replace(output, old / output.name)
-    os.replace(staging, output)
+    except OSError as e:  # another process wrote a folder there meanwhile
+        raise RunDirectoryError(f'cannot move the model folder into {output}: {e.strerror}; is another export '
+                                f'writing it?') from None
     shutil.rmtree(old, ignore_errors=True)
 
 
