@@ -479,3 +479,13 @@ def test_renormalizer_maps_one_normalisation_to_another():
     as_imagenet = (pixels - mean) / std
     torch.testing.assert_close(renormalizer(imagenet, inception)(as_imagenet), (pixels - 0.5) / 0.5)
     assert renormalizer(imagenet, dict(imagenet)) is None
+
+
+@pytest.mark.parametrize('name', ['digits', 'fashion-mnist'])
+def test_a_folder_named_like_a_bundled_set_is_not_silently_shadowed(tmp_path, monkeypatch, name):
+    # `python scripts/digits_folder.py digits` then `--data digits`: the user means the folder.
+    (tmp_path / name / 'a').mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=rf'--data {name} names the bundled data set, and ./{name} is a folder here '
+                                         rf'too: give ./{name} for the folder'):
+        build_datasets(name, CFG)

@@ -49,6 +49,7 @@ from leanvit.train.evaluation import data_config, evaluate_model, load_trained_m
 CARD_RECIPE = ('epochs', 'batch_size', 'opt', 'lr', 'weight_decay', 'sched', 'warmup_epochs', 'augment', 'mixup',
                'cutmix', 'smoothing', 'drop_path', 'teacher', 'kd', 'kd_alpha', 'kd_tau', 'objectives',
                'init_checkpoint', 'train_images', 'holdout', 'seed')
+LICENSES = {'mit': 'MIT', 'apache-2.0': 'Apache-2.0', 'bsd-3-clause': 'BSD-3-Clause'}  # timm's ids, as written
 TRANSFORM_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 SPEED_BATCH = 32
 
@@ -245,7 +246,8 @@ def model_card(model: torch.nn.Module, name: str, cfg: dict, record: dict, outpu
         'classifies images, `leanvit export --checkpoint DIR --format onnx --output model.onnx` exports it.', '',
         '## Paper', '', paper_line + (f'; official code: {code}' if code else '') + '.', '',
         '## License', '',
-        'leanvit is Apache-2.0' + (f'; the architecture\'s official code is {pretrained["license"]}'
+        'leanvit is Apache-2.0' + (f'; the architecture\'s official code is '
+                                   f'{LICENSES.get(pretrained["license"], pretrained["license"])}'
                                    if pretrained.get('license') else '')
         + f'. The weights were trained by leanvit on {data_terms(record["recipe"].get("data"))}.', '',
     ]

@@ -217,6 +217,9 @@ def _build(data: str | None, model_cfg: dict, val_split: float | None, auto_augm
     if augment not in AUGMENTATIONS:
         raise UsageError(f'augment (--augment) must be one of {", ".join(AUGMENTATIONS)}, got {augment!r}')
     is_digits = data in (None, 'digits')
+    if data in ('digits', FASHION_MNIST) and os.path.isdir(data):  # `digits_folder.py digits`, then --data digits
+        raise UsageError(f'--data {data} names the bundled data set, and ./{data} is a folder here too: give '
+                         f'./{data} for the folder, or run from another folder for the bundled set')
     preset = AUGMENTATIONS[augment].transform
     train_tf, val_tf = _transforms(model_cfg, auto_augment, re_prob, **(preset or {}))
     if preset is None:
