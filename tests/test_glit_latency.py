@@ -139,7 +139,7 @@ def test_rank_correlation_is_scipys():
 
 def test_search_under_a_latency_budget_with_rank_check(tmp_path, quick_timing):
     config = TrainConfig(img_size=32, output=str(tmp_path / 'search'), epochs=1, batch_size=128, progress=False,
-                         threads=1, model_kwargs=dict(patch_size=8, embed_dim=12, depth=2))
+                         threads=1, model_kwargs=dict(patch_size=8, embed_dim=12, depth=2), log='tensorboard')
     from leanvit.methods.glit.evolution import EvolutionSettings
     settings = EvolutionSettings(population=3, parents=2, generations=2)
     with pytest.raises(UsageError, match=r'budget-latency 1e-06ms is below the cheapest architecture'):
@@ -163,6 +163,17 @@ def test_search_under_a_latency_budget_with_rank_check(tmp_path, quick_timing):
     assert (folder / 'pareto.png').stat().st_size > 0
     best = json.loads((folder / 'best_arch.json').read_text())
     assert best['measured_latency_ms'] == measured[0]['measured_ms']
+    # --log: every candidate's predicted latency, and the measured one of those timed, in TensorBoard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logged = EventAccumulator(str(folder / 'tensorboard'), size_guidance={'scalars': 0}).Reload()
+    scored = [json.loads(line) for line in (folder / 'candidates.jsonl').read_text().splitlines()]
+    assert [(e.step, e.value) for e in logged.Scalars('candidate/predicted_latency_ms')] == \
+        [(i, pytest.approx(c['latency_ms'])) for i, c in enumerate(scored, 1)]
+    timed = {json.dumps(r['arch']): r['measured_ms'] for r in measured}
+    assert [(e.step, e.value) for e in logged.Scalars('candidate/measured_latency_ms')] == \
+        [(i, pytest.approx(timed[json.dumps(c['arch'])])) for i, c in enumerate(scored, 1)
+         if json.dumps(c['arch']) in timed]
+    assert [e.step for e in logged.Images('search/pareto')] == [len(scored)]
     check = summary['rank_check']
     assert check['architectures'] == 2 and -1 <= check['kendall_tau'] <= 1
     assert len(json.loads((tmp_path / 'search' / 'rank_check' / 'rank_check.json').read_text())['rows']) == 2

@@ -33,7 +33,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     train(TrainConfig(model='vit_tiny_patch16_224', model_kwargs=VIT_TEACHER, output=str(root / 'teacher'), **QUICK))
     assert main(['compress', '--teacher', 'vit_tiny_patch16_224', '--teacher-kwargs', json.dumps(VIT_TEACHER),
                  '--teacher-checkpoint', str(root / 'teacher' / 'best.safetensors'), '--img-size', '32',
-                 '--epochs', '1', '--output', str(root / 'mini'), '--no-progress', '--threads', '1']) == 0
+                 '--epochs', '1', '--output', str(root / 'mini'), '--no-progress', '--threads', '1', '--hub']) == 0
+    assert json.loads((root / 'mini' / 'hub' / 'config.json').read_text())['architecture'] == \
+        'mini_deit_tiny_patch16_224'
     geometry = dict(patch_size=8, embed_dim=48)
     search(TrainConfig(output=str(root / 'search'), batch_size=128, model_kwargs=dict(geometry, depth=3), **QUICK),
            budget=Budget(params=100_000), settings=EvolutionSettings(population=3, parents=2, generations=2),

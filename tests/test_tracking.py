@@ -81,8 +81,11 @@ def test_a_run_logs_its_curves_settings_images_and_checkpoint(tmp_path, mlflow_s
                                                      for s, r in zip(epoch_ends, rows)]
 
     # Settings and versions: TensorBoard's HParams, MLflow's params; the YAML as text / artifact.
-    content = events(output).PluginTagToContent('hparams')['_hparams_/session_start_info']
-    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    contents = events(output).PluginTagToContent('hparams')
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(
+        contents['_hparams_/session_start_info']).session_start_info.hparams
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(contents['_hparams_/experiment']).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ['val/top1', 'val/top5', 'val/loss']
     assert hparams['model'].string_value == 'test_sret' and hparams['lr'].number_value == TINY['lr']
     assert hparams['version.torch'].string_value == torch.__version__
     run = client.get_run(run_id)

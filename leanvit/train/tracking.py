@@ -43,6 +43,7 @@ BACKENDS = {'tensorboard': ('tensorboard', 'tensorboard'), 'mlflow': ('mlflow', 
 STATE_FILE = 'tracking.json'
 EXPERIMENT = 'leanvit'
 MLFLOW_RUN_ID = re.compile(r'[0-9a-f]{32}')
+HPARAMS_METRICS = ('val/top1', 'val/top5', 'val/loss')
 MLFLOW_PARAM_LENGTH = 6000  # MLflow refuses longer param values
 
 
@@ -95,8 +96,9 @@ class TensorBoardBackend:
     def params(self, params: dict, text: str) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        # In the run's own event file, not the sub-folder SummaryWriter.add_hparams makes: one run, one folder.
-        for summary in hparams(params, {}):
+        # In the run's own event file, not the sub-folder SummaryWriter.add_hparams makes: one run, one folder. The
+        # metrics are only named: the HParams tab shows the run's own curves of those tags beside its settings.
+        for summary in hparams(params, dict.fromkeys(HPARAMS_METRICS, 0.)):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text('config', '\n'.join('    ' + line for line in text.splitlines()), 0)
 
