@@ -91,6 +91,27 @@ def test_timm_loads_the_trained_model_and_its_evaluation_transform(runs, run, tm
     assert paper in card and 'CC BY 4.0' in card
 
 
+def test_the_folder_uploaded_to_the_hub_loads_through_hf_hub(runs, tmp_path, monkeypatch):
+    # No network here: the Hub's download returns the folder's files, as it would after
+    # `huggingface-cli upload USER/NAME FOLDER`.
+    import timm.models._hub as timm_hub
+
+    folder = tmp_path / 'uploaded'
+    write_model_folder(runs['glit'], folder)
+    asked = []
+
+    def download(repo_id, filename, **options):
+        asked.append((repo_id, filename))
+        return str(folder / filename)
+    monkeypatch.setattr(timm_hub, 'hf_hub_download', download)
+    loaded = timm.create_model('hf-hub:someone/glit-digits', pretrained=True).eval()
+    assert asked == [('someone/glit-digits', 'config.json'), ('someone/glit-digits', 'model.safetensors')]
+    trained = load_trained_model(runs['glit'])[0].eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded(images), trained(images))
+
+
 def test_train_hub_flag_and_commands_that_take_a_folder(runs, tmp_path, capsys):
     run = ['train', '--model', 'test_sret', '--img-size', '32', '--epochs', '1', '--no-progress', '--threads', '1',
            '--output', str(tmp_path / 'run'), '--hub']
