@@ -91,7 +91,11 @@ class TensorBoardBackend:
 
     def __init__(self, folder: Path, purge_from: int | None):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(folder / 'tensorboard'), purge_step=purge_from)
+
+        events = folder / 'tensorboard'
+        if events.exists() and not events.is_dir():
+            raise RunDirectoryError(f'--log tensorboard writes into {events}, which is a file: move it aside')
+        self.writer = SummaryWriter(str(events), purge_step=purge_from)
 
     def params(self, params: dict, text: str) -> None:
         from torch.utils.tensorboard.summary import hparams
@@ -151,9 +155,9 @@ class MlflowBackend:
                                                 tags={'leanvit.folder': str(folder.resolve())}).info.run_id
             else:
                 self.client.update_run(run_id, status='RUNNING')
-        except MlflowException as e:
-            raise UsageError(f'--log mlflow: cannot use the MLflow store {self.uri}: {" ".join(str(e).split())[:300]}'
-                             ) from None
+        except Exception as e:  # MLflow's own errors, and the database's or the network's beneath them
+            raise UsageError(f'--log mlflow: cannot use the MLflow store {self.uri}: {type(e).__name__}: '
+                             f'{" ".join(str(e).split())[:300]}') from None
         self.run_id = run_id
         # The last step of each metric already logged: a resumed run skips up to it (see the module docstring).
         self.logged = {key: max(m.step for m in self.client.get_metric_history(run_id, key))
