@@ -221,11 +221,11 @@ def write_run_model_folder(args: argparse.Namespace, config: TrainConfig) -> Non
     """``--hub``: the run's best checkpoint as a timm / Hub model folder, OUTPUT/hub (as `export --format hub`)."""
     if not args.hub:
         return
-    best = Path(config.output) / 'best.safetensors'
+    best, folder = Path(config.output) / 'best.safetensors', Path(config.output) / 'hub'
     if not best.is_file():
         raise UsageError(f'--hub: {config.output} has no best.safetensors to write as a model folder')
-    record = write_model_folder(best, Path(config.output) / 'hub')
-    print(f'wrote      {Path(config.output) / "hub"}: timm model folder (top-1 {record["metrics"]["top1"]:.2f} % on '
+    record = write_model_folder(best, folder)
+    print(f'wrote      {folder}: timm model folder (top-1 {record["metrics"]["top1"]:.2f} % on '
           f'{record["metrics"]["images"]} validation images)')
 
 

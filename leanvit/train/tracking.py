@@ -204,10 +204,12 @@ class Tracker:
         settings_due: The backends that have not logged the run's settings yet (each does once per run folder; a
             resumed run that adds ``--log mlflow`` logs them to MLflow only).
         state_path: ``tracking.json``; None without backends.
+        state: Its contents, as written last.
     """
     backends: list = dataclasses.field(default_factory=list)
     settings_due: list[str] = dataclasses.field(default_factory=list)
     state_path: Path | None = None
+    state: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def open(cls, log: str | None, folder: str | Path, name: str, purge_from: int | None = None) -> Tracker:
@@ -242,7 +244,7 @@ class Tracker:
                 record['mlflow'] = dict(run_id=backend.run_id, tracking_uri=backend.uri)
         record.setdefault('logged_params', [])
         write_json(state_path, record)
-        return cls(backends, [b.name for b in backends if b.name not in record['logged_params']], state_path)
+        return cls(backends, [b.name for b in backends if b.name not in record['logged_params']], state_path, record)
 
     @property
     def active(self) -> bool:
@@ -253,9 +255,8 @@ class Tracker:
         if not self.settings_due:
             return
         self._each('params', flat_params(params), text, only=self.settings_due)
-        record = read_state(self.state_path)
-        record['logged_params'] = sorted(set(record['logged_params']) | set(self.settings_due))
-        write_json(self.state_path, record)
+        self.state['logged_params'] = sorted(set(self.state['logged_params']) | set(self.settings_due))
+        write_json(self.state_path, self.state)
         self.settings_due = []
 
     def scalars(self, values: dict[str, float], step: int) -> None:
